@@ -1,0 +1,5 @@
+import sys
+
+from dlqproc.cli import main
+
+sys.exit(main())

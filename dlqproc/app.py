@@ -1,0 +1,139 @@
+"""Running the service: wire the parts together, handle signals, map failures to exit codes.
+
+Start-up order: logging, Postgres (migrate), NATS (topology), worker pool,
+supervisor. Shutdown is Supervisor.shutdown, then the pool, NATS and Postgres
+are closed in reverse order of start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from types import FrameType
+
+from dlqproc.broker import Broker, Topology
+from dlqproc.config import Config, redact_dsn, redact_url
+from dlqproc.handlers import load
+from dlqproc.metrics import Metrics
+from dlqproc.pool import WorkerPool, WorkerStartError
+from dlqproc.reprocess import Limits
+from dlqproc.store import Store, StoreUnavailable
+from dlqproc.supervisor import Supervisor
+
+log = logging.getLogger("dlqproc")
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # a dependency failed at start-up, or an unexpected error
+EXIT_CONFIG = 2  # bad configuration
+EXIT_WORKERS = 3  # worker processes cannot start: respawning would only loop
+EXIT_FORCED = 130  # a second signal: exit at once
+
+
+def topology(cfg: Config) -> Topology:
+    n = cfg.nats
+    return Topology(
+        stream=n.dlq_stream,
+        subjects=(f"{n.dlq_subject}.>",),
+        max_age_days=n.dlq_max_age_days,
+        durable=cfg.dlq_durable,
+        filter_subject=cfg.dlq_filter_subject,
+        max_deliver=n.dlq_max_deliver,
+        ack_wait=n.dlq_ack_wait,
+        max_ack_pending=n.dlq_max_ack_pending,
+    )
+
+
+class _Signals:
+    """The first SIGTERM/SIGINT sets a flag; a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.event: asyncio.Event | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self.loop, self.event = loop, event
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+        if self.received > 1:
+            # Nothing is lost: unsettled messages come back after the ack wait,
+            # and every write is idempotent.
+            os._exit(EXIT_FORCED)
+        assert self.loop is not None and self.event is not None
+        self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def serve(cfg: Config) -> int:
+    registry = load(cfg.handlers.module)
+    metrics = Metrics()
+    store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, registry.tenant_ddl)
+    log.info(
+        "connecting",
+        extra={"postgres": redact_dsn(cfg.postgres.dsn), "nats": redact_url(cfg.nats.url)},
+    )
+    try:
+        if cfg.postgres.auto_migrate:
+            applied = await store.migrate()
+            if applied:
+                log.info("applied migrations", extra={"migrations": applied})
+        elif not await store.ping():
+            raise StoreUnavailable("Postgres is not reachable")
+    except StoreUnavailable as exc:
+        log.error("cannot start: Postgres unavailable", extra={"error": str(exc)})
+        return EXIT_ERROR
+    try:
+        broker = await Broker.connect(cfg.nats.url)
+    except Exception as exc:
+        log.error("cannot start: NATS unavailable", extra={"error": str(exc)})
+        await store.close()
+        return EXIT_ERROR
+    pool = WorkerPool(
+        cfg.nats.dlq_workers,
+        cfg.handlers.module,
+        Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes),
+        cfg.nats.dlq_task_timeout,
+        on_restart=lambda reason: metrics.worker_restarts.labels(reason).inc(),
+    )
+    try:
+        for change in await broker.ensure_topology(topology(cfg)):
+            log.info("NATS topology reconciled", extra={"change": change})
+        await broker.subscribe()
+        await pool.start()
+    except WorkerStartError as exc:
+        log.error("cannot start: worker processes do not start", extra={"error": str(exc)})
+        await broker.close()
+        await store.close()
+        return EXIT_WORKERS
+    sup = Supervisor(cfg, broker, store, pool, metrics)
+    signals = _Signals()
+    signals.install(asyncio.get_running_loop(), sup.stop_requested)
+    code = EXIT_OK
+    try:
+        await sup.serve()
+        if pool.failed is not None and pool.failed.done():
+            log.error(
+                "worker processes cannot be replaced, stopping",
+                extra={"error": str(pool.failed.result())},
+            )
+            code = EXIT_WORKERS
+    except Exception:
+        log.exception("supervisor failed")
+        code = EXIT_ERROR
+    finally:
+        await sup.shutdown()
+        pool.close()
+        await broker.close()
+        await store.close()
+        log.info("stopped", extra={"exit_code": code})
+    return code
+
+
+def run(cfg: Config) -> int:
+    import uvloop
+
+    return uvloop.run(serve(cfg))

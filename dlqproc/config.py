@@ -1,0 +1,307 @@
+"""Configuration: the typed settings, and the one place that reads the environment.
+
+Layers, lowest first: the defaults declared on the Structs below (documented in
+conf/default.yaml, which a test keeps in step), an optional YAML file given with
+--config, then environment variables. An env name is the dotted key path
+upper-cased with dots turned into "_" (nats.dlqWorkers -> NATS_DLQWORKERS), which
+also yields the four short names of the old service (NATS_URL, POSTGRES_DSN,
+LOG_LEVEL, COMPANY_ID). Anything wrong raises ConfigError naming the key and the
+value, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import yaml
+
+from dlqproc.envelope import valid_tenant
+
+
+class ConfigError(Exception):
+    """A setting is unknown or has a value dlqproc cannot use."""
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"invalid config {key}={value!r}: {reason}")
+
+
+class Duration(float):
+    """Seconds; parsed from "500ms", "30s", "5m", "1h" or a bare number."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError("expected a duration such as 500ms, 30s, 5m")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return Duration(seconds)
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    pass
+
+
+class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    url: str = "nats://127.0.0.1:4222"
+    dlq_workers: int = 8
+    dlq_base_delay_minutes: float = 5.0
+    dlq_max_delay_minutes: float = 5.0
+    dlq_jitter: float = 0.2
+    dlq_stream: str = "dlq_stream"
+    dlq_subject: str = "v1.dlq"
+    dlq_max_age_days: float = 7.0
+    dlq_max_deliver: int = 10
+    dlq_max_retries: int = 5
+    dlq_ack_wait: Duration = Duration(30)
+    dlq_max_ack_pending: int = 1000
+    dlq_consumer: str = ""
+    dlq_fetch_batch: int = 256
+    dlq_worker_batch: int = 32
+    dlq_max_in_flight: int = 1024
+    dlq_task_timeout: Duration = Duration(20)
+    dlq_max_payload_bytes: int = 4 * 1024 * 1024
+    dlq_shutdown_nak_delay: Duration = Duration(1)
+    shutdown_grace: Duration = Duration(20)
+
+
+class PostgresConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    auto_migrate: bool = True
+    statement_timeout: Duration = Duration(30)
+
+
+class HandlersConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    module: str = "dlqproc.handlers.demo"
+
+
+class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    port: int = 8080
+    host: str = "0.0.0.0"
+
+
+class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    level: str = "INFO"
+
+
+class CompanyConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    id: str = ""
+
+
+class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    nats: NatsConfig = NatsConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    handlers: HandlersConfig = HandlersConfig()
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+    company: CompanyConfig = CompanyConfig()
+
+    @property
+    def dlq_durable(self) -> str:
+        """The DLQ consumer's durable name (the old derivation unless configured)."""
+        if self.nats.dlq_consumer:
+            return self.nats.dlq_consumer
+        name = self.nats.dlq_subject.replace(".", "_") + "_worker_consumer"
+        return f"{name}_{self.company.id}" if self.company.id else name
+
+    @property
+    def dlq_filter_subject(self) -> str:
+        """Subjects the DLQ consumer reads: one tenant's, or every tenant's."""
+        tail = self.company.id or ">"
+        return f"{self.nats.dlq_subject}.{tail}"
+
+
+def _encode_hook(obj: object) -> object:
+    if isinstance(obj, Duration):
+        return float(obj)
+    raise TypeError(type(obj).__name__)
+
+
+def _decode_hook(kind: type, value: object) -> object:
+    if kind is Duration:
+        return parse_duration(value)
+    raise NotImplementedError
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data, keyed like the YAML file."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=_encode_hook)
+    return data
+
+
+def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from leaf_keys(value, path + ".")
+        else:
+            yield path
+
+
+def env_name(key: str) -> str:
+    return key.upper().replace(".", "_")
+
+
+def _set_path(tree: dict[str, Any], key: str, value: object) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _get_path(tree: Mapping[str, Any], parts: list[str]) -> object:
+    node: object = tree
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        current = base.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            _merge(current, value, path + ".")
+        elif isinstance(current, dict) or key not in base:
+            raise ConfigError(
+                path, value, "unknown key" if key not in base else "expected a section"
+            )
+        else:
+            base[key] = value
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective config: defaults < YAML file < environment."""
+    environ = os.environ if environ is None else environ
+    merged = as_dict(Config())
+    keys = list(leaf_keys(merged))
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError("--config", str(path), str(exc).splitlines()[0]) from exc
+        if not isinstance(loaded, Mapping):
+            raise ConfigError("--config", str(path), "expected a mapping at the top level")
+        _merge(merged, loaded)
+    for key in keys:
+        name = env_name(key)
+        if name in environ:
+            _set_path(merged, key, environ[name])
+    return _convert(merged)
+
+
+def _convert(merged: dict[str, Any]) -> Config:
+    try:
+        cfg = msgspec.convert(merged, Config, strict=False, dec_hook=_decode_hook)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        where = re.search(r"at `\$\.([^`]*)`", message)
+        key = where.group(1) if where else "config"
+        value = _get_path(merged, key.split(".")) if where else None
+        raise ConfigError(key, value, message.split(" - at ")[0]) from exc
+    validate(cfg)
+    return cfg
+
+
+_SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules a typed Struct cannot express."""
+    n = cfg.nats
+    positive = {
+        "nats.dlqWorkers": n.dlq_workers,
+        "nats.dlqMaxDeliver": n.dlq_max_deliver,
+        "nats.dlqMaxRetries": n.dlq_max_retries,
+        "nats.dlqMaxAckPending": n.dlq_max_ack_pending,
+        "nats.dlqFetchBatch": n.dlq_fetch_batch,
+        "nats.dlqWorkerBatch": n.dlq_worker_batch,
+        "nats.dlqMaxInFlight": n.dlq_max_in_flight,
+        "nats.dlqMaxPayloadBytes": n.dlq_max_payload_bytes,
+        "nats.dlqAckWait": n.dlq_ack_wait,
+        "nats.dlqTaskTimeout": n.dlq_task_timeout,
+        "nats.dlqMaxAgeDays": n.dlq_max_age_days,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, value, "must be positive")
+    for key, value in {
+        "nats.dlqBaseDelayMinutes": n.dlq_base_delay_minutes,
+        "nats.dlqMaxDelayMinutes": n.dlq_max_delay_minutes,
+    }.items():
+        if value < 0:
+            raise ConfigError(key, value, "cannot be negative")
+    if n.dlq_max_delay_minutes < n.dlq_base_delay_minutes:
+        raise ConfigError(
+            "nats.dlqMaxDelayMinutes", n.dlq_max_delay_minutes, "is below nats.dlqBaseDelayMinutes"
+        )
+    if not 0 <= n.dlq_jitter < 1:
+        raise ConfigError("nats.dlqJitter", n.dlq_jitter, "must be in [0, 1)")
+    if n.dlq_max_retries >= n.dlq_max_deliver:
+        raise ConfigError(
+            "nats.dlqMaxRetries",
+            n.dlq_max_retries,
+            f"must be below nats.dlqMaxDeliver ({n.dlq_max_deliver}) so JetStream never "
+            "abandons a message dlqproc has not stored",
+        )
+    if n.dlq_task_timeout >= n.dlq_ack_wait:
+        raise ConfigError(
+            "nats.dlqTaskTimeout", n.dlq_task_timeout, "must be below nats.dlqAckWait"
+        )
+    if not all(_SUBJECT_TOKEN.match(t) for t in n.dlq_subject.split(".")):
+        raise ConfigError("nats.dlqSubject", n.dlq_subject, "not a literal NATS subject")
+    if not _SUBJECT_TOKEN.match(n.dlq_stream):
+        raise ConfigError("nats.dlqStream", n.dlq_stream, "not a valid stream name")
+    if n.dlq_consumer and not _SUBJECT_TOKEN.match(n.dlq_consumer):
+        raise ConfigError("nats.dlqConsumer", n.dlq_consumer, "not a valid durable name")
+    if cfg.company.id and not valid_tenant(cfg.company.id):
+        raise ConfigError("company.id", cfg.company.id, "not a valid tenant id")
+    if not 0 <= cfg.server.port <= 65535:
+        raise ConfigError("server.port", cfg.server.port, "not a TCP port")
+    if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("log.level", cfg.log.level, "expected DEBUG, INFO, WARNING or ERROR")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for logs and `dlqproc config`."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            netloc = f"{parts.username or ''}:***@{host}"
+            dsn = urlunsplit(parts._replace(netloc=netloc))
+        return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL list with any user:password credentials replaced."""
+    return re.sub(r"://[^@/\s,]*@", "://***@", url)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    data = as_dict(cfg)
+    data["postgres"]["dsn"] = redact_dsn(cfg.postgres.dsn)
+    data["nats"]["url"] = redact_url(cfg.nats.url)
+    return data

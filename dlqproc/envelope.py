@@ -1,0 +1,68 @@
+"""Decoding a DLQ message body into an Envelope, or a classified BadInput.
+
+This runs in the worker processes on untrusted bytes, so it must never raise
+anything but BadInput: not JSON, too big, too deep, wrong shape, unknown or
+malformed subject, bad tenant.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from dlqproc.model import Envelope, Reason
+
+# A tenant id becomes part of a schema name (daisi_<lower(tenant)>), so it is
+# held to a strict pattern: ASCII letters, digits, "_" and "-" (UUIDs), starting
+# with a letter or digit, at most 57 characters so the schema name stays within
+# PostgreSQL's 63-byte identifier limit.
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,56}")
+
+_decoder = msgspec.json.Decoder(Envelope)
+
+
+class BadInput(Exception):
+    """The body cannot be processed as it is; `reason` says why."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def valid_tenant(tenant: str) -> bool:
+    return TENANT_PATTERN.fullmatch(tenant) is not None
+
+
+def tenant_of_subject(subject: str, prefix: str) -> str:
+    """The valid tenant token of `<prefix>.<tenant>`, or "" for any other subject."""
+    head, _, tenant = subject.rpartition(".")
+    return tenant if head == prefix and valid_tenant(tenant) else ""
+
+
+def decode(data: bytes, max_bytes: int) -> Envelope:
+    """The envelope in `data`, or BadInput. Never raises anything else."""
+    if len(data) > max_bytes:
+        raise BadInput(Reason.TOO_BIG, f"body of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        envelope = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise BadInput(Reason.BAD_ENVELOPE, f"not a DLQ envelope: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadInput(Reason.NOT_JSON, f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput(Reason.TOO_DEEP, "body nests too deeply") from None
+    if not valid_tenant(envelope.company):
+        raise BadInput(Reason.INVALID_TENANT, f"invalid tenant {envelope.company[:80]!r}")
+    return envelope
+
+
+def split_source(subject: str, tenant: str) -> str:
+    """The subject base of an event subject `<base>.<tenant>`, or BadInput."""
+    base, _, last = subject.rpartition(".")
+    if not base or last != tenant:
+        raise BadInput(
+            Reason.UNKNOWN_SUBJECT,
+            f"source subject {subject[:200]!r} does not end with tenant {tenant!r}",
+        )
+    return base

@@ -1,0 +1,150 @@
+"""The data that crosses module and process boundaries.
+
+Everything here is a frozen msgspec Struct (or an exception handlers raise), so
+it is cheap to send between the supervisor and the worker processes and it
+cannot be changed behind a reader's back. Handlers import this module and
+nothing else of dlqproc.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+import msgspec
+
+
+class FailureKind(enum.Enum):
+    """How a failure is retried: transient ones with backoff, permanent ones never."""
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+class Reason(enum.Enum):
+    """Classified cause of a failure; stored in exhausted_events and logged."""
+
+    # Bad input (permanent): the message can never succeed as it is.
+    NOT_JSON = "not_json"
+    TOO_BIG = "too_big"
+    TOO_DEEP = "too_deep"
+    BAD_ENVELOPE = "bad_envelope"
+    UNKNOWN_SUBJECT = "unknown_subject"
+    INVALID_TENANT = "invalid_tenant"
+    VALIDATION = "validation"
+    # Transient: may succeed on a later delivery.
+    NOT_FOUND = "not_found"
+    HANDLER_ERROR = "handler_error"
+    WORKER_CRASHED = "worker_crashed"
+    TIMEOUT = "timeout"
+    DATABASE = "database"
+    # Budget spent: a transient failure reached nats.dlqMaxRetries deliveries.
+    RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+class HandlerError(Exception):
+    """Raised by a handler to classify its failure."""
+
+    kind = FailureKind.TRANSIENT
+    reason = Reason.HANDLER_ERROR
+
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class PermanentError(HandlerError):
+    """The event can never succeed (bad payload, failed validation)."""
+
+    kind = FailureKind.PERMANENT
+    reason = Reason.VALIDATION
+
+
+class TransientError(HandlerError):
+    """The event may succeed later (a row it updates does not exist yet)."""
+
+    kind = FailureKind.TRANSIENT
+    reason = Reason.HANDLER_ERROR
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One business event as a handler sees it."""
+
+    subject: str  # full subject, e.g. "v1.messages.upsert.acme"
+    base: str  # subject without the tenant token, e.g. "v1.messages.upsert"
+    tenant: str  # validated tenant id
+    payload: bytes  # raw JSON of the event body
+    attempt: int  # JetStream num_delivered of the message carrying it
+
+
+class RowOp(msgspec.Struct, frozen=True):
+    """One idempotent write into the tenant's schema.
+
+    upsert: insert, or on a conflict on `key` overwrite the other columns.
+    update: update the row matched by `key`; no such row is a transient
+    not_found failure (the upsert may still be on its way).
+    Dict and list values are stored as jsonb.
+    """
+
+    op: Literal["upsert", "update"]
+    table: str
+    key: tuple[str, ...]
+    values: dict[str, Any]
+    # Columns that only move forward on upsert/update (e.g. timestamps), so a
+    # late redelivery of an older event cannot move them back.
+    monotonic: tuple[str, ...] = ()
+
+
+class Delivery(msgspec.Struct, frozen=True, array_like=True):
+    """What the supervisor sends a worker for one DLQ message."""
+
+    token: int  # supervisor's handle for the message
+    subject: str  # DLQ subject, e.g. "v1.dlq.acme"
+    data: bytes
+    num_delivered: int
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """The DLQ envelope (contract section 2). `company` is the tenant id."""
+
+    source_subject: str
+    company: str
+    original_payload: msgspec.Raw
+    error: str = ""
+    error_type: str = ""
+    retry_count: int = 0
+    max_retry: int = 0
+    next_retry_at: str | None = None
+    ts: str | None = None
+
+
+class Stored(msgspec.Struct, frozen=True, array_like=True):
+    """What exhausted_events needs to know about a message (decoded or not)."""
+
+    company_id: str
+    source_subject: str
+    event_timestamp: str | None
+    # The envelope as JSON, when the body decoded as one; None otherwise.
+    envelope_json: bytes | None
+    # The original payload as JSON, when there was one.
+    original_json: bytes | None
+
+
+class Outcome(msgspec.Struct, frozen=True, array_like=True):
+    """A worker's verdict on one delivery.
+
+    ok with rows to write, or a classified failure. `stored` describes the
+    message for exhausted_events either way, since the supervisor only decides
+    whether to exhaust after the retry policy has seen the outcome.
+    """
+
+    token: int
+    ok: bool
+    stored: Stored
+    rows: tuple[RowOp, ...] = ()
+    kind: FailureKind | None = None
+    reason: Reason | None = None
+    error: str = ""
+    handler_seconds: float = 0.0
+    base: str = ""

@@ -1,0 +1,72 @@
+"""The retry policy: one pure function from an outcome and a delivery count to an action.
+
+The attempt number is JetStream's num_delivered and nothing else, so a restart,
+a crash or a second replica can never reset or inflate it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from dlqproc.model import FailureKind, Reason
+
+
+class Action(enum.Enum):
+    ACK = "ack"  # commit the rows, then ACK
+    NAK = "nak"  # NAK with a delay; nothing is written
+    EXHAUST = "exhaust"  # insert into exhausted_events, then TERM
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    base_delay: float  # seconds, first retry
+    max_delay: float  # seconds, cap
+    jitter: float  # fraction of each delay drawn at random, in [0, 1)
+    max_retries: int  # deliveries after which a transient failure is exhausted
+
+
+class Decision(msgspec.Struct, frozen=True):
+    action: Action
+    delay: float = 0.0  # seconds, for NAK
+    reason: Reason | None = None  # for EXHAUST: why it is stored
+
+
+def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
+    """Delay before the next delivery after `attempt` deliveries.
+
+    base * 2^(attempt-1), capped at max_delay, then scaled into
+    [d * (1 - jitter), d] by `draw` in [0, 1): jitter spreads a burst of
+    failures without ever exceeding the cap.
+    """
+    exponent = max(attempt, 1) - 1
+    # 2**exponent overflows float for absurd attempts; the cap is hit long before.
+    raw = policy.base_delay * (2.0 ** min(exponent, 64))
+    delay = min(raw, policy.max_delay)
+    return delay * (1.0 - policy.jitter * draw)
+
+
+def decide(
+    ok: bool,
+    kind: FailureKind | None,
+    reason: Reason | None,
+    num_delivered: int,
+    policy: RetryPolicy,
+    draw: float,
+) -> Decision:
+    """ACK, NAK(delay) or EXHAUST for one outcome at delivery `num_delivered`.
+
+    - success: ACK;
+    - permanent failure: EXHAUST at once (retrying cannot help);
+    - transient failure with deliveries left: NAK with backoff;
+    - transient failure at or past the budget: EXHAUST, reason retries_exhausted.
+    A failure to store (reason database) is transient like any other, so a
+    message whose exhausted row could not be written is NAKed, never dropped.
+    """
+    if ok:
+        return Decision(Action.ACK)
+    if kind is FailureKind.PERMANENT:
+        return Decision(Action.EXHAUST, reason=reason)
+    if num_delivered >= policy.max_retries and reason is not Reason.DATABASE:
+        return Decision(Action.EXHAUST, reason=Reason.RETRIES_EXHAUSTED)
+    return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))

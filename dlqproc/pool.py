@@ -1,0 +1,245 @@
+"""The pool of worker processes, as the supervisor's event loop sees it.
+
+Owns process lifecycle: start (explicit spawn context), hand a batch to an
+idle worker, notice a worker that died or overran its timeout, kill and
+replace it, and retry what it held one message at a time so a poison message
+costs only itself. Results arrive through the event loop (add_reader), so the
+supervisor never blocks on a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
+
+import msgspec
+
+from dlqproc import worker
+from dlqproc.model import Delivery, FailureKind, Outcome, Reason, Stored
+from dlqproc.reprocess import Limits, bare_stored
+
+log = logging.getLogger("dlqproc.pool")
+
+_encoder = msgspec.msgpack.Encoder()
+_outcomes = msgspec.msgpack.Decoder(list[Outcome])
+_hello = msgspec.msgpack.Decoder(worker.Hello)
+
+
+class WorkerStartError(Exception):
+    """A worker process could not start (its handlers do not load)."""
+
+
+class WorkerLost(Exception):
+    def __init__(self, reason: str) -> None:  # "crash" or "timeout"
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Worker:
+    """One child process and the pipe to it."""
+
+    def __init__(self, ctx: SpawnContext, index: int, module: str, limits: Limits) -> None:
+        self.loop = asyncio.get_running_loop()
+        parent, child = ctx.Pipe(duplex=True)
+        self.process: SpawnProcess = ctx.Process(
+            target=worker.main,
+            args=(child, module, limits),
+            name=f"dlqproc-worker-{index}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.index = index
+        self.conn: Connection = parent
+        self.busy_since = 0.0
+        self.dead = False
+        self._waiter: asyncio.Future[bytes] = self.loop.create_future()
+        self.loop.add_reader(parent.fileno(), self._readable)
+        self.loop.add_reader(self.process.sentinel, self._exited)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def _readable(self) -> None:
+        try:
+            data = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._exited()
+            return
+        if not self._waiter.done():
+            self._waiter.set_result(data)
+
+    def _exited(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.loop.remove_reader(self.conn.fileno())
+        self.loop.remove_reader(self.process.sentinel)
+        if not self._waiter.done():
+            self._waiter.set_exception(WorkerLost("crash"))
+
+    async def hello(self, timeout: float) -> None:
+        try:
+            _hello.decode(await asyncio.wait_for(self._waiter, timeout))
+        except (WorkerLost, TimeoutError, msgspec.DecodeError) as exc:
+            self.kill()
+            code = self.process.exitcode
+            raise WorkerStartError(
+                f"worker {self.index} did not start (exit code {code}): {exc!r}"
+            ) from None
+
+    async def call(self, payload: bytes, timeout: float) -> bytes:
+        self._waiter = self.loop.create_future()
+        self.busy_since = time.monotonic()
+        try:
+            self.conn.send_bytes(payload)
+        except OSError:
+            self._exited()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+        except TimeoutError:
+            self.kill()
+            raise WorkerLost("timeout") from None
+        finally:
+            self.busy_since = 0.0
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self._exited()
+
+    def close(self, timeout: float) -> None:
+        """Ask the worker to exit by closing its pipe; kill it if it lingers."""
+        self._exited()
+        self.conn.close()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self.process.close()
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        size: int,
+        module: str,
+        limits: Limits,
+        task_timeout: float,
+        start_timeout: float = 60.0,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
+        self.size = size
+        self._module = module
+        self._limits = limits
+        self._task_timeout = task_timeout
+        self._start_timeout = start_timeout
+        self._on_restart = on_restart
+        # spawn: a fresh interpreter per worker; never a fork of a process that
+        # holds an event loop, sockets and threads.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: dict[int, _Worker] = {}
+        self._replacing: set[asyncio.Task[None]] = set()
+        self.failed: asyncio.Future[WorkerStartError] | None = None
+        self.restarts = {"crash": 0, "timeout": 0}
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for w in self._workers.values() if not w.dead)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self._workers.values() if w.busy_since and not w.dead)
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has loaded its handlers."""
+        self.failed = asyncio.get_running_loop().create_future()
+        workers = [self._spawn(i) for i in range(self.size)]
+        try:
+            await asyncio.gather(*(w.hello(self._start_timeout) for w in workers))
+        except WorkerStartError:
+            self.close()
+            raise
+        for w in workers:
+            self._idle.put_nowait(w)
+
+    def _spawn(self, index: int) -> _Worker:
+        w = _Worker(self._ctx, index, self._module, self._limits)
+        self._workers[index] = w
+        return w
+
+    async def _replace(self, lost: _Worker, reason: str) -> None:
+        self.restarts[reason] += 1
+        if self._on_restart is not None:
+            self._on_restart(reason)
+        log.warning(
+            "worker lost, replacing it",
+            extra={
+                "worker": lost.index,
+                "pid": lost.pid,
+                "reason": reason,
+                "exitcode": lost.process.exitcode,
+            },
+        )
+        lost.close(timeout=5)
+        fresh = self._spawn(lost.index)
+        try:
+            await fresh.hello(self._start_timeout)
+        except WorkerStartError as exc:
+            if self.failed is not None and not self.failed.done():
+                self.failed.set_result(exc)
+            return
+        self._idle.put_nowait(fresh)
+
+    async def run(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        """Outcomes for `batch`, in order; never raises for a worker's death or hang."""
+        try:
+            return await self._run_once(batch)
+        except WorkerLost as lost:
+            if len(batch) == 1:
+                return [_lost_outcome(batch[0], lost.reason, self._limits)]
+            # Isolate the culprit: every message of the lost batch runs alone.
+            singles = await asyncio.gather(*(self.run([d]) for d in batch))
+            return [o for single in singles for o in single]
+
+    async def _run_once(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        w = await self._idle.get()
+        try:
+            data = await w.call(_encoder.encode(list(batch)), self._task_timeout)
+        except WorkerLost as lost:
+            task = asyncio.create_task(self._replace(w, lost.reason))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+            raise
+        self._idle.put_nowait(w)
+        return _outcomes.decode(data)
+
+    def close(self, timeout: float = 5.0) -> None:
+        for task in self._replacing:
+            task.cancel()
+        for w in self._workers.values():
+            w.close(timeout)
+        self._workers.clear()
+
+
+def _lost_outcome(delivery: Delivery, reason: str, limits: Limits) -> Outcome:
+    stored: Stored = bare_stored(delivery, limits, as_json=True)
+    why = Reason.TIMEOUT if reason == "timeout" else Reason.WORKER_CRASHED
+    return Outcome(
+        token=delivery.token,
+        ok=False,
+        stored=stored,
+        kind=FailureKind.TRANSIENT,
+        reason=why,
+        error=f"worker {'timed out' if reason == 'timeout' else 'died'} processing this message",
+    )

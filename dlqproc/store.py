@@ -1,0 +1,347 @@
+"""PostgreSQL: migrations, tenant schemas, batch writes and exhausted events.
+
+The only module that imports psycopg. The supervisor is its only caller, and
+every write it makes is idempotent (upserts keyed on the event's identity, an
+exhausted row keyed on the DLQ message), so a redelivery rewrites the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from dlqproc.envelope import valid_tenant
+from dlqproc.model import FailureKind, Reason, RowOp
+
+log = logging.getLogger("dlqproc.store")
+
+_MIGRATION_FILE = re.compile(r"^(\d+)_[a-z0-9_]+\.sql$")
+# Arbitrary constant: serialises migrations of concurrently starting replicas.
+_MIGRATION_LOCK = 0x646C7170
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or the transaction failed as a whole."""
+
+
+class ItemFailed(Exception):
+    def __init__(self, kind: FailureKind, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.reason = kind, reason
+
+
+class ExhaustedRow(msgspec.Struct, frozen=True):
+    company_id: str
+    source_subject: str
+    last_error: str
+    retry_count: int
+    reason: str
+    event_timestamp: str | None
+    envelope_json: bytes | None  # the envelope, when it decoded
+    original_json: bytes | None
+    raw: bytes  # the body as received
+    dlq_stream: str
+    dlq_sequence: int
+    dlq_subject: str
+
+
+class Write(msgspec.Struct, frozen=True):
+    """What one message needs written: rows for its tenant, or an exhausted row."""
+
+    tenant: str = ""
+    rows: tuple[RowOp, ...] = ()
+    exhausted: ExhaustedRow | None = None
+
+
+class Written(msgspec.Struct, frozen=True):
+    """The result for one Write: failed (with its classification) or done."""
+
+    failure: ItemFailed | None = None
+    inserted: bool = False  # an exhausted row was inserted (not already there)
+
+
+def schema_name(tenant: str) -> str:
+    if not valid_tenant(tenant):
+        raise ItemFailed(FailureKind.PERMANENT, Reason.INVALID_TENANT, f"invalid tenant {tenant!r}")
+    return "daisi_" + tenant.lower()
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every file in schema/, in order."""
+    found = []
+    for entry in importlib.resources.files("dlqproc.schema").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def _adapt(value: object) -> object:
+    return Jsonb(value) if isinstance(value, dict | list) else value
+
+
+@lru_cache(maxsize=1024)
+def _statement(
+    op: str,
+    schema: str,
+    table: str,
+    columns: tuple[str, ...],
+    key: tuple[str, ...],
+    monotonic: tuple[str, ...],
+) -> sql.Composed:
+    """SQL for one RowOp shape; identifiers are always quoted by psycopg."""
+    target = sql.Identifier(schema, table)
+
+    def assign(col: str, value: sql.Composable) -> sql.Composable:
+        ident = sql.Identifier(col)
+        if col in monotonic:
+            return sql.SQL("{} = GREATEST({}.{}, {})").format(ident, target, ident, value)
+        return sql.SQL("{} = {}").format(ident, value)
+
+    if op == "upsert":
+        updates = [
+            assign(c, sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)))
+            for c in columns
+            if c not in key
+        ]
+        updates.append(sql.SQL("updated_at = now()"))
+        return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            target,
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            sql.SQL(", ").join(map(sql.Identifier, key)),
+            sql.SQL(", ").join(updates),
+        )
+    sets = [assign(c, sql.Placeholder()) for c in columns if c not in key]
+    sets.append(sql.SQL("updated_at = now()"))
+    return sql.SQL("UPDATE {} SET {} WHERE {}").format(
+        target,
+        sql.SQL(", ").join(sets),
+        sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
+    )
+
+
+_INSERT_EXHAUSTED = """
+INSERT INTO public.exhausted_events (
+    company_id, source_subject, last_error, retry_count, event_timestamp,
+    dlq_payload, original_payload, reason, dlq_stream, dlq_sequence, dlq_subject,
+    payload_digest, raw_payload)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (dlq_stream, dlq_sequence, payload_digest) DO NOTHING
+RETURNING id
+"""
+
+
+class Store:
+    """One connection owned by the supervisor; reconnected when it breaks."""
+
+    def __init__(self, dsn: str, statement_timeout: float, tenant_ddl: Sequence[str]) -> None:
+        self._dsn = dsn
+        self._timeout_ms = int(statement_timeout * 1000)
+        self._tenant_ddl = tuple(tenant_ddl)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._tenants: set[str] = set()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            await self._conn.close()
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn,
+                connect_timeout=5,
+                options=f"-c statement_timeout={self._timeout_ms}",
+                application_name="dlqproc",
+            )
+        except psycopg.Error as exc:
+            self._conn = None
+            raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def ping(self) -> bool:
+        try:
+            conn = await self._connection()
+            async with conn.transaction():
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, StoreUnavailable):
+            return False
+        return True
+
+    async def migrate(self) -> list[str]:
+        """Apply the schema/ migrations not yet applied; return their names."""
+        conn = await self._connection()
+        applied: list[str] = []
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS public.dlqproc_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur = await conn.execute("SELECT version FROM public.dlqproc_migrations")
+            done = {row[0] for row in await cur.fetchall()}
+            for version, name, text in migrations():
+                if version in done:
+                    continue
+                await conn.execute(text.encode())
+                await conn.execute(
+                    "INSERT INTO public.dlqproc_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+                applied.append(name)
+        return applied
+
+    async def _ensure_tenant(self, conn: psycopg.AsyncConnection[Any], schema: str) -> None:
+        if schema in self._tenants:
+            return
+        async with conn.transaction():
+            # Concurrent replicas may create the same schema; the lock orders them.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema,))
+            ident = sql.Identifier(schema)
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+            for ddl in self._tenant_ddl:
+                await conn.execute(sql.SQL(ddl).format(schema=ident))
+        self._tenants.add(schema)
+
+    async def write(self, writes: Sequence[Write]) -> list[Written]:
+        """Write a batch in one transaction; one item's failure never fails the others.
+
+        The common case (nothing fails) costs one transaction without savepoints.
+        When an item fails, the batch is rolled back and written again with a
+        savepoint around each item, so only the failing items are left out.
+        Raises StoreUnavailable when the database itself fails.
+        """
+        try:
+            conn = await self._connection()
+            for w in writes:
+                if w.rows and valid_tenant(w.tenant):
+                    await self._ensure_tenant(conn, schema_name(w.tenant))
+            try:
+                async with conn.transaction():
+                    return [await self._write_one(conn, w) for w in writes]
+            except ItemFailed:
+                pass
+            results = []
+            async with conn.transaction():
+                for w in writes:
+                    try:
+                        async with conn.transaction():
+                            results.append(await self._write_one(conn, w))
+                    except ItemFailed as failed:
+                        results.append(Written(failure=failed))
+            return results
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(str(exc).strip()) from exc
+        except psycopg.Error as exc:
+            # Not attributable to an item (e.g. the transaction could not commit).
+            raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
+
+    async def _write_one(self, conn: psycopg.AsyncConnection[Any], w: Write) -> Written:
+        try:
+            if w.exhausted is not None:
+                return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
+            schema = schema_name(w.tenant)
+            for op in w.rows:
+                columns = tuple(op.values)
+                stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic)
+                if op.op == "upsert":
+                    params = [_adapt(op.values[c]) for c in columns]
+                else:
+                    params = [_adapt(op.values[c]) for c in columns if c not in op.key]
+                    params += [op.values[k] for k in op.key]
+                cur = await conn.execute(stmt, params)
+                if op.op == "update" and cur.rowcount == 0:
+                    raise ItemFailed(
+                        FailureKind.TRANSIENT,
+                        Reason.NOT_FOUND,
+                        f"{op.table} row {[op.values[k] for k in op.key]} not found",
+                    )
+            return Written()
+        except psycopg.OperationalError:
+            raise
+        except (
+            psycopg.errors.DataError,
+            psycopg.errors.IntegrityError,
+            psycopg.errors.SyntaxErrorOrAccessRuleViolation,
+        ) as exc:
+            # The rows themselves are unacceptable: retrying the same event cannot help.
+            raise ItemFailed(FailureKind.PERMANENT, Reason.VALIDATION, str(exc).strip()) from exc
+        except psycopg.Error as exc:
+            raise ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, str(exc).strip()) from exc
+
+    async def _insert_exhausted(
+        self, conn: psycopg.AsyncConnection[Any], row: ExhaustedRow
+    ) -> bool:
+        digest = hashlib.md5(row.raw, usedforsecurity=False).hexdigest()
+
+        async def insert(envelope: str, original: str | None, raw: bytes | None) -> bool:
+            cur = await conn.execute(
+                _INSERT_EXHAUSTED,
+                (
+                    row.company_id,
+                    row.source_subject,
+                    row.last_error,
+                    row.retry_count,
+                    row.event_timestamp,
+                    envelope,
+                    original,
+                    row.reason,
+                    row.dlq_stream,
+                    row.dlq_sequence,
+                    row.dlq_subject,
+                    digest,
+                    raw,
+                ),
+            )
+            return cur.rowcount == 1
+
+        if row.envelope_json is not None:
+            try:
+                async with conn.transaction():
+                    return await insert(
+                        row.envelope_json.decode(),
+                        row.original_json.decode() if row.original_json else None,
+                        None,
+                    )
+            except (psycopg.errors.DataError, UnicodeDecodeError) as exc:
+                # JSON that jsonb refuses (e.g. \u0000, too deep): keep the raw bytes.
+                log.warning(
+                    "exhausted payload not storable as jsonb, keeping raw bytes",
+                    extra={"error": str(exc).strip()[:200]},
+                )
+        # The body is not storable as JSON: keep it byte for byte, and describe it.
+        stand_in = msgspec.json.encode(
+            {
+                "undecodable": True,
+                "dlq_subject": row.dlq_subject,
+                "error": row.last_error,
+                "size": len(row.raw),
+            }
+        ).decode()
+        return await insert(stand_in, None, row.raw)
+
+    async def unresolved_exhausted(self) -> dict[str, int]:
+        """Unresolved exhausted events per tenant (for metrics and the demo)."""
+        conn = await self._connection()
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT company_id, count(*) FROM public.exhausted_events"
+                " WHERE NOT resolved GROUP BY company_id"
+            )
+            return {str(r[0]): int(r[1]) for r in await cur.fetchall()}
