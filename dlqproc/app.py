@@ -11,11 +11,12 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 from dlqproc.broker import Broker, Topology
 from dlqproc.config import Config, redact_dsn, redact_url
-from dlqproc.handlers import load
+from dlqproc.handlers import RegistryError, load
 from dlqproc.metrics import Metrics
 from dlqproc.pool import WorkerPool, WorkerStartError
 from dlqproc.reprocess import Limits
@@ -61,6 +62,8 @@ class _Signals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received += 1
         if self.received > 1:
+            if on_forced_exit is not None:
+                on_forced_exit()
             # Nothing is lost: unsettled messages come back after the ack wait,
             # and every write is idempotent.
             os._exit(EXIT_FORCED)
@@ -68,9 +71,20 @@ class _Signals:
         self.loop.call_soon_threadsafe(self.event.set)
 
 
-async def serve(cfg: Config) -> int:
-    registry = load(cfg.handlers.module)
-    metrics = Metrics()
+# Called before a forced exit (second signal); the demo stops its servers here.
+on_forced_exit: Callable[[], None] | None = None
+
+
+async def serve(
+    cfg: Config, metrics: Metrics | None = None, ready: asyncio.Event | None = None
+) -> int:
+    """Run the service until a signal; return the process exit code."""
+    try:
+        registry = load(cfg.handlers.module)
+    except RegistryError as exc:
+        log.error("cannot start: handlers do not load", extra={"error": str(exc)})
+        return EXIT_WORKERS
+    metrics = metrics if metrics is not None else Metrics()
     store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, registry.tenant_ddl)
     log.info(
         "connecting",
@@ -113,6 +127,8 @@ async def serve(cfg: Config) -> int:
     signals = _Signals()
     signals.install(asyncio.get_running_loop(), sup.stop_requested)
     code = EXIT_OK
+    if ready is not None:
+        ready.set()
     try:
         await sup.serve()
         if pool.failed is not None and pool.failed.done():

@@ -92,7 +92,8 @@ class Broker:
     @classmethod
     async def connect(cls, url: str, name: str = "dlqproc") -> Broker:
         async def on_disconnect() -> None:
-            log.warning("NATS disconnected")
+            if not nc.is_closed and not nc.is_draining:
+                log.warning("NATS disconnected")
 
         async def on_reconnect() -> None:
             log.info("NATS reconnected")
@@ -100,7 +101,7 @@ class Broker:
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error", extra={"error": str(exc)})
 
-        nc = await nats.connect(
+        nc: Client = await nats.connect(
             servers=[u.strip() for u in url.split(",")],
             name=name,
             max_reconnect_attempts=-1,
@@ -174,6 +175,10 @@ class Broker:
                 changes.append(f"updated consumer {want.durable}: " + ", ".join(diffs))
         self._topology = want
         return changes
+
+    async def bind(self, topology: Topology) -> None:
+        """Use an existing topology (for tools that inspect the consumer)."""
+        self._topology = topology
 
     async def subscribe(self) -> None:
         assert self._topology is not None, "ensure_topology first"

@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for the embedded servers' data (default .dlqproc-demo)",
     )
     d.add_argument("--messages", type=int, default=60, help="messages in the sample workload")
+    d.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="stop once the workload is settled instead of serving on",
+    )
     return p
 
 
@@ -45,9 +50,9 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from dlqproc import demo
+        from dlqproc import demo  # imports the embedded servers' helpers
 
-        return demo.main(args.state, args.messages, args.config)
+        return demo.main(args.state, args.messages, args.config, args.exit_when_done)
     cfg = _load(args)
     if args.command == "config":
         data = redacted(cfg)

@@ -189,9 +189,23 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], prefix: str = "") 
             base[key] = value
 
 
-def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Build the effective config: defaults < YAML file < environment."""
-    environ = os.environ if environ is None else environ
+def load(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    preset: Mapping[str, str] | None = None,
+    forced: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective config: defaults < preset < YAML file < environment < forced.
+
+    preset and forced are env-style (NAME=value) layers for embedded runs: the
+    demo presets fast retry delays the operator may still override, and forces
+    the URLs of the servers it started.
+    """
+    environ = {
+        **(preset or {}),
+        **(os.environ if environ is None else environ),
+        **(forced or {}),
+    }
     merged = as_dict(Config())
     keys = list(leaf_keys(merged))
     if path is not None:
