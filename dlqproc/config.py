@@ -11,12 +11,12 @@ value, which the CLI turns into exit code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
@@ -50,8 +50,8 @@ def parse_duration(value: object) -> Duration:
         if match is None:
             raise ValueError("expected a duration such as 500ms, 30s, 5m")
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a duration must be a finite, non-negative number")
     return Duration(seconds)
 
 
@@ -219,7 +219,12 @@ def load(
     for key in keys:
         name = env_name(key)
         if name in environ:
-            _set_path(merged, key, environ[name])
+            value = environ[name]
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ConfigError(key, value, f"{name} is not valid UTF-8") from None
+            _set_path(merged, key, value)
     return _convert(merged)
 
 
@@ -239,9 +244,18 @@ def _convert(merged: dict[str, Any]) -> Config:
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def _leaves(cfg: Config) -> Iterator[tuple[str, object]]:
+    data = msgspec.to_builtins(cfg, enc_hook=_encode_hook)
+    for key in leaf_keys(data):
+        yield key, _get_path(data, key.split("."))
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules a typed Struct cannot express."""
     n = cfg.nats
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "must be a finite number")
     positive = {
         "nats.dlqWorkers": n.dlq_workers,
         "nats.dlqMaxDeliver": n.dlq_max_deliver,
@@ -298,13 +312,8 @@ def validate(cfg: Config) -> None:
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced, for logs and `dlqproc config`."""
     if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if parts.port is not None:
-                host = f"{host}:{parts.port}"
-            netloc = f"{parts.username or ''}:***@{host}"
-            dsn = urlunsplit(parts._replace(netloc=netloc))
+        # user:password@ in the authority (also multi-host URIs), then ?password=
+        dsn = re.sub(r"(://[^:/@?#\s]*):[^@/?#\s]*@", r"\1:***@", dsn)
         return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 

@@ -82,13 +82,13 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
         original_json=bytes(envelope.original_payload) or None,
     )
     try:
-        if dlq_tenant and dlq_tenant != envelope.company:
+        if dlq_tenant != envelope.company:
             # The DLQ subject names the tenant the message was routed for; an
             # envelope claiming another tenant must not write there.
             raise BadInput(
                 Reason.INVALID_TENANT,
-                f"envelope company {envelope.company!r} differs from DLQ subject tenant "
-                f"{dlq_tenant!r}",
+                f"envelope company {envelope.company!r} differs from DLQ subject "
+                f"{delivery.subject[:200]!r}",
             )
         base = split_source(envelope.source_subject, envelope.company)
     except BadInput as exc:

@@ -7,6 +7,7 @@ exhausted row keyed on the DLQ message), so a redelivery rewrites the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from dlqproc.envelope import valid_tenant
@@ -153,10 +155,16 @@ class Store:
         self._tenants: set[str] = set()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return self._conn
-        if self._conn is not None:
-            await self._conn.close()
+        conn = self._conn
+        if (
+            conn is not None
+            and not conn.broken
+            and (conn.info.transaction_status == TransactionStatus.IDLE)
+        ):
+            return conn
+        # Broken, or left inside a transaction by a failure: never reuse it, or
+        # a later write could land in a transaction that is never committed.
+        await self._discard()
         try:
             self._conn = await psycopg.AsyncConnection.connect(
                 self._dsn,
@@ -169,17 +177,24 @@ class Store:
             raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
         return self._conn
 
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        await self._discard()
 
     async def ping(self) -> bool:
         try:
             conn = await self._connection()
             async with conn.transaction():
                 await conn.execute("SELECT 1")
-        except (psycopg.Error, StoreUnavailable):
+        except StoreUnavailable:
+            return False
+        except psycopg.Error:
+            await self._discard()
             return False
         return True
 
@@ -246,10 +261,9 @@ class Store:
                     except ItemFailed as failed:
                         results.append(Written(failure=failed))
             return results
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(str(exc).strip()) from exc
         except psycopg.Error as exc:
-            # Not attributable to an item (e.g. the transaction could not commit).
+            # Not attributable to an item: the connection or the commit failed.
+            await self._discard()
             raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
 
     async def _write_one(self, conn: psycopg.AsyncConnection[Any], w: Write) -> Written:

@@ -1,0 +1,58 @@
+"""Shared fixtures: one real nats-server and PostgreSQL per test session, a fresh
+database per test, and a factory for running dlqproc against them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dlqproc.embedded import NatsServer, PostgresServer
+from support.service import Service
+
+_db_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+def fresh_database(server: PostgresServer) -> str:
+    name = f"test_{next(_db_ids)}"
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.dsn.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def dsn(pg_server: PostgresServer) -> str:
+    return fresh_database(pg_server)
+
+
+@pytest.fixture
+def service(nats_server: NatsServer, dsn: str, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Factory: service(**env overrides) -> a started Service; all stopped at teardown."""
+    started: list[Service] = []
+
+    def make(
+        start: bool = True, nats_url: str | None = None, db: str | None = None, **settings: str
+    ) -> Service:
+        svc = Service(nats_url or nats_server.url, db or dsn, tmp_path, **settings)
+        started.append(svc)
+        return svc.start() if start else svc
+
+    yield make
+    for svc in started:
+        svc.stop()

@@ -1,0 +1,1 @@
+"""Test support: deterministic handlers and a running-service harness."""

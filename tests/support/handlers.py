@@ -1,0 +1,111 @@
+"""Deterministic test handlers: behaviour chosen by the payload and the attempt number.
+
+t.ok     upsert test_rows
+t.flaky  transient failure on deliveries 1..fail_times, then upsert
+t.fail   transient failure on every delivery
+t.perm   permanent failure
+t.slow   sleep `sleep` seconds, then upsert
+t.hang   sleep an hour on deliveries 1..hang_times, then upsert
+t.crash  the worker process dies on deliveries 1..crash_times, then upsert
+t.update update a test_rows row (not found is transient)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from dlqproc.model import Event, PermanentError, RowOp, TransientError
+
+
+class Payload(msgspec.Struct, frozen=True):
+    id: str
+    fail_times: int = 0
+    sleep: float = 0.0
+    hang_times: int = 0
+    crash_times: int = 0
+
+
+def _payload(event: Event) -> Payload:
+    try:
+        return msgspec.json.decode(event.payload, type=Payload)
+    except msgspec.DecodeError as exc:
+        raise PermanentError(f"bad test payload: {exc}") from None
+
+
+def _row(event: Event, p: Payload) -> RowOp:
+    return RowOp(
+        op="upsert",
+        table="test_rows",
+        key=("id",),
+        values={"id": p.id, "company_id": event.tenant, "attempt": event.attempt},
+    )
+
+
+def ok(event: Event) -> Sequence[RowOp]:
+    return (_row(event, _payload(event)),)
+
+
+def flaky(event: Event) -> Sequence[RowOp]:
+    p = _payload(event)
+    if event.attempt <= p.fail_times:
+        raise TransientError(f"flaky {p.id} failing delivery {event.attempt}")
+    return (_row(event, p),)
+
+
+def fail(event: Event) -> Sequence[RowOp]:
+    raise TransientError(f"always failing {_payload(event).id}")
+
+
+def perm(event: Event) -> Sequence[RowOp]:
+    raise PermanentError(f"permanently bad {_payload(event).id}")
+
+
+def slow(event: Event) -> Sequence[RowOp]:
+    p = _payload(event)
+    time.sleep(p.sleep)
+    return (_row(event, p),)
+
+
+def hang(event: Event) -> Sequence[RowOp]:
+    p = _payload(event)
+    if event.attempt <= p.hang_times:
+        time.sleep(3600)
+    return (_row(event, p),)
+
+
+def crash(event: Event) -> Sequence[RowOp]:
+    p = _payload(event)
+    if event.attempt <= p.crash_times:
+        os._exit(9)
+    return (_row(event, p),)
+
+
+def update(event: Event) -> Sequence[RowOp]:
+    p = _payload(event)
+    return (RowOp(op="update", table="test_rows", key=("id",), values={"id": p.id, "attempt": 0}),)
+
+
+HANDLERS = {
+    "t.ok": ok,
+    "t.flaky": flaky,
+    "t.fail": fail,
+    "t.perm": perm,
+    "t.slow": slow,
+    "t.hang": hang,
+    "t.crash": crash,
+    "t.update": update,
+}
+
+TENANT_DDL = (
+    """CREATE TABLE IF NOT EXISTS {schema}.test_rows (
+        id text PRIMARY KEY,
+        company_id text NOT NULL,
+        attempt integer NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+)

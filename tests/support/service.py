@@ -1,0 +1,238 @@
+"""Run `dlqproc run` as a real child process against real servers, and observe it.
+
+Every wait is a bounded poll on something observable: a log line, the
+consumer's counters in JetStream, rows in Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+
+from dlqproc.embedded import free_port
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+_ids = itertools.count(1)
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll `pred` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {pred}")
+        time.sleep(interval)
+
+
+def envelope(
+    base: str, tenant: str, payload: object, *, company: str | None = None, ts: str | None = None
+) -> bytes:
+    return json.dumps(
+        {
+            "source_subject": f"{base}.{tenant}",
+            "company": tenant if company is None else company,
+            "original_payload": payload,
+            "error": "failed in main consumer",
+            "error_type": "retryable",
+            "retry_count": 5,
+            "max_retry": 5,
+            "ts": ts or datetime.now(UTC).isoformat(),
+        }
+    ).encode()
+
+
+class Service:
+    """One dlqproc process with its own stream, subject, consumer and database."""
+
+    def __init__(self, nats_url: str, dsn: str, tmp: Path, **settings: str) -> None:
+        n = next(_ids)
+        self.nats_url, self.dsn = nats_url, dsn
+        self.stream = settings.get("NATS_DLQSTREAM", f"dlq_test_{os.getpid()}_{n}")
+        self.subject = settings.get("NATS_DLQSUBJECT", f"t{os.getpid()}x{n}.dlq")
+        self.durable = self.subject.replace(".", "_") + "_worker_consumer"
+        self.log_path = tmp / f"service-{n}.log"
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+            "NATS_URL": nats_url,
+            "POSTGRES_DSN": dsn,
+            "SERVER_PORT": str(self.port),
+            "SERVER_HOST": "127.0.0.1",
+            "LOG_LEVEL": "DEBUG",
+            "HANDLERS_MODULE": "support.handlers",
+            "NATS_DLQWORKERS": "2",
+            "NATS_DLQBASEDELAYMINUTES": "0.005",  # 0.3 s
+            "NATS_DLQMAXDELAYMINUTES": "0.02",
+            "NATS_DLQJITTER": "0",
+            "NATS_DLQMAXRETRIES": "3",
+            "NATS_DLQMAXDELIVER": "6",
+            "NATS_DLQACKWAIT": "10s",
+            "NATS_DLQTASKTIMEOUT": "8s",
+            "NATS_SHUTDOWNGRACE": "10s",
+            **settings,
+            "NATS_DLQSTREAM": self.stream,
+            "NATS_DLQSUBJECT": self.subject,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- process
+
+    def start(self, wait: bool = True) -> Service:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dlqproc", "run"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_until(lambda: self.find("Starting DLQ worker...") or self._exited(), 60)
+            assert self.proc.poll() is None, self.log_text()
+        return self
+
+    def _exited(self) -> bool:
+        assert self.proc is not None
+        return self.proc.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.wait_exit(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait_exit(10)
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids = [int(p) for p in path.read_text().split()]
+        # The spawn context also starts a resource tracker; workers run dlqproc's main.
+        return [p for p in pids if b"resource_tracker" not in _cmdline(p)]
+
+    # -- logs
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+    def find(self, msg: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.logs()
+            if e.get("msg") == msg and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    # -- NATS
+
+    def publish(self, tenant: str, bodies: Iterable[bytes]) -> list[int]:
+        async def go() -> list[int]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                return [
+                    (await js.publish(f"{self.subject}.{tenant}", b, timeout=10)).seq
+                    for b in bodies
+                ]
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def consumer(self) -> dict[str, int]:
+        async def go() -> dict[str, int]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                info = await nc.jetstream().consumer_info(self.stream, self.durable)
+                return {
+                    "pending": int(info.num_pending or 0),
+                    "ack_pending": int(info.num_ack_pending or 0),
+                    "redelivered": int(info.num_redelivered or 0),
+                    "delivered": int(info.delivered.stream_seq or 0),
+                    "ack_floor": int(info.ack_floor.stream_seq or 0),
+                }
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def stream_messages(self) -> int:
+        async def go() -> int:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                return int((await nc.jetstream().stream_info(self.stream)).state.messages)
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def settled(self) -> bool:
+        c = self.consumer()
+        return c["pending"] == 0 and c["ack_pending"] == 0
+
+    # -- Postgres
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+    def execute(self, sql: str) -> int:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return conn.execute(sql).rowcount  # type: ignore[arg-type]
+
+    def rows(self, tenant: str) -> dict[str, int]:
+        try:
+            got = self.query(f"SELECT id, attempt FROM daisi_{tenant}.test_rows")
+        except psycopg.errors.UndefinedTable:
+            return {}
+        return {r[0]: r[1] for r in got}
+
+    def exhausted(self) -> list[dict[str, Any]]:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute("SELECT * FROM exhausted_events ORDER BY id")
+            names = [d.name for d in cur.description or ()]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -1,0 +1,666 @@
+"""Config: defaults, layering (env > file > default), parsing, validation, redaction."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dlqproc.config import (
+    CompanyConfig,
+    Config,
+    ConfigError,
+    Duration,
+    NatsConfig,
+    as_dict,
+    env_name,
+    leaf_keys,
+    load,
+    parse_duration,
+    redact_dsn,
+    redact_url,
+    redacted,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_YAML = REPO / "conf" / "default.yaml"
+
+
+def _write(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = as_dict(cfg)
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+# --- defaults ---------------------------------------------------------------
+
+
+def test_defaults_match_operator_guide_section_3() -> None:
+    n = Config().nats
+    assert n.dlq_workers == 8
+    assert n.dlq_base_delay_minutes == 5
+    assert n.dlq_max_delay_minutes == 5
+    assert n.dlq_stream == "dlq_stream"
+    assert n.dlq_subject == "v1.dlq"
+    assert n.dlq_max_age_days == 7
+    assert n.dlq_max_deliver == 10
+    assert n.dlq_ack_wait == 30.0
+    assert isinstance(n.dlq_ack_wait, Duration)
+    assert n.dlq_max_ack_pending == 1000
+    assert n.dlq_max_retries == 5
+
+
+def test_load_with_nothing_gives_the_defaults() -> None:
+    assert load(None, environ={}) == Config()
+
+
+def test_defaults_keyed_like_the_guide() -> None:
+    nats = as_dict(Config())["nats"]
+    assert {
+        k: nats[k]
+        for k in (
+            "dlqWorkers",
+            "dlqBaseDelayMinutes",
+            "dlqMaxDelayMinutes",
+            "dlqStream",
+            "dlqSubject",
+            "dlqMaxAgeDays",
+            "dlqMaxDeliver",
+            "dlqAckWait",
+            "dlqMaxAckPending",
+            "dlqMaxRetries",
+        )
+    } == {
+        "dlqWorkers": 8,
+        "dlqBaseDelayMinutes": 5,
+        "dlqMaxDelayMinutes": 5,
+        "dlqStream": "dlq_stream",
+        "dlqSubject": "v1.dlq",
+        "dlqMaxAgeDays": 7,
+        "dlqMaxDeliver": 10,
+        "dlqAckWait": 30,
+        "dlqMaxAckPending": 1000,
+        "dlqMaxRetries": 5,
+    }
+    assert as_dict(Config())["server"]["port"] == 8080
+
+
+# --- default.yaml drift ---------------------------------------------------------------
+
+
+def test_default_yaml_documents_every_key_with_the_same_default() -> None:
+    documented = yaml.safe_load(DEFAULT_YAML.read_text())
+    actual = as_dict(Config())
+    assert sorted(leaf_keys(documented)) == sorted(leaf_keys(actual))
+    defaults = Config()
+    for key in leaf_keys(actual):
+        want = _get(defaults, key)
+        node: Any = documented
+        for part in key.split("."):
+            node = node[part]
+        # durations are spelled "30s" in the file and held as seconds in the Struct
+        struct_value = _struct_value(defaults, key)
+        got = parse_duration(node) if isinstance(struct_value, Duration) else node
+        assert got == want, key
+        assert isinstance(got, bool) == isinstance(want, bool), key
+        assert isinstance(got, str) == isinstance(want, str), key
+
+
+def _struct_value(cfg: Config, key: str) -> Any:
+    section, leaf = key.split(".")
+    sect = getattr(cfg, section)
+    for field in msgspec.structs.fields(sect):
+        if field.encode_name == leaf:
+            return getattr(sect, field.name)
+    raise KeyError(key)
+
+
+def test_default_yaml_loaded_as_a_config_file_changes_nothing() -> None:
+    assert load(DEFAULT_YAML, environ={}) == Config()
+
+
+def test_default_yaml_equals_as_dict_except_duration_spelling() -> None:
+    documented = yaml.safe_load(DEFAULT_YAML.read_text())
+    actual = as_dict(Config())
+    differing = {
+        key for key in leaf_keys(actual) if _get_tree(documented, key) != _get_tree(actual, key)
+    }
+    # the only literal differences are "30s"-style durations, which parse to the default
+    assert all(isinstance(_struct_value(Config(), k), Duration) for k in differing), differing
+
+
+def _get_tree(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+# --- env names and precedence -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "env"),
+    [
+        ("nats.dlqWorkers", "NATS_DLQWORKERS"),
+        ("nats.dlqBaseDelayMinutes", "NATS_DLQBASEDELAYMINUTES"),
+        ("nats.dlqMaxAckPending", "NATS_DLQMAXACKPENDING"),
+        ("nats.realtime.maxDeliver", "NATS_REALTIME_MAXDELIVER"),
+        ("server.port", "SERVER_PORT"),
+        ("postgres.dsn", "POSTGRES_DSN"),
+        ("nats.url", "NATS_URL"),
+        ("log.level", "LOG_LEVEL"),
+        ("company.id", "COMPANY_ID"),
+    ],
+)
+def test_env_name(key: str, env: str) -> None:
+    assert env_name(key) == env
+
+
+def test_every_key_has_a_distinct_env_name() -> None:
+    keys = list(leaf_keys(as_dict(Config())))
+    names = [env_name(k) for k in keys]
+    assert len(set(names)) == len(names)
+    assert {"NATS_URL", "POSTGRES_DSN", "LOG_LEVEL", "COMPANY_ID"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    ("key", "env", "file_value", "env_value", "from_file", "from_env"),
+    [
+        ("nats.dlqWorkers", "NATS_DLQWORKERS", 3, "12", 3, 12),
+        (
+            "nats.dlqStream",
+            "NATS_DLQSTREAM",
+            "file_stream",
+            "env_stream",
+            "file_stream",
+            "env_stream",
+        ),
+        ("nats.dlqAckWait", "NATS_DLQACKWAIT", "45s", "2m", 45.0, 120.0),
+        ("nats.dlqBaseDelayMinutes", "NATS_DLQBASEDELAYMINUTES", 1, "0.5", 1.0, 0.5),
+        ("server.port", "SERVER_PORT", 9000, "9100", 9000, 9100),
+        ("postgres.dsn", "POSTGRES_DSN", "host=file", "host=env", "host=file", "host=env"),
+        ("postgres.autoMigrate", "POSTGRES_AUTOMIGRATE", False, "true", False, True),
+        (
+            "nats.url",
+            "NATS_URL",
+            "nats://f:4222",
+            "nats://e:4222",
+            "nats://f:4222",
+            "nats://e:4222",
+        ),
+        ("log.level", "LOG_LEVEL", "DEBUG", "ERROR", "DEBUG", "ERROR"),
+        ("company.id", "COMPANY_ID", "filecorp", "envcorp", "filecorp", "envcorp"),
+        ("handlers.module", "HANDLERS_MODULE", "a.b", "c.d", "a.b", "c.d"),
+    ],
+)
+def test_precedence_env_over_file_over_default(
+    tmp_path: Path,
+    key: str,
+    env: str,
+    file_value: Any,
+    env_value: str,
+    from_file: Any,
+    from_env: Any,
+) -> None:
+    section, leaf = key.split(".")
+    path = _write(tmp_path, {section: {leaf: file_value}})
+    default = _get(Config(), key)
+    assert _get(load(None, environ={}), key) == default
+    assert _get(load(path, environ={}), key) == from_file
+    assert _get(load(None, environ={env: env_value}), key) == from_env
+    assert _get(load(path, environ={env: env_value}), key) == from_env
+    assert from_file != default and from_env != from_file
+
+
+def test_file_sets_only_what_it_names(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"nats": {"dlqWorkers": 2}, "server": {"port": 1234}})
+    cfg = load(path, environ={"LOG_LEVEL": "DEBUG"})
+    assert cfg.nats.dlq_workers == 2
+    assert cfg.server.port == 1234
+    assert cfg.log.level == "DEBUG"
+    assert cfg.nats.dlq_max_deliver == 10
+    assert cfg.postgres == Config().postgres
+
+
+def test_unrelated_env_vars_are_ignored() -> None:
+    assert load(None, environ={"NATS_BOGUS": "1", "PATH": "/bin", "nats_dlqworkers": "x"}) == (
+        Config()
+    )
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, ""), environ={}) == Config()
+
+
+# --- durations -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5h", 5400.0),
+        ("45", 45.0),
+        ("2.5", 2.5),
+        (12, 12.0),
+        (0.25, 0.25),
+        (" 30s ", 30.0),
+    ],
+)
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert isinstance(parse_duration(text), Duration)
+
+
+@pytest.mark.parametrize("text", ["soon", "", "-5s", "5d", "s", "5 mins", True, -1, -0.5])
+def test_parse_duration_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("90", 90.0), ("2.5s", 2.5)],
+)
+def test_duration_from_env(env: str, seconds: float) -> None:
+    # the task timeout must stay below the ack wait
+    cfg = load(None, environ={"NATS_DLQACKWAIT": env, "NATS_DLQTASKTIMEOUT": "100ms"})
+    assert cfg.nats.dlq_ack_wait == seconds
+    assert cfg.nats.dlq_task_timeout == 0.1
+
+
+@pytest.mark.parametrize(("text", "minutes"), [("0.01", 0.01), ("0.5", 0.5), ("2", 2.0)])
+def test_minute_keys_accept_fractions(text: str, minutes: float) -> None:
+    cfg = load(None, environ={"NATS_DLQBASEDELAYMINUTES": text, "NATS_DLQMAXDELAYMINUTES": text})
+    assert cfg.nats.dlq_base_delay_minutes == minutes
+    assert cfg.nats.dlq_max_delay_minutes == minutes
+
+
+def test_minute_fraction_from_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"nats": {"dlqBaseDelayMinutes": 0.01, "dlqMaxDelayMinutes": 0.02}})
+    cfg = load(path, environ={})
+    assert cfg.nats.dlq_base_delay_minutes == 0.01
+    assert cfg.nats.dlq_max_delay_minutes == 0.02
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+def _error(path: Path | None = None, **environ: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(path, environ=environ)
+    return info.value
+
+
+def test_unknown_top_level_key_in_file(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, {"bogus": 1}))
+    assert (err.key, err.value) == ("bogus", 1)
+    assert "bogus" in str(err)
+
+
+def test_unknown_nested_key_in_file(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, {"nats": {"dlqWorker": 3}}))
+    assert (err.key, err.value) == ("nats.dlqWorker", 3)
+
+
+def test_scalar_where_a_section_belongs(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, {"nats": 5}))
+    assert (err.key, err.value) == ("nats", 5)
+
+
+def test_mapping_where_a_value_belongs(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, {"server": {"port": {"a": 1}}}))
+    assert err.key == "server.port"
+
+
+def test_bad_int_from_file(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, {"nats": {"dlqWorkers": "many"}}))
+    assert (err.key, err.value) == ("nats.dlqWorkers", "many")
+
+
+def test_file_not_a_mapping(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, "- a\n- b\n"))
+    assert err.key == "--config"
+
+
+def test_file_not_yaml(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, "nats: [unclosed\n"))
+    assert err.key == "--config"
+
+
+def test_file_missing(tmp_path: Path) -> None:
+    err = _error(tmp_path / "nope.yaml")
+    assert err.key == "--config"
+    assert err.value == str(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "key", "bad"),
+    [
+        ("NATS_DLQWORKERS", "abc", "nats.dlqWorkers", "abc"),
+        ("NATS_DLQWORKERS", "", "nats.dlqWorkers", ""),
+        ("SERVER_PORT", "80a", "server.port", "80a"),
+        ("NATS_DLQJITTER", "lots", "nats.dlqJitter", "lots"),
+        ("POSTGRES_AUTOMIGRATE", "maybe", "postgres.autoMigrate", "maybe"),
+        ("NATS_DLQACKWAIT", "soon", "nats.dlqAckWait", "soon"),
+        ("NATS_DLQACKWAIT", "-5s", "nats.dlqAckWait", "-5s"),
+        ("NATS_DLQTASKTIMEOUT", "5d", "nats.dlqTaskTimeout", "5d"),
+        ("POSTGRES_STATEMENTTIMEOUT", "x", "postgres.statementTimeout", "x"),
+        ("NATS_DLQMAXRETRIES", "10", "nats.dlqMaxRetries", 10),
+        ("NATS_DLQMAXRETRIES", "11", "nats.dlqMaxRetries", 11),
+        ("NATS_DLQMAXDELIVER", "5", "nats.dlqMaxRetries", 5),
+        ("NATS_DLQWORKERS", "-1", "nats.dlqWorkers", -1),
+        ("NATS_DLQWORKERS", "0", "nats.dlqWorkers", 0),
+        ("NATS_DLQMAXACKPENDING", "-3", "nats.dlqMaxAckPending", -3),
+        ("NATS_DLQMAXAGEDAYS", "-7", "nats.dlqMaxAgeDays", -7.0),
+        ("NATS_DLQBASEDELAYMINUTES", "-1", "nats.dlqBaseDelayMinutes", -1.0),
+        ("NATS_DLQMAXDELAYMINUTES", "-1", "nats.dlqMaxDelayMinutes", -1.0),
+        ("NATS_DLQMAXDELAYMINUTES", "1", "nats.dlqMaxDelayMinutes", 1.0),
+        ("NATS_DLQJITTER", "1", "nats.dlqJitter", 1.0),
+        ("NATS_DLQJITTER", "-0.1", "nats.dlqJitter", -0.1),
+        ("COMPANY_ID", 'a";DROP SCHEMA x;--', "company.id", 'a";DROP SCHEMA x;--'),
+        ("COMPANY_ID", "../x", "company.id", "../x"),
+        ("COMPANY_ID", "a" * 200, "company.id", "a" * 200),
+        ("COMPANY_ID", "ação", "company.id", "ação"),
+        ("NATS_DLQTASKTIMEOUT", "30s", "nats.dlqTaskTimeout", 30.0),
+        ("NATS_DLQTASKTIMEOUT", "1m", "nats.dlqTaskTimeout", 60.0),
+        ("NATS_DLQACKWAIT", "10s", "nats.dlqTaskTimeout", 20.0),
+        ("NATS_DLQSUBJECT", "v1.dlq.>", "nats.dlqSubject", "v1.dlq.>"),
+        ("NATS_DLQSTREAM", "a.b", "nats.dlqStream", "a.b"),
+        ("NATS_DLQCONSUMER", "a b", "nats.dlqConsumer", "a b"),
+        ("SERVER_PORT", "70000", "server.port", 70000),
+        ("LOG_LEVEL", "LOUD", "log.level", "LOUD"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_key_and_value(
+    env: str, value: str, key: str, bad: object
+) -> None:
+    err = _error(**{env: value})
+    assert err.key == key
+    assert err.value == bad
+    assert isinstance(err.value, type(bad))
+    assert key in str(err)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "key"),
+    [
+        ("NATS_DLQBASEDELAYMINUTES", "nan", "nats.dlqBaseDelayMinutes"),
+        ("NATS_DLQMAXDELAYMINUTES", "nan", "nats.dlqMaxDelayMinutes"),
+        ("NATS_DLQMAXDELAYMINUTES", "inf", "nats.dlqMaxDelayMinutes"),
+        ("NATS_DLQMAXAGEDAYS", "nan", "nats.dlqMaxAgeDays"),
+        ("NATS_DLQMAXAGEDAYS", "inf", "nats.dlqMaxAgeDays"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(env: str, value: str, key: str) -> None:
+    err = _error(**{env: value})
+    assert err.key == key
+
+
+def test_nan_duration_from_file_is_rejected(tmp_path: Path) -> None:
+    err = _error(_write(tmp_path, "nats:\n  dlqAckWait: .nan\n"))
+    assert err.key == "nats.dlqAckWait"
+
+
+def test_undecodable_env_value_is_a_config_error() -> None:
+    err = _error(NATS_DLQWORKERS="\udcff")
+    assert err.key == "nats.dlqWorkers"
+
+
+# --- hypothesis: env values ------------------------------------------------------------
+
+INT_KEYS = [
+    "nats.dlqWorkers",
+    "nats.dlqMaxAckPending",
+    "nats.dlqFetchBatch",
+    "nats.dlqWorkerBatch",
+    "nats.dlqMaxInFlight",
+    "nats.dlqMaxPayloadBytes",
+]
+
+
+@given(key=st.sampled_from(INT_KEYS), value=st.integers(min_value=1, max_value=2**63 - 1))
+def test_valid_int_from_env_round_trips(key: str, value: int) -> None:
+    cfg = load(None, environ={env_name(key): str(value)})
+    assert _get(cfg, key) == value
+    assert type(_get(cfg, key)) is int
+
+
+@given(port=st.integers(min_value=0, max_value=65535))
+def test_valid_port_from_env_round_trips(port: int) -> None:
+    assert load(None, environ={"SERVER_PORT": str(port)}).server.port == port
+
+
+@given(retries=st.integers(min_value=1, max_value=10**6), extra=st.integers(1, 10**6))
+def test_retries_below_max_deliver_round_trip(retries: int, extra: int) -> None:
+    cfg = load(
+        None,
+        environ={"NATS_DLQMAXRETRIES": str(retries), "NATS_DLQMAXDELIVER": str(retries + extra)},
+    )
+    assert (cfg.nats.dlq_max_retries, cfg.nats.dlq_max_deliver) == (retries, retries + extra)
+
+
+@given(jitter=st.floats(min_value=0.0, max_value=1.0, exclude_max=True))
+def test_valid_jitter_from_env_round_trips(jitter: float) -> None:
+    assert load(None, environ={"NATS_DLQJITTER": repr(jitter)}).nats.dlq_jitter == jitter
+
+
+@given(days=st.floats(min_value=0.0, max_value=1e6, exclude_min=True))
+def test_valid_max_age_from_env_round_trips(days: float) -> None:
+    assert load(None, environ={"NATS_DLQMAXAGEDAYS": repr(days)}).nats.dlq_max_age_days == days
+
+
+@given(
+    base=st.floats(min_value=0.0, max_value=1e6),
+    extra=st.floats(min_value=0.0, max_value=1e6),
+)
+def test_valid_minutes_from_env_round_trip(base: float, extra: float) -> None:
+    top = base + extra
+    cfg = load(
+        None,
+        environ={"NATS_DLQBASEDELAYMINUTES": repr(base), "NATS_DLQMAXDELAYMINUTES": repr(top)},
+    )
+    assert cfg.nats.dlq_base_delay_minutes == base
+    assert cfg.nats.dlq_max_delay_minutes == top
+
+
+@given(
+    timeout_ms=st.integers(min_value=1, max_value=10**9),
+    extra_ms=st.integers(min_value=1, max_value=10**9),
+    unit=st.sampled_from(["ms", "s", ""]),
+)
+def test_valid_durations_from_env_round_trip(timeout_ms: int, extra_ms: int, unit: str) -> None:
+    factor = 0.001 if unit == "ms" else 1.0
+    timeout, wait = timeout_ms, timeout_ms + extra_ms
+    cfg = load(
+        None,
+        environ={"NATS_DLQTASKTIMEOUT": f"{timeout}{unit}", "NATS_DLQACKWAIT": f"{wait}{unit}"},
+    )
+    assert cfg.nats.dlq_task_timeout == float(timeout) * factor
+    assert cfg.nats.dlq_ack_wait == float(wait) * factor
+
+
+NUMBERISH = set("0123456789.eE+-")
+
+
+@given(
+    key=st.sampled_from(INT_KEYS),
+    garbage=st.text().filter(lambda s: not set(s) <= NUMBERISH) | st.just(""),
+)
+def test_garbage_for_an_int_key_is_a_config_error(key: str, garbage: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, environ={env_name(key): garbage})
+    assert info.value.key == key
+    assert info.value.value == garbage
+
+
+@given(key=st.sampled_from(INT_KEYS), text=st.text(alphabet=sorted(NUMBERISH), max_size=30))
+def test_numberish_text_for_an_int_key_is_an_int_or_a_config_error(key: str, text: str) -> None:
+    try:
+        cfg = load(None, environ={env_name(key): text})
+    except ConfigError as err:
+        assert err.key == key
+    else:
+        value = _get(cfg, key)
+        assert type(value) is int and value > 0
+
+
+@given(text=st.text())
+def test_any_env_text_for_any_key_is_loaded_or_a_config_error(text: str) -> None:
+    for key in leaf_keys(as_dict(Config())):
+        try:
+            load(None, environ={env_name(key): text})
+        except ConfigError as err:
+            assert err.key.startswith(key.split(".")[0])
+
+
+# --- redaction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:secret@h:5432/db",
+        "postgres://u:secret@h/db",
+        "postgresql://:secret@h/db",
+        "postgresql://u:sec%40secret@h/db",
+        "postgresql://u@h/db?password=secret",
+        "postgresql://u@h/db?sslmode=disable&password=secret&x=1",
+        "host=h password=secret user=u",
+        "password=secret",
+        "host=h password = secret",
+        "host=h password='se cret secret' user=u",
+    ],
+)
+def test_redact_dsn_hides_the_password(dsn: str) -> None:
+    out = redact_dsn(dsn)
+    assert "secret" not in out
+    assert "***" in out
+
+
+def test_redact_dsn_keeps_the_rest() -> None:
+    assert redact_dsn("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact_dsn("host=h password=secret user=u") == "host=h password=*** user=u"
+    no_password = "postgresql://postgres@127.0.0.1:5432/postgres"
+    assert redact_dsn(no_password) == no_password
+    assert redact_dsn("host=h user=u") == "host=h user=u"
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:secret@h1:5432,h2:5433/db",
+        "postgresql://u:secret@h:notaport/db",
+    ],
+)
+def test_redact_dsn_never_raises(dsn: str) -> None:
+    assert "secret" not in redact_dsn(dsn)
+
+
+PASSWORDS = st.text(alphabet=string.ascii_letters + string.digits, min_size=6, max_size=30).map(
+    lambda s: "PW" + s
+)
+
+
+@given(password=PASSWORDS)
+def test_redact_dsn_property(password: str) -> None:
+    for dsn in (
+        f"postgresql://user:{password}@db.example:5432/app",
+        f"postgresql://user@db.example/app?password={password}",
+        f"host=db.example password={password} user=user",
+        f"host=db.example password='{password}' user=user",
+    ):
+        assert password not in redact_dsn(dsn)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://user:secret@host:4222",
+        "nats://secret@host:4222",
+        "nats://a:secret@h1:4222,nats://b:secret@h2:4222",
+        "tls://user:secret@host:4222",
+    ],
+)
+def test_redact_url_hides_credentials(url: str) -> None:
+    out = redact_url(url)
+    assert "secret" not in out
+    assert "host" in out or "h1" in out
+
+
+def test_redact_url_keeps_plain_urls() -> None:
+    assert redact_url("nats://user:pw@host:4222") == "nats://***@host:4222"
+    assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
+def test_redacted_config_hides_secrets() -> None:
+    cfg = load(
+        None,
+        environ={
+            "POSTGRES_DSN": "postgresql://u:secret@h:5432/db",
+            "NATS_URL": "nats://user:secret@host:4222",
+        },
+    )
+    data = redacted(cfg)
+    assert "secret" not in json.dumps(data)
+    assert "secret" not in yaml.safe_dump(data)
+    assert data["postgres"]["dsn"] == "postgresql://u:***@h:5432/db"
+    assert data["nats"]["url"] == "nats://***@host:4222"
+    # the config itself is untouched
+    assert cfg.postgres.dsn == "postgresql://u:secret@h:5432/db"
+    assert set(leaf_keys(data)) == set(leaf_keys(as_dict(cfg)))
+
+
+def test_redacted_key_value_dsn() -> None:
+    cfg = load(None, environ={"POSTGRES_DSN": "host=h password=secret user=u"})
+    assert "secret" not in json.dumps(redacted(cfg))
+
+
+# --- durable name and filter subject -----------------------------------------------
+
+
+def test_durable_default() -> None:
+    cfg = Config()
+    assert cfg.dlq_durable == "v1_dlq_worker_consumer"
+    assert cfg.dlq_filter_subject == "v1.dlq.>"
+
+
+def test_durable_with_company() -> None:
+    cfg = Config(company=CompanyConfig(id="acme"))
+    assert cfg.dlq_durable == "v1_dlq_worker_consumer_acme"
+    assert cfg.dlq_filter_subject == "v1.dlq.acme"
+
+
+def test_durable_from_env() -> None:
+    cfg = load(None, environ={"COMPANY_ID": "acme", "NATS_DLQSUBJECT": "v2.dead"})
+    assert cfg.dlq_durable == "v2_dead_worker_consumer_acme"
+    assert cfg.dlq_filter_subject == "v2.dead.acme"
+
+
+def test_configured_durable_wins() -> None:
+    cfg = Config(nats=NatsConfig(dlq_consumer="mine"), company=CompanyConfig(id="acme"))
+    assert cfg.dlq_durable == "mine"
+    assert cfg.dlq_filter_subject == "v1.dlq.acme"
+
+
+def test_durable_is_a_valid_nats_name() -> None:
+    for cfg in (Config(), Config(company=CompanyConfig(id="Acme-01_x"))):
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", cfg.dlq_durable)

@@ -1,0 +1,191 @@
+"""The retry policy: decide() over every outcome and delivery count, and backoff()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dlqproc.model import FailureKind, Reason
+from dlqproc.policy import Action, Decision, RetryPolicy, backoff, decide
+
+POLICY = RetryPolicy(base_delay=10.0, max_delay=300.0, jitter=0.2, max_retries=5)
+
+TRANSIENT_REASONS = [
+    Reason.NOT_FOUND,
+    Reason.HANDLER_ERROR,
+    Reason.WORKER_CRASHED,
+    Reason.TIMEOUT,
+]
+PERMANENT_REASONS = [
+    Reason.NOT_JSON,
+    Reason.TOO_BIG,
+    Reason.TOO_DEEP,
+    Reason.BAD_ENVELOPE,
+    Reason.UNKNOWN_SUBJECT,
+    Reason.INVALID_TENANT,
+    Reason.VALIDATION,
+]
+DELIVERIES = list(range(1, 13))
+DRAWS = [0.0, 0.5, 0.999]
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+@pytest.mark.parametrize("draw", DRAWS)
+def test_success_is_always_ack(n: int, draw: float) -> None:
+    assert decide(True, None, None, n, POLICY, draw) == Decision(Action.ACK)
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+@pytest.mark.parametrize("reason", PERMANENT_REASONS)
+def test_permanent_failure_is_exhausted_at_once_with_its_reason(n: int, reason: Reason) -> None:
+    decision = decide(False, FailureKind.PERMANENT, reason, n, POLICY, 0.3)
+    assert decision.action is Action.EXHAUST
+    assert decision.reason is reason
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+@pytest.mark.parametrize("reason", TRANSIENT_REASONS)
+@pytest.mark.parametrize("draw", DRAWS)
+def test_transient_failure_naks_then_exhausts(n: int, reason: Reason, draw: float) -> None:
+    decision = decide(False, FailureKind.TRANSIENT, reason, n, POLICY, draw)
+    if n < POLICY.max_retries:
+        assert decision.action is Action.NAK
+        assert decision.delay == backoff(n, POLICY, draw)
+        assert decision.delay > 0
+        assert decision.reason is None
+    else:
+        assert decision.action is Action.EXHAUST
+        assert decision.reason is Reason.RETRIES_EXHAUSTED
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+@pytest.mark.parametrize("draw", DRAWS)
+def test_database_failure_is_never_exhausted_nor_acked(n: int, draw: float) -> None:
+    decision = decide(False, FailureKind.TRANSIENT, Reason.DATABASE, n, POLICY, draw)
+    assert decision.action is Action.NAK
+    assert decision.delay == backoff(n, POLICY, draw)
+    assert decision.delay > 0
+
+
+def test_exhaustion_boundary_is_max_retries() -> None:
+    policy = RetryPolicy(base_delay=1.0, max_delay=10.0, jitter=0.0, max_retries=3)
+    actions = [
+        decide(False, FailureKind.TRANSIENT, Reason.TIMEOUT, n, policy, 0.0).action
+        for n in range(1, 6)
+    ]
+    assert actions == [Action.NAK, Action.NAK, Action.EXHAUST, Action.EXHAUST, Action.EXHAUST]
+
+
+policies = st.builds(
+    lambda base, extra, jitter, retries: RetryPolicy(base, base + extra, jitter, retries),
+    st.floats(min_value=1e-3, max_value=1e6),
+    st.floats(min_value=0.0, max_value=1e6),
+    st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+    st.integers(min_value=1, max_value=50),
+)
+draws = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
+
+
+@given(
+    policy=policies,
+    n=st.integers(min_value=1, max_value=10**6),
+    reason=st.sampled_from([*TRANSIENT_REASONS, Reason.DATABASE]),
+    draw=draws,
+)
+def test_every_nak_has_a_positive_delay(
+    policy: RetryPolicy, n: int, reason: Reason, draw: float
+) -> None:
+    decision = decide(False, FailureKind.TRANSIENT, reason, n, policy, draw)
+    if decision.action is Action.NAK:
+        assert decision.delay > 0
+        assert decision.delay <= policy.max_delay
+    else:
+        assert n >= policy.max_retries and reason is not Reason.DATABASE
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(1, 5), (2, 10), (3, 20), (4, 40), (5, 80), (6, 160), (7, 300), (8, 300), (9, 300), (10, 300)],
+)
+def test_backoff_without_jitter_table(n: int, expected: float) -> None:
+    policy = RetryPolicy(base_delay=5.0, max_delay=300.0, jitter=0.0, max_retries=5)
+    assert backoff(n, policy, 0.7) == expected
+    assert backoff(n, policy, 0.7) == min(5.0 * 2 ** (n - 1), 300.0)
+
+
+def test_backoff_default_config_is_flat_five_minutes() -> None:
+    policy = RetryPolicy(base_delay=300.0, max_delay=300.0, jitter=0.0, max_retries=5)
+    assert [backoff(n, policy, 0.0) for n in range(1, 6)] == [300.0] * 5
+
+
+def test_backoff_jitter_scales_down_from_the_cap() -> None:
+    policy = RetryPolicy(base_delay=100.0, max_delay=100.0, jitter=0.5, max_retries=5)
+    assert backoff(1, policy, 0.0) == 100.0
+    assert backoff(1, policy, 0.5) == 75.0
+    assert 50.0 < backoff(1, policy, 0.999999) < 50.01
+
+
+@given(
+    n=st.integers(min_value=1, max_value=10**6),
+    base=st.floats(min_value=0.0, max_value=1e9),
+    extra=st.floats(min_value=0.0, max_value=1e9),
+    jitter=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+    draw=draws,
+)
+def test_backoff_is_bounded_by_the_cap(
+    n: int, base: float, extra: float, jitter: float, draw: float
+) -> None:
+    policy = RetryPolicy(base, base + extra, jitter, 5)
+    delay = backoff(n, policy, draw)
+    assert math.isfinite(delay)
+    assert 0.0 <= delay <= policy.max_delay
+    # jitter only ever takes away, at most `jitter` of the undelayed value
+    undelayed = backoff(n, RetryPolicy(base, base + extra, 0.0, 5), draw)
+    assert delay <= undelayed
+    assert delay >= undelayed * (1.0 - jitter) - 1e-9 * undelayed
+
+
+@given(
+    n=st.integers(min_value=1, max_value=10**6),
+    base=st.floats(min_value=1e-3, max_value=1e6),
+    extra=st.floats(min_value=0.0, max_value=1e6),
+    jitter=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+    draw=draws,
+)
+def test_backoff_is_non_decreasing_in_attempt(
+    n: int, base: float, extra: float, jitter: float, draw: float
+) -> None:
+    policy = RetryPolicy(base, base + extra, jitter, 5)
+    assert backoff(n, policy, draw) <= backoff(n + 1, policy, draw)
+    flat = RetryPolicy(base, base + extra, 0.0, 5)
+    assert backoff(n, flat, draw) <= backoff(n + 1, flat, draw)
+
+
+@given(
+    n=st.integers(min_value=1, max_value=10**6),
+    base=st.floats(min_value=1e-3, max_value=1e6),
+    extra=st.floats(min_value=0.0, max_value=1e6),
+)
+def test_backoff_without_jitter_is_exact_doubling_capped(n: int, base: float, extra: float) -> None:
+    policy = RetryPolicy(base, base + extra, 0.0, 5)
+    # exact: compare in integer-exponent space to avoid overflow in the oracle
+    expected = policy.max_delay if n > 80 else min(base * 2.0 ** (n - 1), policy.max_delay)
+    assert backoff(n, policy, 0.5) == expected
+
+
+@pytest.mark.parametrize("n", [10**6, 10**9, 10**18, 2**63, 10**100])
+@pytest.mark.parametrize("base", [1e-6, 1.0, 300.0, 1e300])
+def test_backoff_huge_attempts_do_not_overflow(n: int, base: float) -> None:
+    policy = RetryPolicy(base, max(base, 600.0), 0.2, 5)
+    delay = backoff(n, policy, 0.5)
+    assert math.isfinite(delay)
+    assert 0 < delay <= policy.max_delay
+
+
+@pytest.mark.parametrize("n", [0, -1, -(10**9)])
+def test_backoff_non_positive_attempt_is_treated_as_first(n: int) -> None:
+    policy = RetryPolicy(5.0, 300.0, 0.0, 5)
+    assert backoff(n, policy, 0.0) == 5.0

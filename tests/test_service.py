@@ -1,0 +1,279 @@
+"""The DLQ reprocessor end to end: real nats-server, real PostgreSQL, real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+
+from support.service import Service, envelope, wait_until
+
+Make = Callable[..., Service]
+
+
+def test_success_commits_rows_and_acks(service: Make) -> None:
+    svc = service()
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": f"m{i}"}) for i in range(20)])
+    wait_until(svc.settled)
+    assert svc.rows("acme") == {f"m{i}": 1 for i in range(20)}
+    consumer = svc.consumer()
+    assert consumer["ack_pending"] == 0 and consumer["ack_floor"] == 20
+    assert svc.exhausted() == []
+    assert len(svc.find("Successfully processed event from DLQ")) == 20
+
+
+def test_transient_then_success_uses_configured_delays(service: Make) -> None:
+    svc = service()
+    svc.publish("acme", [envelope("t.flaky", "acme", {"id": "f", "fail_times": 2})])
+    wait_until(lambda: svc.rows("acme").get("f"))
+    wait_until(svc.settled)
+    # Succeeded on delivery k+1 = 3; budget is 3 so it must not be exhausted.
+    assert svc.rows("acme") == {"f": 3}
+    assert svc.exhausted() == []
+    delays = [
+        (e["num_delivered"], e["delay_seconds"])
+        for e in svc.find("Retrying DLQ message with backoff")
+    ]
+    # base 0.3 s doubling, jitter off: 0.3 after delivery 1, 0.6 after delivery 2.
+    assert delays == [(1, 0.3), (2, 0.6)]
+
+
+def test_transient_forever_is_exhausted_once_at_budget(service: Make) -> None:
+    svc = service()
+    [seq] = svc.publish("acme", [envelope("t.fail", "acme", {"id": "x"})])
+    wait_until(svc.exhausted)
+    wait_until(svc.settled)
+    [row] = svc.exhausted()
+    assert row["retry_count"] == 3  # NATS_DLQMAXRETRIES
+    assert row["reason"] == "retries_exhausted"
+    assert row["company_id"] == "acme" and row["source_subject"] == "t.fail.acme"
+    assert row["dlq_sequence"] == seq and row["resolved"] is False
+    assert row["original_payload"] == {"id": "x"}
+    assert row["dlq_payload"]["source_subject"] == "t.fail.acme"
+    assert "always failing x" in row["last_error"]
+    # TERMed after the commit: nothing pending, and JetStream's max deliver (6)
+    # was never reached.
+    delivered = [e["num_delivered"] for e in svc.find("Failed to process event from DLQ")]
+    assert max(delivered) == 2
+    assert svc.find(
+        "Max retries exceeded, attempting to persist to exhausted store", num_delivered=3
+    )
+    assert svc.consumer()["ack_pending"] == 0
+
+
+def test_permanent_failure_is_exhausted_on_first_delivery(service: Make) -> None:
+    svc = service()
+    svc.publish(
+        "acme", [envelope("t.perm", "acme", {"id": "p"}), envelope("t.nosuch", "acme", {"id": "u"})]
+    )
+    wait_until(lambda: len(svc.exhausted()) == 2)
+    wait_until(svc.settled)
+    rows = {r["source_subject"]: r for r in svc.exhausted()}
+    assert rows["t.perm.acme"]["retry_count"] == 1
+    assert rows["t.perm.acme"]["reason"] == "validation"
+    assert rows["t.nosuch.acme"]["retry_count"] == 1
+    assert rows["t.nosuch.acme"]["reason"] == "unknown_subject"
+    assert svc.find("Retrying DLQ message with backoff") == []
+
+
+def test_garbage_body_is_stored_with_raw_bytes(service: Make) -> None:
+    svc = service()
+    garbage = b"\xff\xfe not json \x00 at all"
+    deep = envelope("t.ok", "acme", "DEEP").replace(b'"DEEP"', b"[" * 100_000 + b"]" * 100_000)
+    nul = envelope("t.ok", "acme", {"id": "nul"}).replace(b'"nul"', b'"nul\\u0000"')
+    svc.publish("acme", [garbage, deep, nul])
+    wait_until(lambda: len(svc.exhausted()) == 3)
+    wait_until(svc.settled)
+    rows = svc.exhausted()
+    by_raw = {bytes(r["raw_payload"]): r for r in rows if r["raw_payload"] is not None}
+    assert by_raw[garbage]["reason"] == "not_json"
+    assert by_raw[garbage]["company_id"] == "acme"
+    assert by_raw[garbage]["retry_count"] == 1
+    assert by_raw[garbage]["dlq_payload"]["undecodable"] is True
+    assert by_raw[deep]["reason"] == "too_deep"
+    # \u0000 is valid JSON, but PostgreSQL refuses it in text and jsonb: the row
+    # write fails as a permanent validation error, and the exhausted row keeps
+    # the raw bytes since jsonb cannot hold them. Stored once, never looping.
+    assert by_raw[nul]["reason"] == "validation"
+    assert by_raw[nul]["retry_count"] == 1
+    assert svc.rows("acme") == {}
+
+
+def test_exhausted_row_written_once_even_if_term_is_lost(service: Make) -> None:
+    svc = service()
+    body = envelope("t.perm", "acme", {"id": "once"})
+    [seq] = svc.publish("acme", [body])
+    wait_until(svc.exhausted)
+    wait_until(svc.settled)
+    # Simulate the lost TERM: the same DLQ message (same stream sequence, same
+    # bytes) is stored again by a redelivery.
+    svc.execute(
+        "INSERT INTO exhausted_events (company_id, source_subject, dlq_payload, dlq_stream,"
+        " dlq_sequence, payload_digest) SELECT company_id, source_subject, dlq_payload,"
+        " dlq_stream, dlq_sequence, payload_digest FROM exhausted_events"
+        " ON CONFLICT DO NOTHING"
+    )
+    assert len(svc.exhausted()) == 1
+    assert svc.exhausted()[0]["dlq_sequence"] == seq
+
+
+def test_operator_sql_runs_unchanged(service: Make) -> None:
+    svc = service()
+    svc.publish("acme", [envelope("t.perm", "acme", {"id": "op"})])
+    wait_until(svc.exhausted)
+    inspect = """
+SELECT
+    id,
+    created_at,
+    company_id,
+    source_subject,
+    last_error,
+    retry_count,
+    event_timestamp,
+    dlq_payload::jsonb ->> 'original_payload' as original_payload, -- Extract original payload
+    resolved,
+    resolved_at,
+    notes
+FROM
+    exhausted_events
+WHERE
+    company_id = 'acme'
+    AND resolved = false -- Focus on unresolved issues
+ORDER BY
+    created_at DESC;
+"""
+    [row] = svc.query(inspect)
+    event_id = row[0]
+    assert json.loads(row[7]) == {"id": "op"}
+    assert row[6] is not None  # event_timestamp from the envelope's ts
+    resolution = """
+    UPDATE exhausted_events
+    SET
+        resolved = true,
+        resolved_at = NOW(),
+        notes = 'Manually reprocessed after fixing bug XYZ / Marked as resolved, data no longer needed.'
+    WHERE
+        id = <event_id>;
+    """
+    assert svc.execute(resolution.replace("<event_id>", str(event_id))) == 1
+    assert svc.query(inspect) == []
+
+
+def test_postgres_down_while_exhausting_naks_then_stores(service: Make, tmp_path) -> None:
+    from conftest import fresh_database
+
+    from dlqproc.embedded import PostgresServer
+
+    with PostgresServer(tmp_path / "pg") as pg:
+        svc = service(db=fresh_database(pg))
+        pg.stop()
+        svc.publish("acme", [envelope("t.perm", "acme", {"id": "pgdown"})])
+        wait_until(lambda: svc.find("Failed to save exhausted event..."))
+        assert svc.find("Retrying DLQ message with backoff")
+        # NAKed, not TERMed: the message is still in the stream, waiting.
+        assert svc.stream_messages() == 1
+        pg.start()
+        wait_until(svc.exhausted, timeout=60)
+        wait_until(svc.settled)
+        [row] = svc.exhausted()
+        assert row["source_subject"] == "t.perm.acme" and row["retry_count"] >= 2
+        svc.stop()
+
+
+def test_worker_killed_mid_batch_loses_and_duplicates_nothing(service: Make) -> None:
+    svc = service(NATS_DLQWORKERBATCH="10")
+    n = 200
+    svc.publish(
+        "acme", [envelope("t.slow", "acme", {"id": f"k{i}", "sleep": 0.01}) for i in range(n)]
+    )
+    wait_until(lambda: svc.find("Processing DLQ message"))
+    killed = svc.worker_pids()[0]
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: svc.find("worker lost, replacing it"))
+    wait_until(lambda: len(svc.rows("acme")) == n, timeout=60)
+    wait_until(svc.settled)
+    assert killed not in svc.worker_pids()
+    assert len(svc.worker_pids()) == 2
+    assert svc.exhausted() == []
+    consumer = svc.consumer()
+    assert consumer["ack_floor"] == n and consumer["ack_pending"] == 0
+
+
+def test_crashing_message_is_isolated_from_its_batch(service: Make) -> None:
+    svc = service(NATS_DLQWORKERBATCH="20", NATS_DLQWORKERS="1")
+    bodies = [envelope("t.ok", "acme", {"id": f"c{i}"}) for i in range(10)]
+    bodies.insert(5, envelope("t.crash", "acme", {"id": "boom", "crash_times": 1}))
+    svc.publish("acme", bodies)
+    wait_until(lambda: len(svc.rows("acme")) == 11, timeout=60)
+    wait_until(svc.settled)
+    rows = svc.rows("acme")
+    # The other ten succeeded on their first delivery: not delayed by the crash.
+    assert all(rows[f"c{i}"] == 1 for i in range(10))
+    assert rows["boom"] == 2
+    assert svc.find("worker lost, replacing it", reason="crash")
+
+
+def test_hung_worker_is_killed_and_replaced(service: Make) -> None:
+    svc = service(NATS_DLQTASKTIMEOUT="1s", NATS_DLQACKWAIT="5s", NATS_DLQWORKERS="1")
+    before = svc.worker_pids()
+    svc.publish("acme", [envelope("t.hang", "acme", {"id": "h", "hang_times": 1})])
+    wait_until(lambda: svc.find("worker lost, replacing it", reason="timeout"), timeout=30)
+    wait_until(lambda: svc.rows("acme").get("h"), timeout=30)
+    assert svc.rows("acme") == {"h": 2}
+    after = svc.worker_pids()
+    assert len(after) == 1 and after != before
+
+
+def test_in_progress_keeps_slow_work_from_redelivery(service: Make) -> None:
+    # ack wait 3 s; each message takes 1.2 s on the only worker, so the last of
+    # four waits ~3.6 s in the local queue: only in-progress acks keep it.
+    svc = service(
+        NATS_DLQACKWAIT="3s", NATS_DLQTASKTIMEOUT="2s", NATS_DLQWORKERS="1", NATS_DLQWORKERBATCH="1"
+    )
+    svc.publish(
+        "acme", [envelope("t.slow", "acme", {"id": f"s{i}", "sleep": 1.2}) for i in range(4)]
+    )
+    wait_until(lambda: len(svc.rows("acme")) == 4, timeout=60)
+    wait_until(svc.settled)
+    assert svc.rows("acme") == {f"s{i}": 1 for i in range(4)}
+    assert svc.consumer()["redelivered"] == 0
+
+
+def test_sigterm_with_work_in_flight_exits_zero_and_loses_nothing(service: Make) -> None:
+    # A long ack wait: a message left neither ACKed nor NAKed would only come
+    # back after 120 s, far beyond the bounded waits below.
+    slow_ack = {"NATS_DLQACKWAIT": "120s", "NATS_DLQTASKTIMEOUT": "60s"}
+    svc = service(NATS_SHUTDOWNGRACE="1s", NATS_DLQWORKERBATCH="2", **slow_ack)
+    n = 40
+    svc.publish(
+        "acme", [envelope("t.slow", "acme", {"id": f"t{i}", "sleep": 0.3}) for i in range(n)]
+    )
+    wait_until(lambda: len(svc.rows("acme")) >= 2)
+    svc.signal(signal.SIGTERM)
+    assert svc.wait_exit(60) == 0
+    assert svc.find("stopped", exit_code=0)
+    # Every ACK followed its commit.
+    assert len(svc.rows("acme")) >= svc.consumer()["ack_floor"]
+    # Every other message was NAKed (short delay), not left to its ack wait: a
+    # fresh process finishes all of them well before the 120 s ack wait.
+    svc2 = service(NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **slow_ack)
+    wait_until(lambda: len(svc2.rows("acme")) == n, timeout=40)
+    wait_until(svc2.settled)
+    assert svc2.exhausted() == []
+
+
+def test_update_before_upsert_is_retried_not_lost(service: Make) -> None:
+    svc = service()
+    svc.publish("acme", [envelope("t.update", "acme", {"id": "late"})])
+    wait_until(svc.exhausted, timeout=30)
+    [row] = svc.exhausted()
+    assert row["reason"] == "retries_exhausted" and row["retry_count"] == 3
+    assert "not found" in row["last_error"]
+
+
+def test_workers_that_cannot_start_stop_the_service(service: Make) -> None:
+    svc = service(start=False, HANDLERS_MODULE="support.broken_handlers")
+    svc.start(wait=False)
+    assert svc.wait_exit(60) == 3
+    assert "worker processes do not start" in svc.log_text()
