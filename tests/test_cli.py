@@ -1,0 +1,123 @@
+"""The `dlqproc` command as an operator uses it: version, config, migrate, demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+import dlqproc
+from dlqproc.embedded import PostgresServer
+
+
+def dlqproc_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "dlqproc", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_version() -> None:
+    out = dlqproc_cmd("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"dlqproc {dlqproc.__version__}"
+
+
+def test_config_prints_effective_values_with_secrets_redacted() -> None:
+    out = dlqproc_cmd(
+        "config",
+        env={
+            "POSTGRES_DSN": "postgresql://app:s3cr3t@db:5432/events",
+            "NATS_DLQWORKERS": "3",
+            "NATS_URL": "nats://u:natspw@nats:4222",
+        },
+    )
+    assert out.returncode == 0, out.stderr
+    assert "s3cr3t" not in out.stdout and "natspw" not in out.stdout
+    assert "dlqWorkers: 3" in out.stdout
+    assert "postgresql://app:***@db:5432/events" in out.stdout
+
+
+def test_bad_value_exits_2_with_one_line_naming_key_and_value(tmp_path: Path) -> None:
+    out = dlqproc_cmd("config", env={"NATS_DLQWORKERS": "many"})
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert "nats.dlqWorkers" in line and "'many'" in line
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("nats:\n  dlqWorkerz: 4\n")
+    out = dlqproc_cmd("--config", str(conf), "run")
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert "nats.dlqWorkerz" in line and "unknown key" in line
+
+    out = dlqproc_cmd("run", env={"NATS_DLQMAXRETRIES": "10", "NATS_DLQMAXDELIVER": "10"})
+    assert out.returncode == 2
+    assert "nats.dlqMaxRetries" in out.stderr
+
+
+def test_migrate_is_idempotent(dsn: str) -> None:
+    first = dlqproc_cmd("migrate", env={"POSTGRES_DSN": dsn})
+    assert first.returncode == 0, first.stderr
+    assert "001_exhausted_events.sql" in first.stdout
+    second = dlqproc_cmd("migrate", env={"POSTGRES_DSN": dsn})
+    assert second.returncode == 0 and "up to date" in second.stdout
+    with psycopg.connect(dsn) as conn:
+        cols = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = 'public' AND table_name = 'exhausted_events'"
+            )
+        }
+    assert {
+        "id",
+        "created_at",
+        "company_id",
+        "source_subject",
+        "last_error",
+        "retry_count",
+        "event_timestamp",
+        "dlq_payload",
+        "original_payload",
+        "resolved",
+        "resolved_at",
+        "notes",
+    } <= cols
+
+
+def test_migrate_reports_unreachable_database(tmp_path: Path) -> None:
+    pg = PostgresServer(tmp_path / "pg")  # never started: nothing listens on its port
+    out = dlqproc_cmd("migrate", env={"POSTGRES_DSN": pg.dsn})
+    assert out.returncode == 1
+    assert "cannot connect" in out.stderr
+
+
+def _processes_using(path: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_demo_runs_the_workload_and_leaves_no_process(tmp_path: Path) -> None:
+    state = tmp_path / "demo"
+    out = dlqproc_cmd(
+        "demo", "--state", str(state), "--messages", "30", "--exit-when-done", timeout=240
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "succeeds after retries" in out.stdout
+    assert "retries_exhausted" in out.stdout and "not_json" in out.stdout
+    assert "/metrics" in out.stdout
+    assert _processes_using(state) == []
