@@ -208,8 +208,6 @@ class Supervisor:
             for t in tokens:
                 msg = self._held[t].msg
                 deliveries.append(Delivery(t, msg.subject, msg.data, msg.num_delivered))
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("Processing DLQ message", extra=self._fields(msg))
                 self.metrics.tasks_submitted.labels(self._held[t].company).inc()
             self.metrics.workers_active.inc()
             try:
@@ -293,9 +291,16 @@ class Supervisor:
         may lead to a second, exhausted write. At most two rounds.
         """
         verdicts: dict[int, _Verdict] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
         for token, out in pairs:
             held = self._held[token]
             held.company = out.stored.company_id
+            if debug:
+                # Logged once the worker has read the envelope, so it names the source.
+                log.debug(
+                    "Processing DLQ message",
+                    extra=self._fields(held.msg, held.company, out.stored.source_subject),
+                )
             verdicts[token] = _Verdict(
                 out, self._decide(held, out.ok, out.kind, out.reason), out.error, out.reason
             )
@@ -406,6 +411,10 @@ class Supervisor:
         """Stop in an order that loses nothing; see the numbered steps."""
         nak_delay = self.cfg.nats.dlq_shutdown_nak_delay
         self.stop_requested.set()
+        log.info(
+            "shutting down",
+            extra={"in_flight": len(self._held), "grace_seconds": self.cfg.nats.shutdown_grace},
+        )
         # 1. Stop fetching, so no new message enters.
         if self._tasks:
             await asyncio.gather(self._fetcher, return_exceptions=True)

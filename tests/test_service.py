@@ -204,14 +204,18 @@ def test_crashing_message_is_isolated_from_its_batch(service: Make) -> None:
     svc = service(NATS_DLQWORKERBATCH="20", NATS_DLQWORKERS="1")
     bodies = [envelope("t.ok", "acme", {"id": f"c{i}"}) for i in range(10)]
     bodies.insert(5, envelope("t.crash", "acme", {"id": "boom", "crash_times": 1}))
+    bodies.insert(
+        8, envelope("t.crash", "acme", {"id": "segv", "crash_times": 1, "segfault": True})
+    )
     svc.publish("acme", bodies)
-    wait_until(lambda: len(svc.rows("acme")) == 11, timeout=60)
+    wait_until(lambda: len(svc.rows("acme")) == 12, timeout=60)
     wait_until(svc.settled)
     rows = svc.rows("acme")
-    # The other ten succeeded on their first delivery: not delayed by the crash.
+    # The other ten succeeded on their first delivery: not delayed by the crashes.
     assert all(rows[f"c{i}"] == 1 for i in range(10))
-    assert rows["boom"] == 2
-    assert svc.find("worker lost, replacing it", reason="crash")
+    assert rows["boom"] == 2 and rows["segv"] == 2
+    assert len(svc.find("worker lost, replacing it", reason="crash")) >= 2
+    assert svc.exhausted() == []
 
 
 def test_hung_worker_is_killed_and_replaced(service: Make) -> None:
@@ -277,3 +281,76 @@ def test_workers_that_cannot_start_stop_the_service(service: Make) -> None:
     svc.start(wait=False)
     assert svc.wait_exit(60) == 3
     assert "worker processes do not start" in svc.log_text()
+
+
+def test_second_signal_exits_at_once_and_loses_nothing(service: Make) -> None:
+    slow_ack = {"NATS_DLQACKWAIT": "8s", "NATS_DLQTASKTIMEOUT": "7s"}
+    svc = service(NATS_SHUTDOWNGRACE="60s", NATS_DLQWORKERBATCH="1", **slow_ack)
+    n = 6
+    svc.publish(
+        "acme", [envelope("t.slow", "acme", {"id": f"d{i}", "sleep": 6.0}) for i in range(n)]
+    )
+    wait_until(lambda: svc.consumer()["ack_pending"] == n)
+    svc.signal(signal.SIGTERM)
+    wait_until(lambda: svc.find("shutting down"))
+    svc.signal(signal.SIGTERM)
+    # Forced exit: it does not wait for the 6 s of work in flight, nor the grace.
+    assert svc.wait_exit(4) == 130
+    # Unsettled messages come back after their ack wait; a new process finishes all.
+    svc2 = service(
+        NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, NATS_DLQWORKERS="6", **slow_ack
+    )
+    wait_until(lambda: len(svc2.rows("acme")) == n, timeout=60)
+    wait_until(svc2.settled, timeout=30)
+    assert svc2.exhausted() == []
+
+
+def test_topology_is_created_then_reconciled(service: Make) -> None:
+    svc = service(NATS_DLQMAXDELIVER="6", NATS_DLQMAXACKPENDING="100")
+    assert svc.find("NATS topology reconciled", change=f"created stream {svc.stream}")
+    assert svc.find("NATS topology reconciled", change=f"created consumer {svc.durable}")
+    assert svc.stop() == 0
+    svc2 = service(
+        NATS_DLQSTREAM=svc.stream,
+        NATS_DLQSUBJECT=svc.subject,
+        NATS_DLQMAXDELIVER="8",
+        NATS_DLQMAXACKPENDING="200",
+        NATS_DLQMAXAGEDAYS="2",
+    )
+    changes = [e["change"] for e in svc2.find("NATS topology reconciled")]
+    assert any(c.startswith(f"updated stream {svc.stream}") and "max_age" in c for c in changes)
+    [consumer] = [c for c in changes if c.startswith(f"updated consumer {svc.durable}")]
+    assert "max_deliver 6 -> 8" in consumer and "max_ack_pending 100 -> 200" in consumer
+    assert svc2.stop() == 0
+    # Unchanged settings: nothing to reconcile.
+    svc3 = service(
+        NATS_DLQSTREAM=svc.stream,
+        NATS_DLQSUBJECT=svc.subject,
+        NATS_DLQMAXDELIVER="8",
+        NATS_DLQMAXACKPENDING="200",
+        NATS_DLQMAXAGEDAYS="2",
+    )
+    assert svc3.find("NATS topology reconciled") == []
+
+
+def test_tenant_mode_reads_only_its_tenant(service: Make) -> None:
+    svc = service(COMPANY_ID="acme")
+    assert svc.durable.endswith("_worker_consumer")
+    svc.durable = f"{svc.durable}_acme"
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": "mine"})])
+    svc.publish("globex", [envelope("t.ok", "globex", {"id": "theirs"})])
+    wait_until(lambda: svc.rows("acme"))
+    wait_until(svc.settled)
+    assert svc.rows("acme") == {"mine": 1}
+    assert svc.rows("globex") == {}
+    # The other tenant's message stays in the stream for its own deployment.
+    assert svc.stream_messages() == 2
+
+
+def test_envelope_claiming_another_tenant_is_rejected(service: Make) -> None:
+    svc = service()
+    svc.publish("acme", [envelope("t.ok", "globex", {"id": "spoof"})])
+    wait_until(svc.exhausted)
+    [row] = svc.exhausted()
+    assert row["reason"] == "invalid_tenant"
+    assert svc.rows("globex") == {} and svc.rows("acme") == {}

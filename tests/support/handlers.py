@@ -6,12 +6,13 @@ t.fail   transient failure on every delivery
 t.perm   permanent failure
 t.slow   sleep `sleep` seconds, then upsert
 t.hang   sleep an hour on deliveries 1..hang_times, then upsert
-t.crash  the worker process dies on deliveries 1..crash_times, then upsert
+t.crash  the worker process dies (os._exit or SIGSEGV) on deliveries 1..crash_times
 t.update update a test_rows row (not found is transient)
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ class Payload(msgspec.Struct, frozen=True):
     sleep: float = 0.0
     hang_times: int = 0
     crash_times: int = 0
+    segfault: bool = False
 
 
 def _payload(event: Event) -> Payload:
@@ -80,6 +82,8 @@ def hang(event: Event) -> Sequence[RowOp]:
 def crash(event: Event) -> Sequence[RowOp]:
     p = _payload(event)
     if event.attempt <= p.crash_times:
+        if p.segfault:
+            ctypes.string_at(0)  # SIGSEGV: the process dies without any Python cleanup
         os._exit(9)
     return (_row(event, p),)
 
