@@ -72,6 +72,29 @@ class Written(msgspec.Struct, frozen=True):
     inserted: bool = False  # an exhausted row was inserted (not already there)
 
 
+# SQLSTATE classes (PostgreSQL appendix A). Data exceptions, integrity
+# violations, syntax/undefined objects and program limits are about the rows a
+# handler produced; connection and operator-intervention classes are about the
+# database as a whole.
+_DATA_CLASSES = frozenset({"22", "23", "42", "54"})
+_CONNECTION_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
+_QUERY_CANCELED = "57014"  # statement_timeout: this item was slow, not the database down
+
+
+def data_problem(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is None:  # raised client-side, e.g. a NUL character in a string
+        return isinstance(exc, psycopg.DataError)
+    return state[:2] in _DATA_CLASSES
+
+
+def connection_lost(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state[:2] in _CONNECTION_CLASSES and state != _QUERY_CANCELED
+
+
 def schema_name(tenant: str) -> str:
     if not valid_tenant(tenant):
         raise ItemFailed(FailureKind.PERMANENT, Reason.INVALID_TENANT, f"invalid tenant {tenant!r}")
@@ -132,6 +155,8 @@ def _statement(
         sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
     )
 
+
+_MAX_INDEXED_TEXT = 1024
 
 _INSERT_EXHAUSTED = """
 INSERT INTO public.exhausted_events (
@@ -287,16 +312,14 @@ class Store:
                         f"{op.table} row {[op.values[k] for k in op.key]} not found",
                     )
             return Written()
-        except psycopg.OperationalError:
-            raise
-        except (
-            psycopg.errors.DataError,
-            psycopg.errors.IntegrityError,
-            psycopg.errors.SyntaxErrorOrAccessRuleViolation,
-        ) as exc:
-            # The rows themselves are unacceptable: retrying the same event cannot help.
-            raise ItemFailed(FailureKind.PERMANENT, Reason.VALIDATION, str(exc).strip()) from exc
         except psycopg.Error as exc:
+            if connection_lost(exc):
+                raise
+            if data_problem(exc):
+                # The rows themselves are unacceptable: retrying cannot help.
+                raise ItemFailed(
+                    FailureKind.PERMANENT, Reason.VALIDATION, str(exc).strip()
+                ) from exc
             raise ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, str(exc).strip()) from exc
 
     async def _insert_exhausted(
@@ -309,7 +332,8 @@ class Store:
                 _INSERT_EXHAUSTED,
                 (
                     row.company_id,
-                    row.source_subject,
+                    # Indexed columns: an index entry must fit a btree page.
+                    row.source_subject[:_MAX_INDEXED_TEXT],
                     row.last_error,
                     row.retry_count,
                     row.event_timestamp,
