@@ -219,4 +219,7 @@ class Broker:
                 await self._nc.flush(timeout=5)
         except Exception as exc:
             log.warning("NATS flush on close failed", extra={"error": str(exc)})
-        await self._nc.close()
+        try:
+            await self._nc.close()
+        except Exception as exc:  # a transport already torn down: nothing left to flush
+            log.warning("NATS close failed", extra={"error": str(exc)})

@@ -224,6 +224,10 @@ class Supervisor:
         half = self.cfg.nats.dlq_ack_wait / 2
         while True:
             await asyncio.sleep(min(half / 2, 5.0))
+            if not self.broker.connected:
+                # nats-py would buffer the in-progress acks until it reconnects,
+                # so they would not keep anything alive: leave `touched` stale.
+                continue
             now = time.monotonic()
             for held in list(self._held.values()):
                 if now - held.msg.touched > half:

@@ -354,3 +354,39 @@ def test_envelope_claiming_another_tenant_is_rejected(service: Make) -> None:
     [row] = svc.exhausted()
     assert row["reason"] == "invalid_tenant"
     assert svc.rows("globex") == {} and svc.rows("acme") == {}
+
+
+def test_message_expired_in_local_queue_is_left_to_redelivery(service: Make, tmp_path) -> None:
+    from dlqproc.embedded import NatsServer
+
+    with NatsServer(tmp_path / "nats") as nats_server:
+        # One worker, one message at a time, 2 s each; ack wait 3 s. While NATS
+        # is down no in-progress ack gets through, so the queued messages pass
+        # their ack wait locally and must not be processed by this attempt.
+        svc = service(
+            nats_url=nats_server.url,
+            NATS_DLQACKWAIT="3s",
+            NATS_DLQTASKTIMEOUT="2500ms",
+            NATS_DLQWORKERS="1",
+            NATS_DLQWORKERBATCH="1",
+        )
+        n = 5
+        svc.publish(
+            "acme", [envelope("t.slow", "acme", {"id": f"q{i}", "sleep": 2.0}) for i in range(n)]
+        )
+        # The first message is done: the rest are fetched, held, one running.
+        wait_until(lambda: svc.rows("acme"), timeout=30)
+        nats_server.stop()
+        wait_until(
+            lambda: svc.find("DLQ message expired in the local queue, not processed"), timeout=30
+        )
+        nats_server.start()
+        wait_until(lambda: len(svc.rows("acme")) == n, timeout=60)
+        wait_until(svc.settled, timeout=30)
+        expired = svc.find("DLQ message expired in the local queue, not processed")
+        assert all(e["num_delivered"] == 1 for e in expired)
+        rows = svc.rows("acme")
+        # The expired ones were processed by a later delivery, not by the stale one.
+        for e in expired:
+            assert rows[f"q{e['stream_seq'] - 1}"] >= 2
+        svc.stop()
