@@ -68,6 +68,25 @@ class TransientError(HandlerError):
     reason = Reason.HANDLER_ERROR
 
 
+class Meta(msgspec.Struct, frozen=True, array_like=True):
+    """Where the message carrying an event came from (for `last_metadata`)."""
+
+    stream: str = ""
+    consumer: str = ""
+    stream_seq: int = 0
+    consumer_seq: int = 0
+    msg_id: str = ""  # the Nats-Msg-Id header, if any
+    received_at: str = ""  # RFC 3339, when dlqproc fetched the message
+
+
+class Lane(enum.Enum):
+    """Which consumer a delivery came from; decides how the worker reads it."""
+
+    DLQ = "dlq"  # body is a DLQ envelope wrapping the event
+    REALTIME = "realtime"  # body is the event itself
+    HISTORICAL = "historical"
+
+
 class Event(msgspec.Struct, frozen=True):
     """One business event as a handler sees it."""
 
@@ -76,6 +95,7 @@ class Event(msgspec.Struct, frozen=True):
     tenant: str  # validated tenant id
     payload: bytes  # raw JSON of the event body
     attempt: int  # JetStream num_delivered of the message carrying it
+    meta: Meta = Meta()
 
 
 class RowOp(msgspec.Struct, frozen=True):
@@ -94,15 +114,20 @@ class RowOp(msgspec.Struct, frozen=True):
     # Columns that only move forward on upsert/update (e.g. timestamps), so a
     # late redelivery of an older event cannot move them back.
     monotonic: tuple[str, ...] = ()
+    # "YYYY-MM": the table is range-partitioned by month and the row belongs to
+    # that month; the store creates the partition on first use.
+    partition: str = ""
 
 
 class Delivery(msgspec.Struct, frozen=True, array_like=True):
-    """What the supervisor sends a worker for one DLQ message."""
+    """What the supervisor sends a worker for one message."""
 
     token: int  # supervisor's handle for the message
-    subject: str  # DLQ subject, e.g. "v1.dlq.acme"
+    subject: str  # e.g. "v1.dlq.acme" or "v1.chats.upsert.acme"
     data: bytes
     num_delivered: int
+    lane: Lane = Lane.DLQ
+    meta: Meta = Meta()
 
 
 class Envelope(msgspec.Struct, frozen=True):
