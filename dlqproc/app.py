@@ -14,14 +14,17 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
-from dlqproc.broker import Broker, Topology
+from dlqproc import topology
+from dlqproc.broker import Broker
 from dlqproc.config import Config, redact_dsn, redact_url
 from dlqproc.handlers import RegistryError, load
 from dlqproc.metrics import Metrics
+from dlqproc.model import Lane
 from dlqproc.pool import WorkerPool, WorkerStartError
 from dlqproc.reprocess import Limits
+from dlqproc.settle import LaneRuntime
 from dlqproc.store import Store, StoreUnavailable
-from dlqproc.supervisor import Supervisor
+from dlqproc.supervisor import Supervisor, dlq_policy, event_policy
 
 log = logging.getLogger("dlqproc")
 
@@ -32,18 +35,54 @@ EXIT_WORKERS = 3  # worker processes cannot start: respawning would only loop
 EXIT_FORCED = 130  # a second signal: exit at once
 
 
-def topology(cfg: Config) -> Topology:
+async def build_lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
+    """Create or reconcile every stream and consumer, and bind a puller to each."""
     n = cfg.nats
-    return Topology(
-        stream=n.dlq_stream,
-        subjects=(f"{n.dlq_subject}.>",),
-        max_age_days=n.dlq_max_age_days,
-        durable=cfg.dlq_durable,
-        filter_subject=cfg.dlq_filter_subject,
-        max_deliver=n.dlq_max_deliver,
-        ack_wait=n.dlq_ack_wait,
-        max_ack_pending=n.dlq_max_ack_pending,
-    )
+    plan = [
+        (
+            Lane.DLQ,
+            topology.dlq_stream(cfg),
+            True,
+            topology.dlq_consumer(cfg),
+            dlq_policy(cfg),
+            n.dlq_fetch_batch,
+            n.dlq_max_deliver,
+        )
+    ]
+    for lane, main, historical in (
+        (Lane.REALTIME, n.realtime, False),
+        (Lane.HISTORICAL, n.historical, True),
+    ):
+        if main.enabled:
+            plan.append(
+                (
+                    lane,
+                    topology.events_stream(main, historical),
+                    # The producers' streams: created when missing, never altered.
+                    False,
+                    topology.events_consumer(cfg, main, historical),
+                    event_policy(main, n.dlq_jitter),
+                    main.fetch_batch,
+                    main.max_deliver,
+                )
+            )
+    lanes = []
+    for lane, stream, reconcile, consumer, policy, fetch_batch, max_deliver in plan:
+        changes = await broker.ensure_stream(stream, reconcile=reconcile)
+        changes += await broker.ensure_consumer(consumer)
+        for change in changes:
+            log.info("NATS topology reconciled", extra={"change": change})
+        lanes.append(
+            LaneRuntime(
+                lane=lane,
+                puller=await broker.puller(consumer),
+                policy=policy,
+                fetch_batch=fetch_batch,
+                ack_wait=consumer.ack_wait,
+                max_deliver=max_deliver,
+            )
+        )
+    return lanes
 
 
 class _Signals:
@@ -114,16 +153,20 @@ async def serve(
         on_restart=lambda reason: metrics.worker_restarts.labels(reason).inc(),
     )
     try:
-        for change in await broker.ensure_topology(topology(cfg)):
-            log.info("NATS topology reconciled", extra={"change": change})
-        await broker.subscribe()
+        lanes = await build_lanes(cfg, broker)
         await pool.start()
     except WorkerStartError as exc:
         log.error("cannot start: worker processes do not start", extra={"error": str(exc)})
         await broker.close()
         await store.close()
         return EXIT_WORKERS
-    sup = Supervisor(cfg, broker, store, pool, metrics)
+    except Exception as exc:
+        log.error("cannot start: NATS topology", extra={"error": str(exc)})
+        pool.close()
+        await broker.close()
+        await store.close()
+        return EXIT_ERROR
+    sup = Supervisor(cfg, broker, store, pool, metrics, lanes)
     signals = _Signals()
     signals.install(asyncio.get_running_loop(), sup.stop_requested)
     code = EXIT_OK

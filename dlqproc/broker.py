@@ -25,15 +25,20 @@ log = logging.getLogger("dlqproc.broker")
 DAY = 86400.0
 
 
-class Topology(msgspec.Struct, frozen=True):
-    """The DLQ stream and consumer as configured."""
-
-    stream: str
+class StreamSpec(msgspec.Struct, frozen=True):
+    name: str
     subjects: tuple[str, ...]
     max_age_days: float
+    retention: str = "limits"  # or "interest"
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True):
+    """A durable pull consumer with explicit acks."""
+
+    stream: str
     durable: str
-    filter_subject: str
-    max_deliver: int
+    filter_subjects: tuple[str, ...]
+    max_deliver: int  # -1: JetStream redelivers without limit
     ack_wait: float
     max_ack_pending: int
 
@@ -43,8 +48,10 @@ class Inbound:
 
     __slots__ = (
         "_msg",
+        "consumer",
         "consumer_seq",
         "data",
+        "msg_id",
         "num_delivered",
         "received",
         "stream",
@@ -60,6 +67,8 @@ class Inbound:
         self.data: bytes = msg.data
         self.num_delivered: int = meta.num_delivered
         self.stream: str = meta.stream
+        self.consumer: str = meta.consumer
+        self.msg_id: str = (msg.headers or {}).get("Nats-Msg-Id", "")
         self.stream_seq: int = meta.sequence.stream
         self.consumer_seq: int = meta.sequence.consumer
         # Monotonic times: when fetched, and when JetStream last heard from us
@@ -80,19 +89,39 @@ class Inbound:
         self.touched = time.monotonic()
 
 
+class Puller:
+    """Fetches from one durable pull consumer."""
+
+    def __init__(self, sub: Any, spec: ConsumerSpec) -> None:
+        self._sub = sub
+        self.spec = spec
+
+    async def fetch(self, batch: int, timeout: float) -> list[Inbound]:
+        """Up to `batch` messages; an empty list when none arrived within `timeout`."""
+        try:
+            msgs: Sequence[Msg] = await self._sub.fetch(batch=batch, timeout=timeout)
+        except (NatsTimeoutError, TimeoutError):
+            return []
+        return [Inbound(m) for m in msgs]
+
+
+class PublishFailed(Exception):
+    """JetStream did not acknowledge a publish."""
+
+
 class Broker:
-    """Owns the NATS connection and the DLQ pull subscription."""
+    """Owns the NATS connection, the streams and consumers dlqproc uses."""
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._js = nc.jetstream()
-        self._sub: Any = None
-        self._topology: Topology | None = None
 
     @classmethod
     async def connect(cls, url: str, name: str = "dlqproc") -> Broker:
+        closing = False
+
         async def on_disconnect() -> None:
-            if not nc.is_closed and not nc.is_draining:
+            if not closing:
                 log.warning("NATS disconnected")
 
         async def on_reconnect() -> None:
@@ -100,6 +129,10 @@ class Broker:
 
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error", extra={"error": str(exc)})
+
+        async def on_closed() -> None:
+            nonlocal closing
+            closing = True
 
         nc: Client = await nats.connect(
             servers=[u.strip() for u in url.split(",")],
@@ -110,6 +143,7 @@ class Broker:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            closed_cb=on_closed,
         )
         return cls(nc)
 
@@ -117,94 +151,98 @@ class Broker:
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
 
-    async def ensure_topology(self, want: Topology) -> list[str]:
-        """Create or reconcile the DLQ stream and consumer; return what changed."""
-        changes: list[str] = []
-        stream_cfg = api.StreamConfig(
-            name=want.stream,
+    async def ensure_stream(self, want: StreamSpec, reconcile: bool) -> list[str]:
+        """Create the stream if missing; with `reconcile`, align subjects and max age."""
+        retention = (
+            api.RetentionPolicy.INTEREST
+            if want.retention == "interest"
+            else api.RetentionPolicy.LIMITS
+        )
+        config = api.StreamConfig(
+            name=want.name,
             subjects=list(want.subjects),
-            retention=api.RetentionPolicy.LIMITS,
+            retention=retention,
             storage=api.StorageType.FILE,
             max_age=want.max_age_days * DAY,
         )
         try:
-            info = await self._js.stream_info(want.stream)
+            info = await self._js.stream_info(want.name)
         except NotFoundError:
-            await self._js.add_stream(stream_cfg)
-            changes.append(f"created stream {want.stream}")
-        else:
-            have = info.config
-            diffs = []
-            if sorted(have.subjects or []) != sorted(want.subjects):
-                diffs.append(f"subjects {have.subjects} -> {list(want.subjects)}")
-            if abs((have.max_age or 0) - want.max_age_days * DAY) > 1:
-                diffs.append(f"max_age {have.max_age}s -> {want.max_age_days * DAY}s")
-            if diffs:
-                await self._js.update_stream(stream_cfg)
-                changes.append(f"updated stream {want.stream}: " + ", ".join(diffs))
+            await self._js.add_stream(config)
+            return [f"created stream {want.name}"]
+        have = info.config
+        diffs = []
+        if sorted(have.subjects or []) != sorted(want.subjects):
+            diffs.append(f"subjects {have.subjects} -> {list(want.subjects)}")
+        if abs((have.max_age or 0) - want.max_age_days * DAY) > 1:
+            diffs.append(f"max_age {have.max_age}s -> {want.max_age_days * DAY}s")
+        if not diffs:
+            return []
+        if not reconcile:
+            # Another service owns this stream: report, never change it.
+            return [f"stream {want.name} differs (left as is): " + ", ".join(diffs)]
+        await self._js.update_stream(config)
+        return [f"updated stream {want.name}: " + ", ".join(diffs)]
 
-        consumer_cfg = api.ConsumerConfig(
+    async def ensure_consumer(self, want: ConsumerSpec) -> list[str]:
+        """Create or reconcile a durable pull consumer; return what changed."""
+        filters = list(want.filter_subjects)
+        config = api.ConsumerConfig(
             name=want.durable,
             durable_name=want.durable,
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
-            filter_subject=want.filter_subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             max_deliver=want.max_deliver,
             ack_wait=want.ack_wait,
             max_ack_pending=want.max_ack_pending,
         )
         try:
-            cinfo = await self._js.consumer_info(want.stream, want.durable)
+            info = await self._js.consumer_info(want.stream, want.durable)
         except NotFoundError:
-            await self._js.add_consumer(want.stream, consumer_cfg)
-            changes.append(f"created consumer {want.durable}")
-        else:
-            have_c = cinfo.config
-            diffs = [
-                f"{field} {old} -> {new}"
-                for field, old, new in (
-                    ("filter_subject", have_c.filter_subject, want.filter_subject),
-                    ("max_deliver", have_c.max_deliver, want.max_deliver),
-                    ("ack_wait", have_c.ack_wait, want.ack_wait),
-                    ("max_ack_pending", have_c.max_ack_pending, want.max_ack_pending),
-                )
-                if old != new
-            ]
-            if diffs:
-                await self._js.add_consumer(want.stream, consumer_cfg)
-                changes.append(f"updated consumer {want.durable}: " + ", ".join(diffs))
-        self._topology = want
-        return changes
-
-    async def bind(self, topology: Topology) -> None:
-        """Use an existing topology (for tools that inspect the consumer)."""
-        self._topology = topology
-
-    async def subscribe(self) -> None:
-        assert self._topology is not None, "ensure_topology first"
-        self._sub = await self._js.pull_subscribe_bind(
-            durable=self._topology.durable, stream=self._topology.stream
+            await self._js.add_consumer(want.stream, config)
+            return [f"created consumer {want.durable}"]
+        have = info.config
+        have_filters = (
+            [have.filter_subject] if have.filter_subject else (have.filter_subjects or [])
         )
-
-    async def fetch(self, batch: int, timeout: float) -> list[Inbound]:
-        """Up to `batch` messages; an empty list when none arrived within `timeout`."""
-        try:
-            msgs: Sequence[Msg] = await self._sub.fetch(batch=batch, timeout=timeout)
-        except (NatsTimeoutError, TimeoutError):
+        diffs = [
+            f"{field} {old} -> {new}"
+            for field, old, new in (
+                ("filter_subjects", sorted(have_filters), sorted(filters)),
+                ("max_deliver", have.max_deliver, want.max_deliver),
+                ("ack_wait", have.ack_wait, want.ack_wait),
+                ("max_ack_pending", have.max_ack_pending, want.max_ack_pending),
+            )
+            if old != new
+        ]
+        if not diffs:
             return []
-        return [Inbound(m) for m in msgs]
+        await self._js.add_consumer(want.stream, config)
+        return [f"updated consumer {want.durable}: " + ", ".join(diffs)]
 
-    async def pending(self) -> tuple[int, int]:
-        """(messages not yet delivered, messages delivered but not settled)."""
-        assert self._topology is not None
-        info = await self._js.consumer_info(self._topology.stream, self._topology.durable)
+    async def pending(self, stream: str, durable: str) -> tuple[int, int]:
+        """(messages not yet delivered, messages delivered but not settled) of a consumer."""
+        info = await self._js.consumer_info(stream, durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
+    async def puller(self, spec: ConsumerSpec) -> Puller:
+        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        return Puller(sub, spec)
+
     async def publish(
-        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
     ) -> int:
         """Publish to JetStream and wait for its acknowledgement; returns the sequence."""
-        ack = await self._js.publish(subject, data, headers=headers)
+        try:
+            ack = await self._js.publish(subject, data, headers=headers, timeout=timeout)
+        except Exception as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return int(ack.seq)
 
     async def flush(self, timeout: float = 5.0) -> None:

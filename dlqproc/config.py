@@ -59,8 +59,35 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="
     pass
 
 
+class MainConsumerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    """A main consumer of the events streams (contract section 1)."""
+
+    enabled: bool = True
+    stream: str = "wa_events_stream"
+    # Durable name; "_<company.id>" is appended when a tenant is set.
+    durable: str = "wa_events_realtime_consumer"
+    # Deliveries after which a failing event is dead-lettered. JetStream itself
+    # is told to redeliver without limit, so an event whose DLQ publish fails
+    # on its last delivery is never abandoned.
+    max_deliver: int = 5
+    ack_wait: Duration = Duration(30)
+    nak_base_delay: Duration = Duration(1)
+    nak_max_delay: Duration = Duration(30)
+    max_ack_pending: int = 1000
+    fetch_batch: int = 256
+
+
 class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     url: str = "nats://127.0.0.1:4222"
+    realtime: MainConsumerConfig = MainConsumerConfig()
+    historical: MainConsumerConfig = MainConsumerConfig(
+        stream="wa_history_events_stream",
+        durable="wa_history_events_historical_consumer",
+        max_deliver=3,
+        ack_wait=Duration(60),
+        nak_base_delay=Duration(2),
+        nak_max_delay=Duration(60),
+    )
     dlq_workers: int = 8
     dlq_base_delay_minutes: float = 5.0
     dlq_max_delay_minutes: float = 5.0
@@ -120,6 +147,10 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
             return self.nats.dlq_consumer
         name = self.nats.dlq_subject.replace(".", "_") + "_worker_consumer"
         return f"{name}_{self.company.id}" if self.company.id else name
+
+    def durable(self, main: MainConsumerConfig) -> str:
+        """A main consumer's durable name, per tenant when a tenant is set."""
+        return f"{main.durable}_{self.company.id}" if self.company.id else main.durable
 
     @property
     def dlq_filter_subject(self) -> str:
@@ -291,6 +322,23 @@ def validate(cfg: Config) -> None:
             f"must be below nats.dlqMaxDeliver ({n.dlq_max_deliver}) so JetStream never "
             "abandons a message dlqproc has not stored",
         )
+    for name, main in (("realtime", n.realtime), ("historical", n.historical)):
+        for field, value in (
+            ("maxDeliver", main.max_deliver),
+            ("ackWait", main.ack_wait),
+            ("maxAckPending", main.max_ack_pending),
+            ("fetchBatch", main.fetch_batch),
+        ):
+            if value <= 0:
+                raise ConfigError(f"nats.{name}.{field}", value, "must be positive")
+        if main.nak_max_delay < main.nak_base_delay:
+            raise ConfigError(
+                f"nats.{name}.nakMaxDelay", main.nak_max_delay, "is below nakBaseDelay"
+            )
+        if not _SUBJECT_TOKEN.match(main.stream):
+            raise ConfigError(f"nats.{name}.stream", main.stream, "not a valid stream name")
+        if not _SUBJECT_TOKEN.match(main.durable):
+            raise ConfigError(f"nats.{name}.durable", main.durable, "not a valid durable name")
     if n.dlq_task_timeout >= n.dlq_ack_wait:
         raise ConfigError(
             "nats.dlqTaskTimeout", n.dlq_task_timeout, "must be below nats.dlqAckWait"

@@ -92,10 +92,10 @@ def workload(count: int) -> list[tuple[str, bytes, str]]:
     return out
 
 
-async def _settled(broker: Broker, timeout: float) -> bool:
+async def _settled(broker: Broker, stream: str, durable: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pending, ack_pending = await broker.pending()
+        pending, ack_pending = await broker.pending(stream, durable)
         if pending == 0 and ack_pending == 0:
             return True
         await asyncio.sleep(0.25)
@@ -136,7 +136,6 @@ async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
     if service.done():
         return service.result()
     broker = await Broker.connect(cfg.nats.url, name="dlqproc-demo")
-    await broker.bind(app.topology(cfg))
     try:
         plan = workload(count)
         expected: dict[str, int] = {}
@@ -144,7 +143,7 @@ async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
             await broker.publish(subject, body)
             expected[fate] = expected.get(fate, 0) + 1
         print(f"published {len(plan)} DLQ messages; waiting until each is settled...")
-        if not await _settled(broker, timeout=120):
+        if not await _settled(broker, cfg.nats.dlq_stream, cfg.dlq_durable, timeout=120):
             print("demo: not every message settled within 120 s", file=sys.stderr)
         await _report(cfg, cfg.postgres.dsn, expected)
     finally:

@@ -7,6 +7,7 @@ malformed subject, bad tenant.
 
 from __future__ import annotations
 
+import base64
 import re
 
 import msgspec
@@ -55,6 +56,56 @@ def decode(data: bytes, max_bytes: int) -> Envelope:
     if not valid_tenant(envelope.company):
         raise BadInput(Reason.INVALID_TENANT, f"invalid tenant {envelope.company[:80]!r}")
     return envelope
+
+
+class _Outgoing(msgspec.Struct, frozen=True, omit_defaults=True):
+    source_subject: str
+    company: str
+    original_payload: msgspec.Raw | dict[str, str]
+    error: str
+    error_type: str
+    retry_count: int
+    max_retry: int
+    ts: str
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def build(
+    *,
+    source_subject: str,
+    company: str,
+    original_json: bytes | None,
+    raw: bytes,
+    error: str,
+    fatal: bool,
+    retry_count: int,
+    max_retry: int,
+    ts: str,
+) -> bytes:
+    """The DLQ envelope (contract section 2) for a failed event.
+
+    The event body is embedded as JSON when it is JSON; otherwise as
+    {"base64": ...} so that nothing of it is lost and the envelope stays JSON.
+    """
+    original: msgspec.Raw | dict[str, str] = (
+        msgspec.Raw(original_json)
+        if original_json is not None
+        else {"base64": base64.b64encode(raw).decode()}
+    )
+    return _encoder.encode(
+        _Outgoing(
+            source_subject=source_subject,
+            company=company,
+            original_payload=original,
+            error=error,
+            error_type="fatal" if fatal else "retryable",
+            retry_count=retry_count,
+            max_retry=max_retry,
+            ts=ts,
+        )
+    )
 
 
 def split_source(subject: str, tenant: str) -> str:

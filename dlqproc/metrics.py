@@ -69,3 +69,36 @@ class Metrics:
         self.worker_restarts = Counter(
             "dlq_worker_restarts", "Worker processes replaced, by reason.", ["reason"], registry=r
         )
+        # Main consumers (realtime, historical).
+        main_labels = ["event_type", "company_id", "consumer_type"]
+        self.events_received = Counter(
+            "message_event_service_events_received",
+            "Events fetched by the main consumers.",
+            main_labels,
+            registry=r,
+        )
+        self.events_processed = Counter(
+            "message_event_service_events_processed",
+            "Events whose rows were committed and that were ACKed.",
+            main_labels,
+            registry=r,
+        )
+        self.events_failed = Counter(
+            "message_event_service_events_failed",
+            "Events whose processing attempt failed.",
+            [*main_labels, "error_type"],
+            registry=r,
+        )
+        self.event_duration = Histogram(
+            "message_event_service_event_processing_duration_seconds",
+            "Time from handing an event to the pool until it is settled.",
+            main_labels,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.event_actions = Counter(
+            "message_event_service_event_processing_actions",
+            "What the main consumers did with each delivery (contract section 6).",
+            [*main_labels, "action", "error_type"],
+            registry=r,
+        )

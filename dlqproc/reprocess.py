@@ -12,9 +12,18 @@ from datetime import datetime
 
 import msgspec
 
-from dlqproc.envelope import BadInput, decode, split_source, tenant_of_subject
+from dlqproc.envelope import BadInput, decode, split_source, tenant_of_subject, valid_tenant
 from dlqproc.handlers import Registry
-from dlqproc.model import Delivery, Event, FailureKind, HandlerError, Outcome, Reason, Stored
+from dlqproc.model import (
+    Delivery,
+    Event,
+    FailureKind,
+    HandlerError,
+    Lane,
+    Outcome,
+    Reason,
+    Stored,
+)
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -93,6 +102,81 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
         base = split_source(envelope.source_subject, envelope.company)
     except BadInput as exc:
         return _failure(delivery, stored, FailureKind.PERMANENT, exc.reason, str(exc))
+    event = Event(
+        subject=envelope.source_subject,
+        base=base,
+        tenant=envelope.company,
+        payload=stored.original_json or b"null",
+        attempt=delivery.num_delivered,
+        meta=delivery.meta,
+    )
+    return _handle(delivery, registry, event, stored)
+
+
+def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome:
+    """A message of a main consumer: the body is the event, the subject `<base>.<tenant>`."""
+    base, _, tenant = delivery.subject.rpartition(".")
+    valid = valid_tenant(tenant)
+    stored = Stored(
+        company_id=tenant if valid else "unknown",
+        source_subject=delivery.subject,
+        event_timestamp=None,
+        envelope_json=None,
+        original_json=None,
+    )
+    if len(delivery.data) > limits.max_payload_bytes:
+        return _failure(
+            delivery,
+            stored,
+            FailureKind.PERMANENT,
+            Reason.TOO_BIG,
+            f"body of {len(delivery.data)} bytes exceeds {limits.max_payload_bytes}",
+            base,
+        )
+    if not valid:
+        return _failure(
+            delivery,
+            _with_json(stored, delivery.data),
+            FailureKind.PERMANENT,
+            Reason.INVALID_TENANT,
+            f"invalid tenant {tenant[:80]!r}",
+            base,
+        )
+    event = Event(
+        subject=delivery.subject,
+        base=base,
+        tenant=tenant,
+        payload=delivery.data,
+        attempt=delivery.num_delivered,
+        meta=delivery.meta,
+    )
+    outcome = _handle(delivery, registry, event, stored)
+    if not outcome.ok:
+        # A failure is dead-lettered with the body embedded as JSON when it is JSON.
+        outcome = msgspec.structs.replace(outcome, stored=_with_json(stored, delivery.data))
+    return outcome
+
+
+def _with_json(stored: Stored, data: bytes) -> Stored:
+    try:
+        _json_check.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return stored
+    return msgspec.structs.replace(stored, original_json=data)
+
+
+_json_check = msgspec.json.Decoder(msgspec.Raw)
+
+
+def handle(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome:
+    """The Outcome of one delivery of any lane."""
+    if delivery.lane is Lane.DLQ:
+        return reprocess(delivery, registry, limits)
+    return process_event(delivery, registry, limits)
+
+
+def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored) -> Outcome:
+    base = event.base
     handler = registry.handlers.get(base)
     if handler is None:
         return _failure(
@@ -103,13 +187,6 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
             f"no handler for subject base {base!r}",
             base,
         )
-    event = Event(
-        subject=envelope.source_subject,
-        base=base,
-        tenant=envelope.company,
-        payload=stored.original_json or b"null",
-        attempt=delivery.num_delivered,
-    )
     started = time.perf_counter()
     try:
         rows = tuple(handler(event))

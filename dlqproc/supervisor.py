@@ -21,14 +21,17 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
-from dlqproc.broker import Broker, Inbound
-from dlqproc.config import Config
+from dlqproc.broker import Broker
+from dlqproc.config import Config, MainConsumerConfig
+from dlqproc.envelope import valid_tenant
 from dlqproc.metrics import Metrics
-from dlqproc.model import Delivery, FailureKind, Outcome, Reason
+from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason
 from dlqproc.policy import Action, Decision, RetryPolicy, decide
 from dlqproc.pool import WorkerPool
-from dlqproc.store import ExhaustedRow, ItemFailed, Store, StoreUnavailable, Write
+from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
+from dlqproc.store import ItemFailed, Store, StoreUnavailable
 
 # Operators filter on this logger name (operator guide, section 1.2).
 log = logging.getLogger("dlq_worker")
@@ -36,7 +39,7 @@ log = logging.getLogger("dlq_worker")
 _COMMIT_GROUP = 2048  # messages merged into one transaction at most
 
 
-def retry_policy(cfg: Config) -> RetryPolicy:
+def dlq_policy(cfg: Config) -> RetryPolicy:
     return RetryPolicy(
         base_delay=cfg.nats.dlq_base_delay_minutes * 60,
         max_delay=cfg.nats.dlq_max_delay_minutes * 60,
@@ -45,45 +48,36 @@ def retry_policy(cfg: Config) -> RetryPolicy:
     )
 
 
-class _Held:
-    """A message from fetch until it is settled."""
-
-    __slots__ = ("company", "dispatched", "msg")
-
-    def __init__(self, msg: Inbound, company: str) -> None:
-        self.msg = msg
-        self.company = company  # metrics label until the envelope is read
-        self.dispatched = 0.0
-
-
-class _Verdict:
-    """What will happen to one message, revised when its write fails."""
-
-    __slots__ = ("db_error", "decision", "error", "inserted", "out", "reason", "save_failed")
-
-    def __init__(self, out: Outcome, decision: Decision, error: str, reason: Reason | None):
-        self.out = out
-        self.decision = decision
-        self.error = error  # the processing error, stored as last_error
-        self.reason = reason
-        self.db_error = ""  # why the write failed, when it did
-        self.save_failed = False  # the exhausted row could not be written
-        self.inserted = False  # an exhausted row was inserted by this attempt
+def event_policy(main: MainConsumerConfig, jitter: float) -> RetryPolicy:
+    # Dead-letter after max_deliver deliveries: the last one is the budget.
+    return RetryPolicy(
+        base_delay=main.nak_base_delay,
+        max_delay=main.nak_max_delay,
+        jitter=jitter,
+        max_retries=main.max_deliver,
+    )
 
 
 class Supervisor:
     def __init__(
-        self, cfg: Config, broker: Broker, store: Store, pool: WorkerPool, metrics: Metrics
+        self,
+        cfg: Config,
+        broker: Broker,
+        store: Store,
+        pool: WorkerPool,
+        metrics: Metrics,
+        lanes: Sequence[LaneRuntime],
     ) -> None:
         self.cfg = cfg
         self.broker = broker
         self.store = store
         self.pool = pool
         self.metrics = metrics
-        self.policy = retry_policy(cfg)
+        self.lanes = tuple(lanes)
+        self.settler = Settler(broker, metrics, cfg.nats.dlq_subject)
         self.stop_requested = asyncio.Event()
         self.store_ok = True
-        self._held: dict[int, _Held] = {}
+        self._held: dict[int, Held] = {}
         self._queue: collections.deque[int] = collections.deque()
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
@@ -108,11 +102,14 @@ class Supervisor:
                 "company_id": self.cfg.company.id or "*",
             },
         )
-        self._fetcher = asyncio.create_task(self._fetch_loop(), name="fetch")
+        self._fetchers = [
+            asyncio.create_task(self._fetch_loop(lane), name=f"fetch-{lane.lane.value}")
+            for lane in self.lanes
+        ]
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
         self._committer = asyncio.create_task(self._commit_loop(), name="commit")
         self._heart = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        self._tasks = [self._fetcher, self._dispatcher, self._committer, self._heart]
+        self._tasks = [*self._fetchers, self._dispatcher, self._committer, self._heart]
         assert self.pool.failed is not None
         stop = asyncio.create_task(self.stop_requested.wait())
         watched: list[asyncio.Future[object]] = [stop, self.pool.failed, *self._tasks]  # type: ignore[list-item]
@@ -122,8 +119,9 @@ class Supervisor:
             if task in done and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def _fetch_loop(self) -> None:
+    async def _fetch_loop(self, lane: LaneRuntime) -> None:
         n = self.cfg.nats
+        dlq = lane.lane is Lane.DLQ
         failures = 0
         while not self.stop_requested.is_set():
             if not self.store_ok:
@@ -134,21 +132,30 @@ class Supervisor:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            self.metrics.fetch_requests.inc()
+            if dlq:
+                self.metrics.fetch_requests.inc()
             try:
-                msgs = await self.broker.fetch(min(free, n.dlq_fetch_batch), timeout=1.0)
+                msgs = await lane.puller.fetch(min(free, lane.fetch_batch), timeout=1.0)
             except Exception as exc:
-                self.metrics.fetch_errors.inc()
+                if dlq:
+                    self.metrics.fetch_errors.inc()
                 failures += 1
-                log.warning("DLQ fetch failed", extra={"error": str(exc), "failures": failures})
+                log.warning(
+                    "fetch failed",
+                    extra={"lane": lane.lane.value, "error": str(exc), "failures": failures},
+                )
                 await self._pause(min(0.1 * 2**failures, 5.0))
                 continue
             failures = 0
             for msg in msgs:
                 token = next(self._tokens)
-                company = msg.subject.rpartition(".")[2] if msg.subject else ""
-                self._held[token] = _Held(msg, company)
+                event_type, _, tenant = msg.subject.rpartition(".")
+                # Label values come from untrusted subjects: bound their cardinality.
+                company = tenant if valid_tenant(tenant) else "invalid"
+                self._held[token] = Held(msg, lane, company, event_type)
                 self._queue.append(token)
+                if not dlq:
+                    self.metrics.events_received.labels(event_type, company, lane.lane.value).inc()
             if msgs:
                 self._gauges()
                 self._work.set()
@@ -169,7 +176,6 @@ class Supervisor:
 
     async def _dispatch_loop(self) -> None:
         size = self.cfg.nats.dlq_worker_batch
-        ack_wait = self.cfg.nats.dlq_ack_wait
         while True:
             await self._work.wait()
             self._work.clear()
@@ -183,13 +189,15 @@ class Supervisor:
                 while self._queue and len(tokens) < size:
                     token = self._queue.popleft()
                     held = self._held[token]
-                    if now - held.msg.touched > ack_wait:
+                    if now - held.msg.touched > held.lane.ack_wait:
                         # JetStream has already given it to someone else (or will):
                         # this attempt must not process it.
                         del self._held[token]
                         log.warning(
-                            "DLQ message expired in the local queue, not processed",
-                            extra=self._fields(held.msg),
+                            "DLQ message expired in the local queue, not processed"
+                            if held.lane.lane is Lane.DLQ
+                            else "event expired in the local queue, not processed",
+                            extra=fields(held.msg),
                         )
                         continue
                     held.dispatched = now
@@ -205,10 +213,23 @@ class Supervisor:
     async def _run_batch(self, tokens: list[int]) -> None:
         try:
             deliveries = []
+            received_at = datetime.now(UTC).isoformat()
             for t in tokens:
-                msg = self._held[t].msg
-                deliveries.append(Delivery(t, msg.subject, msg.data, msg.num_delivered))
-                self.metrics.tasks_submitted.labels(self._held[t].company).inc()
+                held = self._held[t]
+                msg = held.msg
+                meta = Meta(
+                    msg.stream,
+                    msg.consumer,
+                    msg.stream_seq,
+                    msg.consumer_seq,
+                    msg.msg_id,
+                    received_at,
+                )
+                deliveries.append(
+                    Delivery(t, msg.subject, msg.data, msg.num_delivered, held.lane.lane, meta)
+                )
+                if held.lane.lane is Lane.DLQ:
+                    self.metrics.tasks_submitted.labels(held.company).inc()
             self.metrics.workers_active.inc()
             try:
                 outcomes = await self.pool.run(deliveries)
@@ -221,22 +242,21 @@ class Supervisor:
 
     async def _heartbeat_loop(self) -> None:
         """Keep JetStream from redelivering what waits or runs longer than half the ack wait."""
-        half = self.cfg.nats.dlq_ack_wait / 2
+        shortest = min(lane.ack_wait for lane in self.lanes)
         while True:
-            await asyncio.sleep(min(half / 2, 5.0))
+            await asyncio.sleep(min(shortest / 4, 5.0))
             if not self.broker.connected:
                 # nats-py would buffer the in-progress acks until it reconnects,
                 # so they would not keep anything alive: leave `touched` stale.
                 continue
             now = time.monotonic()
             for held in list(self._held.values()):
-                if now - held.msg.touched > half:
+                if now - held.msg.touched > held.lane.ack_wait / 2:
                     try:
                         await held.msg.in_progress()
                     except Exception as exc:
                         log.warning(
-                            "in-progress ack failed",
-                            extra={**self._fields(held.msg), "error": str(exc)},
+                            "in-progress ack failed", extra={**fields(held.msg), "error": str(exc)}
                         )
 
     # ------------------------------------------------------------- committing
@@ -259,33 +279,10 @@ class Supervisor:
             await self._commit_and_settle(pairs)
 
     def _decide(
-        self, held: _Held, ok: bool, kind: FailureKind | None, reason: Reason | None
+        self, held: Held, ok: bool, kind: FailureKind | None, reason: Reason | None
     ) -> Decision:
-        return decide(ok, kind, reason, held.msg.num_delivered, self.policy, self._rng.random())
-
-    def _write_for(self, held: _Held, out: Outcome, decision: Decision, error: str) -> Write | None:
-        if decision.action is Action.ACK:
-            return Write(tenant=out.stored.company_id, rows=out.rows) if out.rows else None
-        if decision.action is Action.EXHAUST:
-            msg, stored = held.msg, out.stored
-            reason = decision.reason.value if decision.reason else "unknown"
-            return Write(
-                exhausted=ExhaustedRow(
-                    company_id=stored.company_id,
-                    source_subject=stored.source_subject,
-                    last_error=error,
-                    retry_count=msg.num_delivered,
-                    reason=reason,
-                    event_timestamp=stored.event_timestamp,
-                    envelope_json=stored.envelope_json,
-                    original_json=stored.original_json,
-                    raw=msg.data,
-                    dlq_stream=msg.stream,
-                    dlq_sequence=msg.stream_seq,
-                    dlq_subject=msg.subject,
-                )
-            )
-        return None
+        policy = held.lane.policy
+        return decide(ok, kind, reason, held.msg.num_delivered, policy, self._rng.random())
 
     async def _commit_and_settle(self, pairs: Sequence[tuple[int, Outcome]]) -> None:
         """Decide, write what the decisions need in one transaction, then settle.
@@ -294,26 +291,23 @@ class Supervisor:
         whose row is missing): that item is decided again with the failure, which
         may lead to a second, exhausted write. At most two rounds.
         """
-        verdicts: dict[int, _Verdict] = {}
+        verdicts: dict[int, Verdict] = {}
         debug = log.isEnabledFor(logging.DEBUG)
         for token, out in pairs:
             held = self._held[token]
             held.company = out.stored.company_id
-            if debug:
+            if debug and held.lane.lane is Lane.DLQ:
                 # Logged once the worker has read the envelope, so it names the source.
                 log.debug(
                     "Processing DLQ message",
-                    extra=self._fields(held.msg, held.company, out.stored.source_subject),
+                    extra=fields(held.msg, held.company, out.stored.source_subject),
                 )
-            verdicts[token] = _Verdict(
-                out, self._decide(held, out.ok, out.kind, out.reason), out.error, out.reason
-            )
+            verdicts[token] = Verdict(out, self._decide(held, out.ok, out.kind, out.reason))
         pending = list(verdicts)
         for _round in range(2):
             writes = {}
             for token in pending:
-                v = verdicts[token]
-                w = self._write_for(self._held[token], v.out, v.decision, v.error)
+                w = self.settler.write_for(self._held[token], verdicts[token])
                 if w is not None:
                     writes[token] = w
             if not writes:
@@ -323,14 +317,11 @@ class Supervisor:
                 results = await self.store.write(list(writes.values()))
             except StoreUnavailable as exc:
                 self._store_failed(exc)
+                unavailable = ItemFailed(
+                    FailureKind.TRANSIENT, Reason.DATABASE, f"database unavailable: {exc}"
+                )
                 for token in writes:
-                    self._redecide(
-                        token,
-                        verdicts[token],
-                        ItemFailed(
-                            FailureKind.TRANSIENT, Reason.DATABASE, f"database unavailable: {exc}"
-                        ),
-                    )
+                    self._redecide(token, verdicts[token], unavailable)
                 break
             for token, result in zip(writes, results, strict=True):
                 v = verdicts[token]
@@ -338,12 +329,17 @@ class Supervisor:
                 if result.failure is not None:
                     self._redecide(token, v, result.failure)
                     pending.append(token)
+        settles = []
         for token, v in verdicts.items():
-            await self._settle(token, v)
+            held = self._held.pop(token)
+            settles.append(self.settler.settle(held, v))
+        # Concurrently: a dead-letter publish waits for JetStream's acknowledgement.
+        await asyncio.gather(*settles)
+        self._room.set()
         self._gauges()
 
-    def _redecide(self, token: int, v: _Verdict, failure: ItemFailed) -> None:
-        if v.decision.action is Action.EXHAUST:
+    def _redecide(self, token: int, v: Verdict, failure: ItemFailed) -> None:
+        if v.decision.action is Action.EXHAUST and self._held[token].lane.lane is Lane.DLQ:
             # The exhausted row itself was not written: keep the message in the stream.
             v.save_failed = True
             failure = ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, str(failure))
@@ -358,57 +354,6 @@ class Supervisor:
             log.error("Postgres unavailable, pausing fetch", extra={"error": str(exc)})
         self.store_ok = False
 
-    async def _settle(self, token: int, v: _Verdict) -> None:
-        held = self._held.pop(token)
-        self._room.set()
-        msg, company, m = held.msg, held.company, self.metrics
-        fields = self._fields(msg, company, v.out.stored.source_subject)
-        reason = v.reason.value if v.reason else ""
-        try:
-            if v.decision.action is Action.ACK:
-                await msg.ack()
-                m.acks_success.labels(company).inc()
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("Successfully processed event from DLQ", extra=fields)
-            elif v.decision.action is Action.NAK:
-                if v.save_failed:
-                    log.error(
-                        "Failed to save exhausted event...", extra={**fields, "error": v.db_error}
-                    )
-                else:
-                    log.warning(
-                        "Failed to process event from DLQ",
-                        extra={**fields, "error": v.db_error or v.error, "reason": reason},
-                    )
-                log.info(
-                    "Retrying DLQ message with backoff",
-                    extra={**fields, "delay_seconds": round(v.decision.delay, 3)},
-                )
-                await msg.nak(v.decision.delay)
-                m.task_retries.labels(company).inc()
-            else:
-                log.warning(
-                    "Max retries exceeded, attempting to persist to exhausted store",
-                    extra={
-                        **fields,
-                        "error": v.error,
-                        "reason": reason,
-                        "exhausted_reason": v.decision.reason.value if v.decision.reason else "",
-                    },
-                )
-                await msg.term()
-                m.acks_failure.labels(company).inc()
-                if v.inserted:
-                    m.tasks_dropped.labels(company).inc()
-        except Exception as exc:
-            m.acks_failure.labels(company).inc()
-            log.error(
-                "settling DLQ message failed; JetStream will redeliver it",
-                extra={**fields, "action": v.decision.action.value, "error": str(exc)},
-            )
-        if held.dispatched:
-            m.processing_duration.labels(company).observe(time.monotonic() - held.dispatched)
-
     # ------------------------------------------------------------- shutdown
 
     async def shutdown(self) -> None:
@@ -421,7 +366,7 @@ class Supervisor:
         )
         # 1. Stop fetching, so no new message enters.
         if self._tasks:
-            await asyncio.gather(self._fetcher, return_exceptions=True)
+            await asyncio.gather(*self._fetchers, return_exceptions=True)
             self._dispatcher.cancel()
         # 2. Hand back what never reached a worker, with a short delay so another
         #    replica (or this one, restarted) takes it up soon.
@@ -454,23 +399,10 @@ class Supervisor:
         try:
             await held.msg.nak(delay)
         except Exception as exc:  # JetStream redelivers after the ack wait anyway
-            log.warning(
-                "NAK at shutdown failed", extra={**self._fields(held.msg), "error": str(exc)}
-            )
+            log.warning("NAK at shutdown failed", extra={**fields(held.msg), "error": str(exc)})
 
     # ------------------------------------------------------------- helpers
 
     def _gauges(self) -> None:
         self.metrics.queue_length.set(len(self._queue))
         self.metrics.in_flight.set(len(self._held))
-
-    @staticmethod
-    def _fields(msg: Inbound, company: str = "", source_subject: str = "") -> dict[str, object]:
-        return {
-            "source_subject": source_subject,
-            "dlq_subject": msg.subject,
-            "stream_seq": msg.stream_seq,
-            "consumer_seq": msg.consumer_seq,
-            "num_delivered": msg.num_delivered,
-            "company_id": company or msg.subject.rpartition(".")[2],
-        }

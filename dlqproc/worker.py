@@ -15,7 +15,7 @@ import msgspec
 
 from dlqproc.handlers import RegistryError, load
 from dlqproc.model import Delivery, Outcome
-from dlqproc.reprocess import Limits, reprocess
+from dlqproc.reprocess import Limits, handle
 
 # Exit code of a worker whose handlers module does not load: the supervisor
 # stops instead of respawning it in a loop.
@@ -43,7 +43,7 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
             batch = decoder.decode(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the supervisor closed the pipe or went away
-        outcomes: list[Outcome] = [reprocess(d, registry, limits) for d in batch]
+        outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
         try:
             conn.send_bytes(encoder.encode(outcomes))
         except (BrokenPipeError, OSError):

@@ -121,13 +121,16 @@ def test_default_yaml_documents_every_key_with_the_same_default() -> None:
         assert isinstance(got, str) == isinstance(want, str), key
 
 
-def _struct_value(cfg: Config, key: str) -> Any:
-    section, leaf = key.split(".")
-    sect = getattr(cfg, section)
-    for field in msgspec.structs.fields(sect):
-        if field.encode_name == leaf:
-            return getattr(sect, field.name)
-    raise KeyError(key)
+def _struct_value(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        for field in msgspec.structs.fields(node):
+            if field.encode_name == part:
+                node = getattr(node, field.name)
+                break
+        else:
+            raise KeyError(key)
+    return node
 
 
 def test_default_yaml_loaded_as_a_config_file_changes_nothing() -> None:

@@ -78,6 +78,10 @@ class Service:
             "SERVER_HOST": "127.0.0.1",
             "LOG_LEVEL": "DEBUG",
             "HANDLERS_MODULE": "support.handlers",
+            # The events streams' subjects are fixed: tests that use the main
+            # consumers turn them on with a NATS server of their own.
+            "NATS_REALTIME_ENABLED": "false",
+            "NATS_HISTORICAL_ENABLED": "false",
             "NATS_DLQWORKERS": "2",
             "NATS_DLQBASEDELAYMINUTES": "0.005",  # 0.3 s
             "NATS_DLQMAXDELAYMINUTES": "0.02",

@@ -1,0 +1,417 @@
+"""Handler registry for the WhatsApp events domain (contract sections 1 and 3).
+
+Each handler decodes and validates its payload (dlqproc.handlers.payloads) and
+returns the rows to write into the tenant's schema. Every RowOp is idempotent:
+upserts are keyed on the event's identity and set absolute values (never
+increments; `unread_count` is an absolute count), updates set absolute values,
+and timestamps that only move forward are `monotonic`. Fields absent from a
+payload (or null) are not written, so a partial event never clears a column.
+
+Failures:
+- a payload that does not decode or breaks a bound: PermanentError(VALIDATION);
+- a `company_id` that differs from the subject's tenant: PermanentError(INVALID_TENANT).
+
+messages.upsert without `message_timestamp`: `message_date` (part of the row's
+key) is the UTC date of `event.meta.received_at`; without a usable received_at
+the event is a PermanentError(VALIDATION). Note that such an event is only
+idempotent for replays on the same UTC day: a replay on another day writes a
+second row with another message_date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from dlqproc.handlers.payloads import (
+    ChatUpdate,
+    ChatUpsert,
+    ConnectionUpdate,
+    ContactUpdate,
+    ContactUpsert,
+    HistoryChats,
+    HistoryContacts,
+    HistoryMessage,
+    HistoryMessages,
+    MessageUpdate,
+    MessageUpsert,
+)
+from dlqproc.model import Event, PermanentError, Reason, RowOp
+
+T = TypeVar("T")
+
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(t: type[T]) -> msgspec.json.Decoder[T]:
+    dec = _DECODERS.get(t)
+    if dec is None:
+        dec = _DECODERS[t] = msgspec.json.Decoder(t)
+    return dec
+
+
+def _decode(event: Event, t: type[T]) -> T:
+    try:
+        return _decoder(t).decode(event.payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise PermanentError(f"invalid {event.base} payload: {exc}", Reason.VALIDATION) from None
+
+
+def _company(event: Event, company_id: str | None, where: str = "") -> str:
+    """The payload's company_id checked against the subject's tenant, or the tenant."""
+    if company_id is None:
+        return event.tenant
+    if company_id != event.tenant:
+        raise PermanentError(
+            f"{event.base}{where}: company_id {company_id[:64]!r} does not match"
+            f" subject tenant {event.tenant!r}",
+            Reason.INVALID_TENANT,
+        )
+    return company_id
+
+
+def last_metadata(event: Event) -> dict[str, Any]:
+    m = event.meta
+    return {
+        "stream": m.stream,
+        "consumer": m.consumer,
+        "stream_seq": m.stream_seq,
+        "consumer_seq": m.consumer_seq,
+        "subject": event.subject,
+        "msg_id": m.msg_id,
+        "processed_at": m.received_at,
+    }
+
+
+def _present(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries whose value is not None (None means absent from the payload)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# chats ---------------------------------------------------------------------
+
+
+def _chat_upsert(event: Event, chat: ChatUpsert, meta: dict[str, Any], where: str = "") -> RowOp:
+    values = _present(
+        {
+            "chat_id": chat.chat_id,
+            "jid": chat.jid,
+            "company_id": _company(event, chat.company_id, where),
+            "agent_id": chat.agent_id,
+            "phone_number": chat.phone_number,
+            "push_name": chat.push_name,
+            "custom_name": chat.custom_name,
+            "is_group": chat.is_group,
+            "group_name": chat.group_name,
+            "last_message": chat.last_message,
+            "conversation_timestamp": chat.conversation_timestamp,
+            # Absolute: the old service's "1 means increment" is not repeated.
+            "unread_count": chat.unread_count,
+            "not_spam": chat.not_spam,
+        }
+    )
+    values["last_metadata"] = meta
+    return RowOp(
+        op="upsert",
+        table="chats",
+        key=("chat_id",),
+        values=values,
+        monotonic=("conversation_timestamp",),
+    )
+
+
+def handle_chats_upsert(event: Event) -> Sequence[RowOp]:
+    return (_chat_upsert(event, _decode(event, ChatUpsert), last_metadata(event)),)
+
+
+def handle_chats_update(event: Event) -> Sequence[RowOp]:
+    chat = _decode(event, ChatUpdate)
+    values = _present(
+        {
+            "chat_id": chat.chat_id,
+            "company_id": _company(event, chat.company_id),
+            "agent_id": chat.agent_id,
+            "unread_count": chat.unread_count,
+            "last_message": chat.last_message,
+            "conversation_timestamp": chat.conversation_timestamp,
+        }
+    )
+    values["last_metadata"] = last_metadata(event)
+    return (
+        RowOp(
+            op="update",
+            table="chats",
+            key=("chat_id",),
+            values=values,
+            monotonic=("conversation_timestamp",),
+        ),
+    )
+
+
+def handle_history_chats(event: Event) -> Sequence[RowOp]:
+    batch = _decode(event, HistoryChats)
+    meta = last_metadata(event)
+    return tuple(
+        _chat_upsert(event, chat, meta, f" chats[{i}]") for i, chat in enumerate(batch.chats)
+    )
+
+
+# messages ------------------------------------------------------------------
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _message_date(event: Event, timestamp: int | None, where: str) -> dt.date:
+    if timestamp is not None:
+        # Bounded by the payload type to dates up to 9999-12-31.
+        return _EPOCH + dt.timedelta(days=timestamp // 86400)
+    received = event.meta.received_at
+    if not received:
+        raise PermanentError(
+            f"{event.base}{where}: no message_timestamp and no received time to date it by",
+            Reason.VALIDATION,
+        )
+    try:
+        when = dt.datetime.fromisoformat(received)
+    except ValueError:
+        raise PermanentError(
+            f"{event.base}{where}: no message_timestamp and received time"
+            f" {received[:64]!r} is not RFC 3339",
+            Reason.VALIDATION,
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).date()
+
+
+def _message_upsert(
+    event: Event,
+    msg: MessageUpsert | HistoryMessage,
+    agent_id: str,
+    meta: dict[str, Any],
+    where: str = "",
+) -> RowOp:
+    date = _message_date(event, msg.message_timestamp, where)
+    values = _present(
+        {
+            "message_id": msg.message_id,
+            "from_phone": msg.from_phone,
+            "to_phone": msg.to_phone,
+            "chat_id": msg.chat_id,
+            "jid": msg.jid,
+            "message_text": msg.message_text,
+            "message_url": msg.message_url,
+            "message_type": msg.message_type,
+            "company_id": _company(event, msg.company_id, where),
+            # Builtins keep the wire's camelCase names (fromMe, remoteJid).
+            "key": None if msg.key is None else msgspec.to_builtins(msg.key),
+            "message_obj": msg.message_obj,
+            "flow": msg.flow,
+            "agent_id": agent_id,
+            "status": msg.status,
+            "message_timestamp": msg.message_timestamp,
+            "message_date": date.isoformat(),
+            "campaign": None if msg.campaign is None else msgspec.to_builtins(msg.campaign),
+        }
+    )
+    values["last_metadata"] = meta
+    return RowOp(
+        op="upsert",
+        table="messages",
+        key=("message_id", "message_date"),
+        values=values,
+        partition=f"{date.year:04d}-{date.month:02d}",
+    )
+
+
+def handle_messages_upsert(event: Event) -> Sequence[RowOp]:
+    msg = _decode(event, MessageUpsert)
+    return (_message_upsert(event, msg, msg.agent_id, last_metadata(event)),)
+
+
+def handle_messages_update(event: Event) -> Sequence[RowOp]:
+    msg = _decode(event, MessageUpdate)
+    _company(event, msg.company_id)
+    values = _present(
+        {
+            "message_id": msg.message_id,
+            "status": msg.status,
+            "edited_message_obj": msg.edited_message_obj,
+            "is_deleted": msg.is_deleted,
+            "message_url": msg.message_url,
+        }
+    )
+    values["last_metadata"] = last_metadata(event)
+    return (RowOp(op="update", table="messages", key=("message_id",), values=values),)
+
+
+def handle_history_messages(event: Event) -> Sequence[RowOp]:
+    batch = _decode(event, HistoryMessages)
+    meta = last_metadata(event)
+    rows = []
+    for i, msg in enumerate(batch.messages):
+        where = f" messages[{i}]"
+        agent_id = msg.agent_id if msg.agent_id is not None else batch.agent_id
+        if agent_id is None:
+            raise PermanentError(
+                f"invalid {event.base} payload: {where.strip()} has no agent_id"
+                " and the batch has none",
+                Reason.VALIDATION,
+            )
+        rows.append(_message_upsert(event, msg, agent_id, meta, where))
+    return tuple(rows)
+
+
+# contacts ------------------------------------------------------------------
+
+
+def _contact_upsert(
+    event: Event, contact: ContactUpsert, meta: dict[str, Any], where: str = ""
+) -> RowOp:
+    return RowOp(
+        op="upsert",
+        table="contacts",
+        key=("chat_id",),
+        values={
+            "chat_id": contact.chat_id,
+            "phone_number": contact.phone_number,
+            "company_id": _company(event, contact.company_id, where),
+            "agent_id": contact.agent_id,
+            "push_name": contact.push_name,
+            "last_metadata": meta,
+        },
+    )
+
+
+def handle_contacts_upsert(event: Event) -> Sequence[RowOp]:
+    return (_contact_upsert(event, _decode(event, ContactUpsert), last_metadata(event)),)
+
+
+def handle_contacts_update(event: Event) -> Sequence[RowOp]:
+    contact = _decode(event, ContactUpdate)
+    _company(event, contact.company_id)
+    # The old service dropped push_name here; it is the point of the event.
+    values = _present(
+        {
+            "phone_number": contact.phone_number,
+            "agent_id": contact.agent_id,
+            "push_name": contact.push_name,
+        }
+    )
+    values["last_metadata"] = last_metadata(event)
+    return (RowOp(op="update", table="contacts", key=("phone_number", "agent_id"), values=values),)
+
+
+def handle_history_contacts(event: Event) -> Sequence[RowOp]:
+    batch = _decode(event, HistoryContacts)
+    meta = last_metadata(event)
+    return tuple(
+        _contact_upsert(event, c, meta, f" contacts[{i}]") for i, c in enumerate(batch.contacts)
+    )
+
+
+# agents --------------------------------------------------------------------
+
+
+def handle_connection_update(event: Event) -> Sequence[RowOp]:
+    conn = _decode(event, ConnectionUpdate)
+    values = _present(
+        {
+            "agent_id": conn.agent_id,
+            "company_id": _company(event, conn.company_id),
+            "qr_code": conn.qr_code,
+            "status": conn.status,
+            "agent_name": conn.agent_name,
+            "host_name": conn.host_name,
+            "version": conn.version,
+            # The old service dropped phone_number.
+            "phone_number": conn.phone_number,
+        }
+    )
+    values["last_metadata"] = last_metadata(event)
+    return (RowOp(op="upsert", table="agents", key=("agent_id",), values=values),)
+
+
+HANDLERS: dict[str, Callable[[Event], Sequence[RowOp]]] = {
+    "v1.chats.upsert": handle_chats_upsert,
+    "v1.chats.update": handle_chats_update,
+    "v1.history.chats": handle_history_chats,
+    "v1.messages.upsert": handle_messages_upsert,
+    "v1.messages.update": handle_messages_update,
+    "v1.history.messages": handle_history_messages,
+    "v1.contacts.upsert": handle_contacts_upsert,
+    "v1.contacts.update": handle_contacts_update,
+    "v1.history.contacts": handle_history_contacts,
+    "v1.connection.update": handle_connection_update,
+}
+
+_TIMES = """
+        last_metadata jsonb,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()"""
+
+TENANT_DDL: tuple[str, ...] = (
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.chats (
+        chat_id text PRIMARY KEY,
+        jid text,
+        company_id text NOT NULL,
+        agent_id text,
+        phone_number text,
+        push_name text,
+        custom_name text,
+        is_group boolean,
+        group_name text,
+        last_message jsonb,
+        conversation_timestamp bigint,
+        unread_count bigint,
+        not_spam boolean,{_TIMES}
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.contacts (
+        chat_id text PRIMARY KEY,
+        phone_number text,
+        company_id text NOT NULL,
+        agent_id text,
+        push_name text,{_TIMES}
+    )""",
+    "CREATE INDEX IF NOT EXISTS contacts_phone_number_agent_id"
+    " ON {schema}.contacts (phone_number, agent_id)",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.agents (
+        agent_id text PRIMARY KEY,
+        company_id text NOT NULL,
+        qr_code text,
+        status text,
+        agent_name text,
+        host_name text,
+        version text,
+        phone_number text,{_TIMES}
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.messages (
+        message_id text NOT NULL,
+        from_phone text,
+        to_phone text,
+        chat_id text,
+        jid text,
+        message_text text,
+        message_url text,
+        message_type text,
+        company_id text NOT NULL,
+        key jsonb,
+        edited_message_obj jsonb,
+        message_obj jsonb,
+        flow text CHECK (flow IN ('IN', 'OUT')),
+        agent_id text,
+        status text,
+        is_deleted boolean NOT NULL DEFAULT false,
+        message_timestamp bigint,
+        message_date date NOT NULL,
+        campaign jsonb,{_TIMES},
+        PRIMARY KEY (message_id, message_date)
+    ) PARTITION BY RANGE (message_date)""",
+    "CREATE TABLE IF NOT EXISTS {schema}.messages_default PARTITION OF {schema}.messages DEFAULT",
+    "CREATE INDEX IF NOT EXISTS messages_message_id ON {schema}.messages (message_id)",
+    "CREATE INDEX IF NOT EXISTS messages_chat_id_message_timestamp"
+    " ON {schema}.messages (chat_id, message_timestamp)",
+)

@@ -1,0 +1,256 @@
+"""The WhatsApp registry's TENANT_DDL and rows against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
+from dlqproc.model import Event, FailureKind, Meta, Reason, RowOp
+from dlqproc.store import Store, Write, Written
+
+SCHEMA = "daisi_acme"
+TABLES = {"chats", "contacts", "agents", "messages"}
+
+
+def apply_ddl(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+    for ddl in TENANT_DDL:
+        conn.execute(sql.SQL(ddl).format(schema=sql.Identifier(SCHEMA)))
+
+
+def query(dsn: str, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(text.encode(), params).fetchall()
+
+
+def test_tenant_ddl_is_idempotent_and_creates_the_tables(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_ddl(conn)
+        apply_ddl(conn)
+    kinds = dict(
+        query(
+            dsn,
+            "SELECT c.relname, c.relkind::text FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relkind IN ('r', 'p')",
+            (SCHEMA,),
+        )
+    )
+    assert kinds == {
+        "chats": "r",
+        "contacts": "r",
+        "agents": "r",
+        "messages": "p",
+        "messages_default": "r",
+    }
+    (strategy,) = query(
+        dsn,
+        "SELECT pt.partstrat::text, a.attname FROM pg_partitioned_table pt"
+        " JOIN pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = pt.partattrs[0]"
+        " WHERE pt.partrelid = %s::regclass",
+        (f"{SCHEMA}.messages",),
+    )
+    assert strategy == ("r", "message_date")
+    (default,) = query(
+        dsn,
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+        " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass",
+        (f"{SCHEMA}.messages",),
+    )
+    assert default == ("messages_default", "DEFAULT")
+    columns: dict[str, set[str]] = {}
+    for table, column in query(
+        dsn,
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = %s",
+        (SCHEMA,),
+    ):
+        columns.setdefault(table, set()).add(column)
+    for table in TABLES:
+        assert {"company_id", "last_metadata", "created_at", "updated_at"} <= columns[table]
+    assert {
+        "message_id",
+        "from_phone",
+        "to_phone",
+        "chat_id",
+        "jid",
+        "message_text",
+        "message_url",
+        "message_type",
+        "key",
+        "edited_message_obj",
+        "message_obj",
+        "flow",
+        "agent_id",
+        "status",
+        "is_deleted",
+        "message_timestamp",
+        "message_date",
+        "campaign",
+    } <= columns["messages"]
+    assert {"phone_number"} <= columns["agents"]
+    indexes = {
+        r[0]
+        for r in query(dsn, "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (SCHEMA,))
+    }
+    assert {"messages_message_id", "contacts_phone_number_agent_id"} <= indexes
+
+
+# The handlers' rows through the real Store ------------------------------------
+
+META = Meta(
+    stream="wa_events_stream",
+    consumer="c",
+    stream_seq=7,
+    consumer_seq=3,
+    msg_id="m-1",
+    received_at="2026-11-29T10:00:00+00:00",
+)
+
+
+def rows_of(base: str, payload: dict[str, Any]) -> tuple[RowOp, ...]:
+    ev = Event(
+        subject=f"{base}.acme",
+        base=base,
+        tenant="acme",
+        payload=msgspec.json.encode(payload),
+        attempt=1,
+        meta=META,
+    )
+    return tuple(HANDLERS[base](ev))
+
+
+def write(dsn: str, *events: tuple[str, dict[str, Any]]) -> list[Written]:
+    async def main() -> list[Written]:
+        store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL)
+        try:
+            return await store.write(
+                [Write(tenant="acme", rows=rows_of(base, payload)) for base, payload in events]
+            )
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every tenant row, without updated_at and last_metadata (which a replay rewrites)."""
+    out = {}
+    for table in sorted(TABLES):
+        cols = [
+            r[0]
+            for r in query(
+                dsn,
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                (SCHEMA, table),
+            )
+            if r[0] not in ("updated_at", "last_metadata")
+        ]
+        select = sql.SQL("SELECT {} FROM {} ORDER BY 1").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.Identifier(SCHEMA, table)
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            out[table] = conn.execute(select).fetchall()
+    return out
+
+
+CHAT = {
+    "chat_id": "c1",
+    "jid": "c1@s.whatsapp.net",
+    "agent_id": "a1",
+    "phone_number": "123",
+    "unread_count": 1,
+    "conversation_timestamp": 100,
+    "last_message": {"text": "hi"},
+}
+MESSAGE = {
+    "message_id": "M1",
+    "chat_id": "c1",
+    "jid": "c1@s.whatsapp.net",
+    "flow": "OUT",
+    "agent_id": "a1",
+    "key": {"id": "M1", "fromMe": True, "remoteJid": "c1@s.whatsapp.net"},
+    "message_timestamp": 1764410400,
+    "campaign": {"is_campaign": False, "tags": ["t"]},
+}
+CONTACT = {"chat_id": "c1", "phone_number": "123", "agent_id": "a1", "push_name": "Ann"}
+EVENTS: list[tuple[str, dict[str, Any]]] = [
+    ("v1.chats.upsert", CHAT),
+    ("v1.history.chats", {"chats": [{**CHAT, "chat_id": "c2", "unread_count": 0}]}),
+    ("v1.chats.update", {"chat_id": "c1", "agent_id": "a1", "unread_count": 1}),
+    ("v1.messages.upsert", MESSAGE),
+    ("v1.history.messages", {"messages": [{**MESSAGE, "message_id": "M2"}], "agent_id": "a1"}),
+    ("v1.messages.update", {"message_id": "M1", "status": "read", "is_deleted": True}),
+    ("v1.contacts.upsert", CONTACT),
+    ("v1.history.contacts", {"contacts": [{**CONTACT, "chat_id": "c2"}]}),
+    ("v1.contacts.update", {"phone_number": "123", "agent_id": "a1", "push_name": "Annie"}),
+    ("v1.connection.update", {"agent_id": "a1", "status": "open", "phone_number": "999"}),
+]
+
+
+def test_every_event_writes_and_replays_to_the_same_rows(dsn: str) -> None:
+    assert {base for base, _ in EVENTS} == set(HANDLERS)
+    assert write(dsn, *EVENTS) == [Written()] * len(EVENTS)
+    first = snapshot(dsn)
+    for _ in range(2):
+        assert write(dsn, *EVENTS) == [Written()] * len(EVENTS)
+        assert snapshot(dsn) == first
+    chats = query(
+        dsn, f"SELECT chat_id, unread_count, conversation_timestamp FROM {SCHEMA}.chats ORDER BY 1"
+    )
+    assert chats == [("c1", 1, 100), ("c2", 0, 100)]  # unread_count absolute, not incremented
+    (msg,) = query(
+        dsn,
+        f"SELECT key, message_date::text, status, is_deleted, campaign FROM {SCHEMA}.messages"
+        " WHERE message_id = 'M1'",
+    )
+    assert msg == (
+        {"id": "M1", "fromMe": True, "remoteJid": "c1@s.whatsapp.net"},
+        "2025-11-29",
+        "read",
+        True,
+        {"is_campaign": False, "tags": ["t"]},
+    )
+    assert query(dsn, f"SELECT push_name FROM {SCHEMA}.contacts WHERE chat_id = 'c1'") == [
+        ("Annie",)
+    ]
+    assert query(dsn, f"SELECT phone_number, company_id FROM {SCHEMA}.agents") == [("999", "acme")]
+    (meta,) = query(dsn, f"SELECT last_metadata FROM {SCHEMA}.agents")
+    assert meta[0]["subject"] == "v1.connection.update.acme"
+    assert meta[0]["stream_seq"] == 7
+
+
+def test_conversation_timestamp_only_moves_forward(dsn: str) -> None:
+    assert write(dsn, ("v1.chats.upsert", CHAT)) == [Written()]
+    write(
+        dsn, ("v1.chats.update", {"chat_id": "c1", "agent_id": "a1", "conversation_timestamp": 50})
+    )
+    write(dsn, ("v1.chats.upsert", {**CHAT, "conversation_timestamp": 70}))
+    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(100,)]
+    write(
+        dsn, ("v1.chats.update", {"chat_id": "c1", "agent_id": "a1", "conversation_timestamp": 200})
+    )
+    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(200,)]
+
+
+def test_updates_of_missing_rows_are_transient_not_found(dsn: str) -> None:
+    results = write(
+        dsn,
+        ("v1.chats.update", {"chat_id": "nope", "agent_id": "a1"}),
+        ("v1.messages.update", {"message_id": "nope", "status": "read"}),
+        ("v1.contacts.update", {"phone_number": "0", "agent_id": "a1", "push_name": "x"}),
+        ("v1.connection.update", {"agent_id": "a1"}),
+    )
+    for result in results[:3]:
+        assert result.failure is not None
+        assert (result.failure.kind, result.failure.reason) == (
+            FailureKind.TRANSIENT,
+            Reason.NOT_FOUND,
+        )
+    assert results[3] == Written()

@@ -1,0 +1,621 @@
+"""The WhatsApp handlers (dlqproc.handlers.whatsapp) as pure functions: no servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dlqproc.handlers import load
+from dlqproc.handlers.payloads import EVENT_TYPES, SCHEMA_DIR, json_schemas, render
+from dlqproc.handlers.whatsapp import HANDLERS
+from dlqproc.model import Event, HandlerError, Meta, PermanentError, Reason, RowOp
+
+META = Meta(
+    stream="wa_events_stream",
+    consumer="c",
+    stream_seq=7,
+    consumer_seq=3,
+    msg_id="m-1",
+    received_at="2026-11-29T10:00:00+00:00",
+)
+
+
+def event(base: str, payload: Any, meta: Meta = META, tenant: str = "acme") -> Event:
+    body = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+    return Event(
+        subject=f"{base}.{tenant}", base=base, tenant=tenant, payload=body, attempt=1, meta=meta
+    )
+
+
+def handle(base: str, payload: Any, meta: Meta = META) -> list[RowOp]:
+    return list(HANDLERS[base](event(base, payload, meta)))
+
+
+def last_metadata(base: str) -> dict[str, Any]:
+    return {
+        "stream": "wa_events_stream",
+        "consumer": "c",
+        "stream_seq": 7,
+        "consumer_seq": 3,
+        "subject": f"{base}.acme",
+        "msg_id": "m-1",
+        "processed_at": "2026-11-29T10:00:00+00:00",
+    }
+
+
+def permanent(base: str, payload: Any, reason: Reason = Reason.VALIDATION) -> PermanentError:
+    with pytest.raises(PermanentError) as info:
+        handle(base, payload)
+    assert info.value.reason is reason, info.value
+    return info.value
+
+
+CHAT = {
+    "chat_id": "123@s.whatsapp.net",
+    "jid": "123@s.whatsapp.net",
+    "company_id": "acme",
+    "agent_id": "agent-1",
+    "phone_number": "123",
+    "push_name": "Ann",
+    "is_group": False,
+    "last_message": {"text": "hi", "nested": {"n": [1, 2]}},
+    "conversation_timestamp": 1764410400,
+    "unread_count": 1,
+}
+# 2025-11-29T10:00:00Z
+MESSAGE = {
+    "message_id": "MSG1",
+    "chat_id": "123@s.whatsapp.net",
+    "jid": "123@s.whatsapp.net",
+    "flow": "IN",
+    "company_id": "acme",
+    "agent_id": "agent-1",
+    "from_phone": "123",
+    "to_phone": "456",
+    "message_type": "text",
+    "message_text": "hello",
+    "key": {"id": "MSG1", "fromMe": False, "remoteJid": "123@s.whatsapp.net"},
+    "message_obj": {"conversation": "hello"},
+    "status": "delivered",
+    "message_timestamp": 1764410400,
+    "campaign": {"is_campaign": True, "tags": ["a", "b"], "assigned_to": "bob", "origin": "ads"},
+}
+CONTACT = {
+    "chat_id": "123@s.whatsapp.net",
+    "phone_number": "123",
+    "company_id": "acme",
+    "agent_id": "agent-1",
+    "push_name": "Ann",
+}
+VALID: dict[str, dict[str, Any]] = {
+    "v1.chats.upsert": CHAT,
+    "v1.chats.update": {
+        "chat_id": "123@s.whatsapp.net",
+        "company_id": "acme",
+        "agent_id": "agent-1",
+        "unread_count": 1,
+        "conversation_timestamp": 1764410400,
+    },
+    "v1.history.chats": {"chats": [CHAT, {**CHAT, "chat_id": "c2", "unread_count": 0}]},
+    "v1.messages.upsert": MESSAGE,
+    "v1.messages.update": {"message_id": "MSG1", "company_id": "acme", "status": "read"},
+    "v1.history.messages": {
+        "messages": [MESSAGE, {**MESSAGE, "message_id": "MSG2"}],
+        "is_last_batch": True,
+        "agent_id": "agent-1",
+    },
+    "v1.contacts.upsert": CONTACT,
+    "v1.contacts.update": {
+        "phone_number": "123",
+        "company_id": "acme",
+        "agent_id": "agent-1",
+        "push_name": "Annie",
+    },
+    "v1.history.contacts": {"contacts": [CONTACT]},
+    "v1.connection.update": {
+        "agent_id": "agent-1",
+        "company_id": "acme",
+        "status": "open",
+        "phone_number": "999",
+        "version": "1.2.3",
+    },
+}
+REQUIRED: dict[str, list[str]] = {
+    "v1.chats.upsert": ["chat_id", "jid", "agent_id", "phone_number"],
+    "v1.chats.update": ["chat_id", "agent_id"],
+    "v1.history.chats": ["chats"],
+    "v1.messages.upsert": ["message_id", "chat_id", "jid", "flow", "agent_id"],
+    "v1.messages.update": ["message_id"],
+    "v1.history.messages": ["messages"],
+    "v1.contacts.upsert": ["chat_id", "phone_number", "agent_id", "push_name"],
+    "v1.contacts.update": ["phone_number", "agent_id"],
+    "v1.history.contacts": ["contacts"],
+    "v1.connection.update": ["agent_id"],
+}
+
+
+def test_registry_covers_every_event_type() -> None:
+    assert set(HANDLERS) == set(EVENT_TYPES) == set(VALID) == set(REQUIRED)
+    registry = load("dlqproc.handlers.whatsapp")
+    assert set(registry.handlers) == set(EVENT_TYPES)
+    assert registry.tenant_ddl
+
+
+# Expected rows, one base at a time ------------------------------------------
+
+
+def test_chats_upsert() -> None:
+    (op,) = handle("v1.chats.upsert", CHAT)
+    assert (op.op, op.table, op.key, op.monotonic) == (
+        "upsert",
+        "chats",
+        ("chat_id",),
+        ("conversation_timestamp",),
+    )
+    assert op.values == {
+        "chat_id": "123@s.whatsapp.net",
+        "jid": "123@s.whatsapp.net",
+        "company_id": "acme",
+        "agent_id": "agent-1",
+        "phone_number": "123",
+        "push_name": "Ann",
+        "is_group": False,
+        "last_message": {"text": "hi", "nested": {"n": [1, 2]}},
+        "conversation_timestamp": 1764410400,
+        "unread_count": 1,
+        "last_metadata": last_metadata("v1.chats.upsert"),
+    }
+    assert op.partition == ""
+
+
+def test_unread_count_is_absolute_never_an_increment() -> None:
+    for count in (0, 1, 2, 1):
+        (op,) = handle("v1.chats.upsert", {**CHAT, "unread_count": count})
+        assert op.values["unread_count"] == count
+        assert "unread_count" not in op.monotonic
+        (op,) = handle("v1.chats.update", {**VALID["v1.chats.update"], "unread_count": count})
+        assert op.values["unread_count"] == count
+        assert "unread_count" not in op.monotonic
+
+
+def test_absent_and_null_fields_are_not_written() -> None:
+    payload = {k: CHAT[k] for k in ("chat_id", "jid", "agent_id", "phone_number")}
+    (op,) = handle("v1.chats.upsert", {**payload, "push_name": None, "unread_count": None})
+    assert set(op.values) == {
+        "chat_id",
+        "jid",
+        "agent_id",
+        "phone_number",
+        "company_id",
+        "last_metadata",
+    }
+
+
+def test_chats_update() -> None:
+    (op,) = handle("v1.chats.update", VALID["v1.chats.update"])
+    assert (op.op, op.table, op.key, op.monotonic) == (
+        "update",
+        "chats",
+        ("chat_id",),
+        ("conversation_timestamp",),
+    )
+    assert op.values == {
+        "chat_id": "123@s.whatsapp.net",
+        "company_id": "acme",
+        "agent_id": "agent-1",
+        "unread_count": 1,
+        "conversation_timestamp": 1764410400,
+        "last_metadata": last_metadata("v1.chats.update"),
+    }
+
+
+def test_history_chats() -> None:
+    ops = handle("v1.history.chats", VALID["v1.history.chats"])
+    assert [(o.op, o.table, o.key, o.values["chat_id"]) for o in ops] == [
+        ("upsert", "chats", ("chat_id",), "123@s.whatsapp.net"),
+        ("upsert", "chats", ("chat_id",), "c2"),
+    ]
+    single = handle("v1.chats.upsert", CHAT)[0]
+    assert ops[0] == msgspec.structs.replace(
+        single, values={**single.values, "last_metadata": last_metadata("v1.history.chats")}
+    )
+    assert ops[1].values["unread_count"] == 0
+    assert all(o.values["last_metadata"]["subject"] == "v1.history.chats.acme" for o in ops)
+    assert handle("v1.history.chats", {"chats": []}) == []
+
+
+def test_messages_upsert() -> None:
+    (op,) = handle("v1.messages.upsert", MESSAGE)
+    assert (op.op, op.table, op.key, op.partition, op.monotonic) == (
+        "upsert",
+        "messages",
+        ("message_id", "message_date"),
+        "2025-11",
+        (),
+    )
+    assert op.values == {
+        "message_id": "MSG1",
+        "from_phone": "123",
+        "to_phone": "456",
+        "chat_id": "123@s.whatsapp.net",
+        "jid": "123@s.whatsapp.net",
+        "message_text": "hello",
+        "message_type": "text",
+        "company_id": "acme",
+        "key": {"id": "MSG1", "fromMe": False, "remoteJid": "123@s.whatsapp.net"},
+        "message_obj": {"conversation": "hello"},
+        "flow": "IN",
+        "agent_id": "agent-1",
+        "status": "delivered",
+        "message_timestamp": 1764410400,
+        "message_date": "2025-11-29",
+        "campaign": {
+            "is_campaign": True,
+            "tags": ["a", "b"],
+            "assigned_to": "bob",
+            "origin": "ads",
+        },
+        "last_metadata": last_metadata("v1.messages.upsert"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "date"),
+    [
+        (0, "1970-01-01"),
+        (86399, "1970-01-01"),
+        (86400, "1970-01-02"),
+        (1767225599, "2025-12-31"),  # 23:59:59Z: the UTC date, whatever the local zone
+        (1767225600, "2026-01-01"),
+        (253402300799, "9999-12-31"),
+    ],
+)
+def test_message_date_is_the_utc_date_of_the_timestamp(timestamp: int, date: str) -> None:
+    (op,) = handle("v1.messages.upsert", {**MESSAGE, "message_timestamp": timestamp})
+    assert op.values["message_date"] == date
+    assert op.partition == date[:7]
+
+
+def test_message_key_keeps_only_sent_fields_in_camel_case() -> None:
+    (op,) = handle("v1.messages.upsert", {**MESSAGE, "key": {"id": "K", "fromMe": True}})
+    assert op.values["key"] == {"id": "K", "fromMe": True}
+    (op,) = handle("v1.messages.upsert", {k: v for k, v in MESSAGE.items() if k != "key"})
+    assert "key" not in op.values
+    permanent("v1.messages.upsert", {**MESSAGE, "key": {"fromMe": True}})
+
+
+def test_message_without_timestamp_is_dated_by_received_time() -> None:
+    payload = {k: v for k, v in MESSAGE.items() if k != "message_timestamp"}
+    (op,) = handle("v1.messages.upsert", payload)
+    assert (op.values["message_date"], op.partition) == ("2026-11-29", "2026-11")
+    assert "message_timestamp" not in op.values
+    late = msgspec.structs.replace(META, received_at="2026-11-30T23:30:00-02:00")  # 2026-12-01 UTC
+    (op,) = handle("v1.messages.upsert", payload, late)
+    assert (op.values["message_date"], op.partition) == ("2026-12-01", "2026-12")
+    for received in ("", "yesterday"):
+        with pytest.raises(PermanentError) as info:
+            handle(
+                "v1.messages.upsert", payload, msgspec.structs.replace(META, received_at=received)
+            )
+        assert info.value.reason is Reason.VALIDATION
+
+
+def test_messages_update() -> None:
+    (op,) = handle(
+        "v1.messages.update",
+        {
+            "message_id": "MSG1",
+            "status": "read",
+            "edited_message_obj": {"text": "edited"},
+            "is_deleted": False,
+            "message_url": "https://x/y",
+        },
+    )
+    assert (op.op, op.table, op.key) == ("update", "messages", ("message_id",))
+    assert op.values == {
+        "message_id": "MSG1",
+        "status": "read",
+        "edited_message_obj": {"text": "edited"},
+        "is_deleted": False,
+        "message_url": "https://x/y",
+        "last_metadata": last_metadata("v1.messages.update"),
+    }
+    (op,) = handle("v1.messages.update", {"message_id": "MSG1"})
+    assert op.values == {
+        "message_id": "MSG1",
+        "last_metadata": last_metadata("v1.messages.update"),
+    }
+
+
+def test_history_messages_fill_agent_id_from_the_batch() -> None:
+    item = {k: v for k, v in MESSAGE.items() if k != "agent_id"}
+    ops = handle(
+        "v1.history.messages",
+        {"messages": [item, {**item, "message_id": "M2", "agent_id": "own"}], "agent_id": "batch"},
+    )
+    assert [(o.values["message_id"], o.values["agent_id"]) for o in ops] == [
+        ("MSG1", "batch"),
+        ("M2", "own"),
+    ]
+    assert all(o.key == ("message_id", "message_date") and o.partition == "2025-11" for o in ops)
+    single = handle("v1.messages.upsert", MESSAGE)[0]
+    assert ops[0].values | {"agent_id": "agent-1"} == single.values | {
+        "last_metadata": last_metadata("v1.history.messages")
+    }
+    error = permanent("v1.history.messages", {"messages": [item]})
+    assert "agent_id" in str(error)
+
+
+def test_contacts_upsert() -> None:
+    (op,) = handle("v1.contacts.upsert", {k: v for k, v in CONTACT.items() if k != "company_id"})
+    assert (op.op, op.table, op.key) == ("upsert", "contacts", ("chat_id",))
+    assert op.values == {
+        "chat_id": "123@s.whatsapp.net",
+        "phone_number": "123",
+        "company_id": "acme",
+        "agent_id": "agent-1",
+        "push_name": "Ann",
+        "last_metadata": last_metadata("v1.contacts.upsert"),
+    }
+
+
+def test_contacts_update_keeps_push_name() -> None:
+    (op,) = handle("v1.contacts.update", VALID["v1.contacts.update"])
+    assert (op.op, op.table, op.key) == ("update", "contacts", ("phone_number", "agent_id"))
+    assert op.values == {
+        "phone_number": "123",
+        "agent_id": "agent-1",
+        "push_name": "Annie",
+        "last_metadata": last_metadata("v1.contacts.update"),
+    }
+
+
+def test_history_contacts() -> None:
+    ops = handle("v1.history.contacts", {"contacts": [CONTACT, {**CONTACT, "chat_id": "c2"}]})
+    assert [(o.op, o.table, o.key, o.values["chat_id"]) for o in ops] == [
+        ("upsert", "contacts", ("chat_id",), "123@s.whatsapp.net"),
+        ("upsert", "contacts", ("chat_id",), "c2"),
+    ]
+
+
+def test_connection_update_keeps_phone_number() -> None:
+    (op,) = handle("v1.connection.update", VALID["v1.connection.update"])
+    assert (op.op, op.table, op.key) == ("upsert", "agents", ("agent_id",))
+    assert op.values == {
+        "agent_id": "agent-1",
+        "company_id": "acme",
+        "status": "open",
+        "version": "1.2.3",
+        "phone_number": "999",
+        "last_metadata": last_metadata("v1.connection.update"),
+    }
+
+
+# Validation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "field"), [(b, f) for b, fields in REQUIRED.items() for f in fields]
+)
+def test_missing_required_field_is_permanent(base: str, field: str) -> None:
+    payload = {k: v for k, v in VALID[base].items() if k != field}
+    assert field in str(permanent(base, payload))
+    assert field in str(permanent(base, {**VALID[base], field: None}))
+
+
+@pytest.mark.parametrize(
+    ("base", "field"),
+    [
+        ("v1.history.chats", "chat_id"),
+        ("v1.history.messages", "message_id"),
+        ("v1.history.contacts", "push_name"),
+    ],
+)
+def test_missing_required_field_of_a_history_item_is_permanent(base: str, field: str) -> None:
+    items_field = REQUIRED[base][0]
+    items = VALID[base][items_field]
+    bad = [items[0], {k: v for k, v in items[-1].items() if k != field}]
+    permanent(base, {**VALID[base], items_field: bad})
+
+
+@pytest.mark.parametrize(
+    ("base", "change"),
+    [
+        ("v1.chats.upsert", {"conversation_timestamp": -1}),
+        ("v1.chats.upsert", {"unread_count": -1}),
+        ("v1.chats.upsert", {"unread_count": "3"}),
+        ("v1.chats.upsert", {"unread_count": 1.5}),
+        ("v1.chats.upsert", {"chat_id": "x" * 300}),
+        ("v1.chats.upsert", {"chat_id": ""}),
+        ("v1.chats.upsert", {"chat_id": 123}),
+        ("v1.chats.upsert", {"last_message": "text"}),
+        ("v1.chats.upsert", {"is_group": "yes"}),
+        ("v1.chats.update", {"conversation_timestamp": -5}),
+        ("v1.chats.update", {"conversation_timestamp": 2**64}),
+        ("v1.messages.upsert", {"flow": "SIDEWAYS"}),
+        ("v1.messages.upsert", {"flow": "in"}),
+        ("v1.messages.upsert", {"message_timestamp": -1}),
+        ("v1.messages.upsert", {"message_timestamp": 253402300800}),  # year 10000
+        ("v1.messages.upsert", {"message_timestamp": 1764410400000}),  # milliseconds
+        ("v1.messages.upsert", {"message_text": "x" * 65537}),
+        ("v1.messages.upsert", {"key": {"id": ""}}),
+        ("v1.messages.upsert", {"key": "MSG1"}),
+        ("v1.messages.upsert", {"campaign": {"tags": "a"}}),
+        ("v1.messages.upsert", {"campaign": {"tags": ["x" * 257]}}),
+        ("v1.messages.upsert", {"message_obj": [1]}),
+        ("v1.messages.update", {"is_deleted": 1}),
+        ("v1.contacts.upsert", {"push_name": "p" * 257}),
+        ("v1.contacts.update", {"agent_id": ["a"]}),
+        ("v1.connection.update", {"qr_code": "q" * 65537}),
+        ("v1.connection.update", {"company_id": "a" * 257}),
+        ("v1.history.messages", {"agent_id": ""}),
+        ("v1.history.chats", {"chats": {"chat_id": "x"}}),
+    ],
+)
+def test_wrong_type_or_out_of_bounds_is_permanent(base: str, change: dict[str, Any]) -> None:
+    permanent(base, {**VALID[base], **change})
+
+
+def test_history_lists_are_bounded() -> None:
+    permanent("v1.history.contacts", {"contacts": [CONTACT] * 5001})
+    assert len(handle("v1.history.contacts", {"contacts": [CONTACT] * 5000})) == 5000
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"[]", b"null", b'"x"', b"{", b"\xff\xfe"])
+@pytest.mark.parametrize("base", sorted(EVENT_TYPES))
+def test_not_an_object_is_permanent(base: str, body: bytes) -> None:
+    permanent(base, body)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    for base, payload in VALID.items():
+        assert handle(base, {**payload, "added_by_producer": {"x": 1}}) == handle(base, payload)
+
+
+# Tenants --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", sorted(EVENT_TYPES))
+def test_company_id_mismatch_is_invalid_tenant(base: str) -> None:
+    payload = VALID[base]
+    if base.startswith("v1.history."):
+        items_field = REQUIRED[base][0]
+        items = payload[items_field]
+        payload = {**payload, items_field: [items[0], {**items[-1], "company_id": "other"}]}
+    else:
+        payload = {**payload, "company_id": "other"}
+    error = permanent(base, payload, Reason.INVALID_TENANT)
+    assert "other" in str(error)
+    # Tenant ids are case-sensitive, like subjects.
+    if not base.startswith("v1.history."):
+        permanent(base, {**payload, "company_id": "ACME"}, Reason.INVALID_TENANT)
+
+
+def strip_company(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: strip_company(v) for k, v in value.items() if k != "company_id"}
+    if isinstance(value, list):
+        return [strip_company(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("base", sorted(EVENT_TYPES))
+def test_absent_company_id_is_taken_from_the_subject(base: str) -> None:
+    payload = strip_company(VALID[base])
+    assert "company_id" not in json.dumps(payload)
+    ops = handle(base, payload)
+    assert ops
+    assert ops == handle(base, VALID[base])
+    for op in ops:
+        if "company_id" in op.values:
+            assert op.values["company_id"] == "acme"
+    ops = list(HANDLERS[base](event(base, payload, tenant="globex")))
+    assert all(op.values.get("company_id", "globex") == "globex" for op in ops)
+
+
+def test_every_upsert_writes_company_id() -> None:
+    for base, payload in VALID.items():
+        for op in handle(base, strip_company(payload)):
+            if op.op == "upsert":
+                assert op.values["company_id"] == "acme"
+
+
+# Idempotency: a pure function of the event ------------------------------------
+
+
+def test_same_event_same_rows() -> None:
+    for base, payload in VALID.items():
+        ev = event(base, payload)
+        assert HANDLERS[base](ev) == HANDLERS[base](ev)
+        for op in HANDLERS[base](ev):
+            assert all(k in op.values for k in op.key)
+            assert set(op.monotonic) <= {"conversation_timestamp"}
+
+
+# Properties -----------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def field_names() -> st.SearchStrategy[str]:
+    names = {f for p in VALID.values() for f in p} | {"fromMe", "remoteJid", "id", "tags"}
+    return st.sampled_from(sorted(names))
+
+
+def check(base: str, body: bytes) -> None:
+    try:
+        ops = HANDLERS[base](event(base, body))
+    except HandlerError as exc:
+        assert isinstance(exc, PermanentError)  # these handlers have no transient failure
+        assert exc.reason in (Reason.VALIDATION, Reason.INVALID_TENANT)
+        return
+    for op in ops:
+        assert isinstance(op, RowOp)
+        assert all(k in op.values and op.values[k] is not None for k in op.key)
+        msgspec.json.encode(op.values)  # storable as jsonb/columns
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(base=st.sampled_from(sorted(EVENT_TYPES)), payload=json_values)
+def test_arbitrary_json_only_fails_as_handler_errors(base: str, payload: Any) -> None:
+    check(base, msgspec.json.encode(payload))
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from(sorted(EVENT_TYPES)),
+    changes=st.dictionaries(field_names(), json_values | st.just(None), max_size=4),
+    drop=st.sets(field_names(), max_size=3),
+    item_changes=st.dictionaries(field_names(), json_values, max_size=3),
+)
+def test_mutated_valid_payloads_only_fail_as_handler_errors(
+    base: str, changes: dict[str, Any], drop: set[str], item_changes: dict[str, Any]
+) -> None:
+    payload = {k: v for k, v in {**VALID[base], **changes}.items() if k not in drop}
+    for items_field in ("chats", "messages", "contacts"):
+        items = payload.get(items_field)
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            payload[items_field] = [{**items[0], **item_changes}, *items[1:]]
+    check(base, msgspec.json.encode(payload))
+
+
+@settings(max_examples=300)
+@given(base=st.sampled_from(sorted(EVENT_TYPES)), body=st.binary(max_size=200))
+def test_arbitrary_bytes_only_fail_as_handler_errors(base: str, body: bytes) -> None:
+    check(base, body)
+
+
+# Schemas ----------------------------------------------------------------------
+
+
+def test_committed_json_schemas_match_the_payload_types() -> None:
+    """Regenerate with `python -m dlqproc.handlers.payloads` when this fails."""
+    schemas = json_schemas()
+    assert set(schemas) == set(EVENT_TYPES)
+    committed = {p.name.removesuffix(".json") for p in SCHEMA_DIR.glob("*.json")}
+    assert committed == set(schemas)
+    for base, schema in schemas.items():
+        text = (SCHEMA_DIR / f"{base}.json").read_text(encoding="utf-8")
+        assert json.loads(text) == schema, base
+        assert text == render(schema), base
+
+
+def test_schema_dir_is_the_repository_one() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert repo / "schema" / "events" == SCHEMA_DIR
