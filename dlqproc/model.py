@@ -114,6 +114,9 @@ class RowOp(msgspec.Struct, frozen=True):
     # Columns that only move forward on upsert/update (e.g. timestamps), so a
     # late redelivery of an older event cannot move them back.
     monotonic: tuple[str, ...] = ()
+    # Columns an upsert sets only when it inserts the row: another event type
+    # owns them afterwards (e.g. a message's status belongs to its updates).
+    insert_only: tuple[str, ...] = ()
     # "YYYY-MM": the table is range-partitioned by month and the row belongs to
     # that month; the store creates the partition on first use.
     partition: str = ""

@@ -8,6 +8,7 @@ exhausted row keyed on the DLQ message), so a redelivery rewrites the same rows.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib.resources
 import logging
@@ -123,6 +124,7 @@ def _statement(
     columns: tuple[str, ...],
     key: tuple[str, ...],
     monotonic: tuple[str, ...],
+    insert_only: tuple[str, ...] = (),
 ) -> sql.Composed:
     """SQL for one RowOp shape; identifiers are always quoted by psycopg."""
     target = sql.Identifier(schema, table)
@@ -137,7 +139,7 @@ def _statement(
         updates = [
             assign(c, sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)))
             for c in columns
-            if c not in key
+            if c not in key and c not in insert_only
         ]
         updates.append(sql.SQL("updated_at = now()"))
         return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
@@ -154,6 +156,57 @@ def _statement(
         sql.SQL(", ").join(sets),
         sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
     )
+
+
+def _params(op: RowOp, columns: tuple[str, ...]) -> list[object]:
+    if op.op == "upsert":
+        return [_adapt(op.values[c]) for c in columns]
+    params = [_adapt(op.values[c]) for c in columns if c not in op.key]
+    return params + [op.values[k] for k in op.key]
+
+
+def _grouped(
+    schema: str, rows: Sequence[RowOp]
+) -> list[tuple[sql.Composed, RowOp, list[list[object]]]]:
+    """Consecutive upserts of the same shape share one statement (executemany)."""
+    groups: list[tuple[sql.Composed, RowOp, list[list[object]]]] = []
+    last: tuple[object, ...] | None = None
+    for op in rows:
+        columns = tuple(op.values)
+        shape = (op.op, op.table, columns, op.key, op.monotonic, op.insert_only)
+        if op.op == "upsert" and shape == last:
+            groups[-1][2].append(_params(op, columns))
+            continue
+        stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic, op.insert_only)
+        groups.append((stmt, op, [_params(op, columns)]))
+        last = shape if op.op == "upsert" else None
+    return groups
+
+
+_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+_PARTITION_INFO = """
+SELECT a.attname, dn.nspname, dc.relname
+FROM pg_partitioned_table p
+JOIN pg_class c ON c.oid = p.partrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
+LEFT JOIN pg_class dc ON dc.oid = p.partdefid
+LEFT JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+WHERE n.nspname = %s AND c.relname = %s
+"""
+
+
+def month_bounds(month: str) -> tuple[dt.date, dt.date] | None:
+    """[first day, first day of the next month) for "YYYY-MM", or None if malformed."""
+    match = _MONTH.match(month)
+    if not match:
+        return None
+    year, mon = int(match.group(1)), int(match.group(2))
+    if not (1 <= year <= 9999 and 1 <= mon <= 12):
+        return None
+    start = dt.date(year, mon, 1)
+    end = dt.date(year + 1, 1, 1) if mon == 12 else dt.date(year, mon + 1, 1)
+    return start, end
 
 
 _MAX_INDEXED_TEXT = 1024
@@ -178,6 +231,7 @@ class Store:
         self._tenant_ddl = tuple(tenant_ddl)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._tenants: set[str] = set()
+        self._partitions: set[tuple[str, str, str]] = set()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
@@ -259,6 +313,80 @@ class Store:
                 await conn.execute(sql.SQL(ddl).format(schema=ident))
         self._tenants.add(schema)
 
+    async def _ensure_partition(
+        self, conn: psycopg.AsyncConnection[Any], schema: str, table: str, month: str
+    ) -> None:
+        """Create the month's partition of a range-partitioned table on first use.
+
+        Rows of that month already in the default partition move into the new
+        one in the same transaction, since PostgreSQL refuses to attach a
+        partition whose rows the default partition holds.
+        """
+        key = (schema, table, month)
+        bounds = month_bounds(month)
+        if key in self._partitions or bounds is None:
+            return
+        start, end = bounds
+        part = f"{table}_{start.year:04d}_{start.month:02d}"
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{schema}.{table}",)
+                )
+                cur = await conn.execute(
+                    "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = %s AND c.relname = %s",
+                    (schema, part),
+                )
+                if await cur.fetchone() is None:
+                    cur = await conn.execute(_PARTITION_INFO, (schema, table))
+                    info = await cur.fetchone()
+                    if info is not None:
+                        await self._create_partition(conn, schema, table, part, info, start, end)
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                raise
+            # Rows still land in the default partition; retried on the next write.
+            log.warning(
+                "could not create partition",
+                extra={"schema": schema, "partition": part, "error": str(exc).strip()},
+            )
+            return
+        self._partitions.add(key)
+
+    @staticmethod
+    async def _create_partition(
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        table: str,
+        part: str,
+        info: tuple[Any, ...],
+        start: dt.date,
+        end: dt.date,
+    ) -> None:
+        column, default_schema, default_table = info
+        parent, target = sql.Identifier(schema, table), sql.Identifier(schema, part)
+        col = sql.Identifier(column)
+        await conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+                target, parent
+            )
+        )
+        if default_table is not None:
+            default = sql.Identifier(default_schema, default_table)
+            where = sql.SQL("{} >= {} AND {} < {}").format(
+                col, sql.Literal(start), col, sql.Literal(end)
+            )
+            await conn.execute(
+                sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE {}").format(target, default, where)
+            )
+            await conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(default, where))
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                parent, target, sql.Literal(start), sql.Literal(end)
+            )
+        )
+
     async def write(self, writes: Sequence[Write]) -> list[Written]:
         """Write a batch in one transaction; one item's failure never fails the others.
 
@@ -271,7 +399,11 @@ class Store:
             conn = await self._connection()
             for w in writes:
                 if w.rows and valid_tenant(w.tenant):
-                    await self._ensure_tenant(conn, schema_name(w.tenant))
+                    schema = schema_name(w.tenant)
+                    await self._ensure_tenant(conn, schema)
+                    for op in w.rows:
+                        if op.partition:
+                            await self._ensure_partition(conn, schema, op.table, op.partition)
             try:
                 async with conn.transaction():
                     return [await self._write_one(conn, w) for w in writes]
@@ -296,15 +428,13 @@ class Store:
             if w.exhausted is not None:
                 return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
             schema = schema_name(w.tenant)
-            for op in w.rows:
-                columns = tuple(op.values)
-                stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic)
-                if op.op == "upsert":
-                    params = [_adapt(op.values[c]) for c in columns]
-                else:
-                    params = [_adapt(op.values[c]) for c in columns if c not in op.key]
-                    params += [op.values[k] for k in op.key]
-                cur = await conn.execute(stmt, params)
+            for stmt, op, params in _grouped(schema, w.rows):
+                if len(params) > 1:
+                    # Upserts of one shape (a history batch): one pipelined round trip.
+                    async with conn.cursor() as cur:
+                        await cur.executemany(stmt, params)
+                    continue
+                cur = await conn.execute(stmt, params[0])
                 if op.op == "update" and cur.rowcount == 0:
                     raise ItemFailed(
                         FailureKind.TRANSIENT,

@@ -290,20 +290,20 @@ def test_message_key_keeps_only_sent_fields_in_camel_case() -> None:
     permanent("v1.messages.upsert", {**MESSAGE, "key": {"fromMe": True}})
 
 
-def test_message_without_timestamp_is_dated_by_received_time() -> None:
+def test_message_without_timestamp_is_dated_by_the_epoch_on_every_replay() -> None:
+    # message_date is part of the key: it must come from the event, never from
+    # when it was received, or a replay on another day would add a second row.
     payload = {k: v for k, v in MESSAGE.items() if k != "message_timestamp"}
-    (op,) = handle("v1.messages.upsert", payload)
-    assert (op.values["message_date"], op.partition) == ("2026-11-29", "2026-11")
-    assert "message_timestamp" not in op.values
-    late = msgspec.structs.replace(META, received_at="2026-11-30T23:30:00-02:00")  # 2026-12-01 UTC
-    (op,) = handle("v1.messages.upsert", payload, late)
-    assert (op.values["message_date"], op.partition) == ("2026-12-01", "2026-12")
-    for received in ("", "yesterday"):
-        with pytest.raises(PermanentError) as info:
-            handle(
-                "v1.messages.upsert", payload, msgspec.structs.replace(META, received_at=received)
-            )
-        assert info.value.reason is Reason.VALIDATION
+    late = msgspec.structs.replace(META, received_at="2026-11-30T23:30:00-02:00")
+    for meta in (META, late, msgspec.structs.replace(META, received_at="")):
+        (op,) = handle("v1.messages.upsert", payload, meta)
+        assert (op.values["message_date"], op.partition) == ("1970-01-01", "1970-01")
+        assert "message_timestamp" not in op.values
+
+
+def test_message_upsert_leaves_update_owned_columns_to_updates() -> None:
+    (op,) = handle("v1.messages.upsert", MESSAGE)
+    assert set(op.insert_only) == {"status", "message_url"}
 
 
 def test_messages_update() -> None:

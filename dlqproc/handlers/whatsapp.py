@@ -11,11 +11,11 @@ Failures:
 - a payload that does not decode or breaks a bound: PermanentError(VALIDATION);
 - a `company_id` that differs from the subject's tenant: PermanentError(INVALID_TENANT).
 
-messages.upsert without `message_timestamp`: `message_date` (part of the row's
-key) is the UTC date of `event.meta.received_at`; without a usable received_at
-the event is a PermanentError(VALIDATION). Note that such an event is only
-idempotent for replays on the same UTC day: a replay on another day writes a
-second row with another message_date.
+messages.upsert without `message_timestamp` is dated 1970-01-01: `message_date`
+is part of the row's key, so it must come from the event itself for a replay to
+land on the same row. The columns a messages.update owns (status, message_url)
+are written by an upsert only when it inserts the row, so a replayed upsert
+cannot undo a later update.
 """
 
 from __future__ import annotations
@@ -164,27 +164,9 @@ def handle_history_chats(event: Event) -> Sequence[RowOp]:
 _EPOCH = dt.date(1970, 1, 1)
 
 
-def _message_date(event: Event, timestamp: int | None, where: str) -> dt.date:
-    if timestamp is not None:
-        # Bounded by the payload type to dates up to 9999-12-31.
-        return _EPOCH + dt.timedelta(days=timestamp // 86400)
-    received = event.meta.received_at
-    if not received:
-        raise PermanentError(
-            f"{event.base}{where}: no message_timestamp and no received time to date it by",
-            Reason.VALIDATION,
-        )
-    try:
-        when = dt.datetime.fromisoformat(received)
-    except ValueError:
-        raise PermanentError(
-            f"{event.base}{where}: no message_timestamp and received time"
-            f" {received[:64]!r} is not RFC 3339",
-            Reason.VALIDATION,
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.astimezone(dt.UTC).date()
+def _message_date(timestamp: int | None) -> dt.date:
+    # Bounded by the payload type to dates up to 9999-12-31.
+    return _EPOCH + dt.timedelta(days=(timestamp or 0) // 86400)
 
 
 def _message_upsert(
@@ -194,7 +176,7 @@ def _message_upsert(
     meta: dict[str, Any],
     where: str = "",
 ) -> RowOp:
-    date = _message_date(event, msg.message_timestamp, where)
+    date = _message_date(msg.message_timestamp)
     values = _present(
         {
             "message_id": msg.message_id,
@@ -223,6 +205,7 @@ def _message_upsert(
         table="messages",
         key=("message_id", "message_date"),
         values=values,
+        insert_only=("status", "message_url"),
         partition=f"{date.year:04d}-{date.month:02d}",
     )
 
