@@ -37,7 +37,8 @@ class Reason(enum.Enum):
     HANDLER_ERROR = "handler_error"
     WORKER_CRASHED = "worker_crashed"
     TIMEOUT = "timeout"
-    DATABASE = "database"
+    DATABASE = "database"  # one write failed (counts against the retry budget)
+    STORE_UNAVAILABLE = "store_unavailable"  # the database as a whole (does not)
     # Budget spent: a transient failure reached nats.dlqMaxRetries deliveries.
     RETRIES_EXHAUSTED = "retries_exhausted"
 

@@ -16,7 +16,8 @@ from dlqproc.model import FailureKind, Reason
 class Action(enum.Enum):
     ACK = "ack"  # commit the rows, then ACK
     NAK = "nak"  # NAK with a delay; nothing is written
-    EXHAUST = "exhaust"  # insert into exhausted_events, then TERM
+    EXHAUST = "exhaust"  # insert into exhausted_events, then TERM (main lanes: dead-letter)
+    HOLD = "hold"  # keep the message (in-progress acks) and retry its write later
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -24,6 +25,9 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     max_delay: float  # seconds, cap
     jitter: float  # fraction of each delay drawn at random, in [0, 1)
     max_retries: int  # deliveries after which a transient failure is exhausted
+    # JetStream's max deliver for this consumer (-1: unlimited). A NAK on the
+    # last delivery would abandon the message, so that NAK becomes a HOLD.
+    max_deliver: int = -1
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -59,14 +63,20 @@ def decide(
     - success: ACK;
     - permanent failure: EXHAUST at once (retrying cannot help);
     - transient failure with deliveries left: NAK with backoff;
-    - transient failure at or past the budget: EXHAUST, reason retries_exhausted.
-    A failure to store (reason database) is transient like any other, so a
-    message whose exhausted row could not be written is NAKed, never dropped.
+    - transient failure at or past the budget: EXHAUST, reason retries_exhausted;
+    - the store itself unavailable (reason store_unavailable, also when the
+      exhausted row could not be written): NAK without using the budget, since
+      the message is not at fault; but never on JetStream's last delivery,
+      where a NAK would abandon it: HOLD it instead.
     """
     if ok:
         return Decision(Action.ACK)
+    if reason is Reason.STORE_UNAVAILABLE:
+        if 0 < policy.max_deliver <= num_delivered + 1:
+            return Decision(Action.HOLD, reason=reason)
+        return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))
     if kind is FailureKind.PERMANENT:
         return Decision(Action.EXHAUST, reason=reason)
-    if num_delivered >= policy.max_retries and reason is not Reason.DATABASE:
+    if num_delivered >= policy.max_retries:
         return Decision(Action.EXHAUST, reason=Reason.RETRIES_EXHAUSTED)
     return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))

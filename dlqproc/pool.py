@@ -10,6 +10,7 @@ supervisor never blocks on a worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import time
@@ -43,7 +44,14 @@ class WorkerLost(Exception):
 class _Worker:
     """One child process and the pipe to it."""
 
-    def __init__(self, ctx: SpawnContext, index: int, module: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        ctx: SpawnContext,
+        index: int,
+        module: str,
+        limits: Limits,
+        on_lost: Callable[[_Worker], None],
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         parent, child = ctx.Pipe(duplex=True)
         self.process: SpawnProcess = ctx.Process(
@@ -58,6 +66,10 @@ class _Worker:
         self.conn: Connection = parent
         self.busy_since = 0.0
         self.dead = False
+        self.ready = False  # said hello: its handlers loaded
+        self.closing = False  # the pool is stopping it on purpose
+        self.lost_reason = "crash"
+        self._on_lost = on_lost
         self._waiter: asyncio.Future[bytes] = self.loop.create_future()
         self.loop.add_reader(parent.fileno(), self._readable)
         self.loop.add_reader(self.process.sentinel, self._exited)
@@ -78,44 +90,56 @@ class _Worker:
     def _exited(self) -> None:
         if self.dead:
             return
+        # A reply may sit in the pipe although the process is gone: keep it.
+        with contextlib.suppress(EOFError, OSError):
+            if not self._waiter.done() and self.conn.poll():
+                self._waiter.set_result(self.conn.recv_bytes())
         self.dead = True
         self.loop.remove_reader(self.conn.fileno())
         self.loop.remove_reader(self.process.sentinel)
         if not self._waiter.done():
-            self._waiter.set_exception(WorkerLost("crash"))
+            self._waiter.set_exception(WorkerLost(self.lost_reason))
+        if self.ready and not self.closing:
+            self._on_lost(self)
 
     async def hello(self, timeout: float) -> None:
         try:
             _hello.decode(await asyncio.wait_for(self._waiter, timeout))
         except (WorkerLost, TimeoutError, msgspec.DecodeError) as exc:
+            self.closing = True
             self.kill()
             code = self.process.exitcode
             raise WorkerStartError(
                 f"worker {self.index} did not start (exit code {code}): {exc!r}"
             ) from None
+        self.ready = True
 
     async def call(self, payload: bytes, timeout: float) -> bytes:
+        if self.dead:
+            raise WorkerLost(self.lost_reason)
         self._waiter = self.loop.create_future()
         self.busy_since = time.monotonic()
         try:
-            self.conn.send_bytes(payload)
-        except OSError:
-            self._exited()
-        try:
+            try:
+                self.conn.send_bytes(payload)
+            except OSError:
+                self._exited()
             return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
         except TimeoutError:
-            self.kill()
+            self.kill("timeout")
             raise WorkerLost("timeout") from None
         finally:
             self.busy_since = 0.0
 
-    def kill(self) -> None:
+    def kill(self, reason: str = "crash") -> None:
+        self.lost_reason = reason
         if self.process.is_alive():
             self.process.kill()
         self._exited()
 
     def close(self, timeout: float) -> None:
         """Ask the worker to exit by closing its pipe; kill it if it lingers."""
+        self.closing = True
         self._exited()
         self.conn.close()
         self.process.join(timeout)
@@ -147,6 +171,7 @@ class WorkerPool:
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: dict[int, _Worker] = {}
         self._replacing: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.failed: asyncio.Future[WorkerStartError] | None = None
         self.restarts = {"crash": 0, "timeout": 0}
 
@@ -174,12 +199,16 @@ class WorkerPool:
             self._idle.put_nowait(w)
 
     def _spawn(self, index: int) -> _Worker:
-        w = _Worker(self._ctx, index, self._module, self._limits)
+        w = _Worker(self._ctx, index, self._module, self._limits, self._lost)
         self._workers[index] = w
         return w
 
-    async def _replace(self, lost: _Worker, reason: str) -> None:
-        self.restarts[reason] += 1
+    def _lost(self, lost: _Worker) -> None:
+        """A ready worker died or was killed, busy or idle: replace it, exactly once."""
+        if self._closing:
+            return
+        reason = lost.lost_reason
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
         if self._on_restart is not None:
             self._on_restart(reason)
         log.warning(
@@ -191,13 +220,20 @@ class WorkerPool:
                 "exitcode": lost.process.exitcode,
             },
         )
-        lost.close(timeout=5)
-        fresh = self._spawn(lost.index)
+        task = asyncio.create_task(self._replace(lost))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, lost: _Worker) -> None:
         try:
+            lost.close(timeout=5)
+            fresh = self._spawn(lost.index)
             await fresh.hello(self._start_timeout)
-        except WorkerStartError as exc:
+        except Exception as exc:  # cannot start, or cannot even spawn (EMFILE, EAGAIN)
+            failure = exc if isinstance(exc, WorkerStartError) else WorkerStartError(repr(exc))
+            log.error("worker could not be replaced", extra={"error": str(failure)})
             if self.failed is not None and not self.failed.done():
-                self.failed.set_result(exc)
+                self.failed.set_result(failure)
             return
         self._idle.put_nowait(fresh)
 
@@ -214,17 +250,15 @@ class WorkerPool:
 
     async def _run_once(self, batch: Sequence[Delivery]) -> list[Outcome]:
         w = await self._idle.get()
-        try:
-            data = await w.call(_encoder.encode(list(batch)), self._task_timeout)
-        except WorkerLost as lost:
-            task = asyncio.create_task(self._replace(w, lost.reason))
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
-            raise
+        while w.dead:  # died while idle: its replacement is on the way
+            w = await self._idle.get()
+        # Lost workers are replaced by _lost; nothing to do here but report it.
+        data = await w.call(_encoder.encode(list(batch)), self._task_timeout)
         self._idle.put_nowait(w)
         return _outcomes.decode(data)
 
     def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
         for task in self._replacing:
             task.cancel()
         for w in self._workers.values():

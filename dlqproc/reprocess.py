@@ -22,6 +22,7 @@ from dlqproc.model import (
     Lane,
     Outcome,
     Reason,
+    RowOp,
     Stored,
 )
 
@@ -168,6 +169,17 @@ def _with_json(stored: Stored, data: bytes) -> Stored:
 _json_check = msgspec.json.Decoder(msgspec.Raw)
 
 
+def _check_rows(rows: tuple[RowOp, ...]) -> None:
+    """A handler bug must fail its event here, not the batch in the supervisor."""
+    for row in rows:
+        if not isinstance(row, RowOp) or row.op not in ("upsert", "update"):
+            raise TypeError(f"handler returned {row!r}, not an upsert or update RowOp")
+        if not row.key or not all(isinstance(c, str) for c in row.values):
+            raise TypeError(f"RowOp for {row.table!r} needs a key and string column names")
+        if any(k not in row.values for k in row.key):
+            raise TypeError(f"RowOp for {row.table!r} lacks a value for its key {row.key}")
+
+
 def handle(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome:
     """The Outcome of one delivery of any lane."""
     if delivery.lane is Lane.DLQ:
@@ -190,6 +202,7 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
     started = time.perf_counter()
     try:
         rows = tuple(handler(event))
+        _check_rows(rows)
     except HandlerError as exc:
         return _failure(delivery, stored, exc.kind, exc.reason, str(exc), base)
     except RecursionError:

@@ -37,6 +37,7 @@ ERROR_TYPE = {
     Reason.VALIDATION: "validation",
     Reason.NOT_FOUND: "not_found",
     Reason.DATABASE: "database",
+    Reason.STORE_UNAVAILABLE: "database",
     Reason.TIMEOUT: "timeout",
     Reason.WORKER_CRASHED: "panic",
     Reason.HANDLER_ERROR: "unknown",

@@ -211,6 +211,14 @@ def month_bounds(month: str) -> tuple[dt.date, dt.date] | None:
 
 _MAX_INDEXED_TEXT = 1024
 
+
+def _text(value: str) -> str:
+    """A string PostgreSQL's text type accepts: no NUL, no lone surrogates."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\\u0000")
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 _INSERT_EXHAUSTED = """
 INSERT INTO public.exhausted_events (
     company_id, source_subject, last_error, retry_count, event_timestamp,
@@ -397,16 +405,17 @@ class Store:
         """
         try:
             conn = await self._connection()
+            # A tenant whose schema cannot be prepared fails its own items only.
+            unready: dict[str, ItemFailed] = {}
             for w in writes:
-                if w.rows and valid_tenant(w.tenant):
-                    schema = schema_name(w.tenant)
-                    await self._ensure_tenant(conn, schema)
-                    for op in w.rows:
-                        if op.partition:
-                            await self._ensure_partition(conn, schema, op.table, op.partition)
+                if w.rows and valid_tenant(w.tenant) and w.tenant not in unready:
+                    try:
+                        await self._prepare(conn, w)
+                    except ItemFailed as failed:
+                        unready[w.tenant] = failed
             try:
                 async with conn.transaction():
-                    return [await self._write_one(conn, w) for w in writes]
+                    return [await self._write_one(conn, w, unready) for w in writes]
             except ItemFailed:
                 pass
             results = []
@@ -414,7 +423,7 @@ class Store:
                 for w in writes:
                     try:
                         async with conn.transaction():
-                            results.append(await self._write_one(conn, w))
+                            results.append(await self._write_one(conn, w, unready))
                     except ItemFailed as failed:
                         results.append(Written(failure=failed))
             return results
@@ -423,7 +432,26 @@ class Store:
             await self._discard()
             raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
 
-    async def _write_one(self, conn: psycopg.AsyncConnection[Any], w: Write) -> Written:
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any], w: Write) -> None:
+        """Create the tenant's schema, tables and partitions this write needs."""
+        schema = schema_name(w.tenant)
+        try:
+            await self._ensure_tenant(conn, schema)
+            for op in w.rows:
+                if op.partition:
+                    await self._ensure_partition(conn, schema, op.table, op.partition)
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                raise
+            raise ItemFailed(
+                FailureKind.TRANSIENT, Reason.DATABASE, f"preparing {schema}: {exc}".strip()
+            ) from exc
+
+    async def _write_one(
+        self, conn: psycopg.AsyncConnection[Any], w: Write, unready: dict[str, ItemFailed]
+    ) -> Written:
+        if w.tenant in unready and w.rows:
+            raise unready[w.tenant]
         try:
             if w.exhausted is not None:
                 return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
@@ -455,6 +483,17 @@ class Store:
     async def _insert_exhausted(
         self, conn: psycopg.AsyncConnection[Any], row: ExhaustedRow
     ) -> bool:
+        # Text columns cannot hold NUL: the row must always be storable, or its
+        # message could never leave the stream. raw_payload keeps the exact bytes.
+        row = msgspec.structs.replace(
+            row,
+            company_id=_text(row.company_id),
+            source_subject=_text(row.source_subject),
+            last_error=_text(row.last_error),
+            reason=_text(row.reason),
+            dlq_subject=_text(row.dlq_subject),
+            event_timestamp=row.event_timestamp and _text(row.event_timestamp),
+        )
         digest = hashlib.md5(row.raw, usedforsecurity=False).hexdigest()
 
         async def insert(envelope: str, original: str | None, raw: bytes | None) -> bool:

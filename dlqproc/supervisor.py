@@ -27,7 +27,7 @@ from dlqproc.broker import Broker
 from dlqproc.config import Config, MainConsumerConfig
 from dlqproc.envelope import valid_tenant
 from dlqproc.metrics import Metrics
-from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason
+from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason, Stored
 from dlqproc.policy import Action, Decision, RetryPolicy, decide
 from dlqproc.pool import WorkerPool
 from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
@@ -39,12 +39,31 @@ log = logging.getLogger("dlq_worker")
 _COMMIT_GROUP = 2048  # messages merged into one transaction at most
 
 
+def internal_failure(delivery: Delivery, exc: Exception) -> Outcome:
+    """The outcome of a delivery whose batch failed outside any handler."""
+    return Outcome(
+        token=delivery.token,
+        ok=False,
+        stored=Stored(
+            company_id="unknown",
+            source_subject=delivery.subject,
+            event_timestamp=None,
+            envelope_json=None,
+            original_json=None,
+        ),
+        kind=FailureKind.TRANSIENT,
+        reason=Reason.HANDLER_ERROR,
+        error=f"internal error: {type(exc).__name__}: {exc}"[:2000],
+    )
+
+
 def dlq_policy(cfg: Config) -> RetryPolicy:
     return RetryPolicy(
         base_delay=cfg.nats.dlq_base_delay_minutes * 60,
         max_delay=cfg.nats.dlq_max_delay_minutes * 60,
         jitter=cfg.nats.dlq_jitter,
         max_retries=cfg.nats.dlq_max_retries,
+        max_deliver=cfg.nats.dlq_max_deliver,
     )
 
 
@@ -86,6 +105,7 @@ class Supervisor:
         self._batches: dict[asyncio.Task[None], list[int]] = {}
         self._done: asyncio.Queue[tuple[list[int], list[Outcome]] | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._parked: list[tuple[int, Outcome]] = []
         self._rng = random.Random()
 
     # ---------------------------------------------------------------- running
@@ -109,7 +129,14 @@ class Supervisor:
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
         self._committer = asyncio.create_task(self._commit_loop(), name="commit")
         self._heart = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        self._tasks = [*self._fetchers, self._dispatcher, self._committer, self._heart]
+        self._unpark = asyncio.create_task(self._unpark_loop(), name="unpark")
+        self._tasks = [
+            *self._fetchers,
+            self._dispatcher,
+            self._committer,
+            self._heart,
+            self._unpark,
+        ]
         assert self.pool.failed is not None
         stop = asyncio.create_task(self.stop_requested.wait())
         watched: list[asyncio.Future[object]] = [stop, self.pool.failed, *self._tasks]  # type: ignore[list-item]
@@ -233,6 +260,10 @@ class Supervisor:
             self.metrics.workers_active.inc()
             try:
                 outcomes = await self.pool.run(deliveries)
+            except Exception as exc:
+                # Never strand a batch: its messages fail transiently and are retried.
+                log.exception("worker pool failed a batch")
+                outcomes = [internal_failure(d, exc) for d in deliveries]
             finally:
                 self.metrics.workers_active.dec()
             self._done.put_nowait((tokens, outcomes))
@@ -259,6 +290,14 @@ class Supervisor:
                             "in-progress ack failed", extra={**fields(held.msg), "error": str(exc)}
                         )
 
+    async def _unpark_loop(self) -> None:
+        """Retry the writes of held messages once Postgres answers again."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._parked and await self.store.ping():
+                parked, self._parked = self._parked, []
+                self._done.put_nowait(([t for t, _ in parked], [o for _, o in parked]))
+
     # ------------------------------------------------------------- committing
 
     async def _commit_loop(self) -> None:
@@ -276,7 +315,15 @@ class Supervisor:
                 group.append(nxt)
                 size += len(nxt[0])
             pairs = [(t, o) for tokens, outs in group for t, o in zip(tokens, outs, strict=True)]
-            await self._commit_and_settle(pairs)
+            try:
+                await self._commit_and_settle(pairs)
+            except Exception:
+                # A bug must not stop the service nor strand messages: hand
+                # whatever is still held back to JetStream.
+                log.exception("commit failed unexpectedly; NAKing its messages")
+                for token, _ in pairs:
+                    await self._nak_quietly(token, self.cfg.nats.dlq_shutdown_nak_delay)
+                self._room.set()
 
     def _decide(
         self, held: Held, ok: bool, kind: FailureKind | None, reason: Reason | None
@@ -318,7 +365,7 @@ class Supervisor:
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 unavailable = ItemFailed(
-                    FailureKind.TRANSIENT, Reason.DATABASE, f"database unavailable: {exc}"
+                    FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, f"database unavailable: {exc}"
                 )
                 for token in writes:
                     self._redecide(token, verdicts[token], unavailable)
@@ -331,6 +378,15 @@ class Supervisor:
                     pending.append(token)
         settles = []
         for token, v in verdicts.items():
+            if v.decision.action is Action.HOLD:
+                # JetStream's last delivery: keep it alive and write it once the
+                # store answers again, rather than NAK it into oblivion.
+                self._parked.append((token, v.out))
+                log.error(
+                    "store unavailable on the last delivery, holding the message",
+                    extra={**fields(self._held[token].msg), "error": v.db_error},
+                )
+                continue
             held = self._held.pop(token)
             settles.append(self.settler.settle(held, v))
         # Concurrently: a dead-letter publish waits for JetStream's acknowledgement.
@@ -342,8 +398,8 @@ class Supervisor:
         if v.decision.action is Action.EXHAUST and self._held[token].lane.lane is Lane.DLQ:
             # The exhausted row itself was not written: keep the message in the stream.
             v.save_failed = True
-            failure = ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, str(failure))
-        elif failure.reason is not Reason.DATABASE:
+            failure = ItemFailed(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, str(failure))
+        elif failure.reason is not Reason.STORE_UNAVAILABLE:
             v.error = str(failure)
         v.reason = failure.reason
         v.decision = self._decide(self._held[token], False, failure.kind, failure.reason)
@@ -364,7 +420,8 @@ class Supervisor:
             "shutting down",
             extra={"in_flight": len(self._held), "grace_seconds": self.cfg.nats.shutdown_grace},
         )
-        # 1. Stop fetching, so no new message enters.
+        # 1. Stop fetching, so no new message enters (a fetcher may wait for room).
+        self._room.set()
         if self._tasks:
             await asyncio.gather(*self._fetchers, return_exceptions=True)
             self._dispatcher.cancel()
@@ -386,8 +443,10 @@ class Supervisor:
             self._done.put_nowait(None)
             await asyncio.gather(self._committer, return_exceptions=True)
             self._heart.cancel()
+            self._unpark.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        # 6. Anything still held (a commit that failed mid-way) goes back to the stream.
+        # 6. Anything still held (a commit that failed, a held message) goes back
+        #    to the stream.
         for token in list(self._held):
             await self._nak_quietly(token, nak_delay)
         self._gauges()

@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from dlqproc.handlers import RegistryError, load
-from dlqproc.model import Delivery, Outcome
+from dlqproc.model import Delivery, FailureKind, Outcome, Reason
 from dlqproc.reprocess import Limits, handle
 
 # Exit code of a worker whose handlers module does not load: the supervisor
@@ -24,6 +24,22 @@ EXIT_CANNOT_START = 78
 
 class Hello(msgspec.Struct, frozen=True, array_like=True):
     pid: int
+
+
+def _encodable(encoder: msgspec.msgpack.Encoder, outcome: Outcome) -> Outcome:
+    """The outcome, or a handler_error failure when its rows cannot be sent."""
+    try:
+        encoder.encode(outcome)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return msgspec.structs.replace(
+            outcome,
+            ok=False,
+            rows=(),
+            kind=FailureKind.TRANSIENT,
+            reason=Reason.HANDLER_ERROR,
+            error=f"handler returned values that cannot be stored: {exc}"[:2000],
+        )
+    return outcome
 
 
 def main(conn: Connection, module: str, limits: Limits) -> None:
@@ -45,6 +61,10 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
             return  # the supervisor closed the pipe or went away
         outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
         try:
-            conn.send_bytes(encoder.encode(outcomes))
+            reply = encoder.encode(outcomes)
+        except (TypeError, ValueError, OverflowError):
+            reply = encoder.encode([_encodable(encoder, o) for o in outcomes])
+        try:
+            conn.send_bytes(reply)
         except (BrokenPipeError, OSError):
             return

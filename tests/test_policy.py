@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -63,11 +64,30 @@ def test_transient_failure_naks_then_exhausts(n: int, reason: Reason, draw: floa
 
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("draw", DRAWS)
-def test_database_failure_is_never_exhausted_nor_acked(n: int, draw: float) -> None:
-    decision = decide(False, FailureKind.TRANSIENT, Reason.DATABASE, n, POLICY, draw)
+def test_store_unavailable_never_exhausts_nor_acks(n: int, draw: float) -> None:
+    # Unlimited JetStream redelivery (max_deliver -1): always a NAK with backoff.
+    decision = decide(False, FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, n, POLICY, draw)
     assert decision.action is Action.NAK
     assert decision.delay == backoff(n, POLICY, draw)
     assert decision.delay > 0
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+def test_store_unavailable_holds_instead_of_naking_the_last_delivery(n: int) -> None:
+    policy = msgspec.structs.replace(POLICY, max_deliver=10)
+    decision = decide(False, FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, n, policy, 0.5)
+    # A NAK after delivery 9 leads to delivery 10, the last; a NAK after 10 to nothing.
+    if n >= 9:
+        assert decision.action is Action.HOLD
+    else:
+        assert decision.action is Action.NAK and decision.delay > 0
+
+
+@pytest.mark.parametrize("n", DELIVERIES)
+def test_a_failed_write_counts_against_the_budget(n: int) -> None:
+    decision = decide(False, FailureKind.TRANSIENT, Reason.DATABASE, n, POLICY, 0.5)
+    expected = Action.EXHAUST if n >= POLICY.max_retries else Action.NAK
+    assert decision.action is expected
 
 
 def test_exhaustion_boundary_is_max_retries() -> None:
@@ -92,7 +112,7 @@ draws = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 @given(
     policy=policies,
     n=st.integers(min_value=1, max_value=10**6),
-    reason=st.sampled_from([*TRANSIENT_REASONS, Reason.DATABASE]),
+    reason=st.sampled_from([*TRANSIENT_REASONS, Reason.STORE_UNAVAILABLE]),
     draw=draws,
 )
 def test_every_nak_has_a_positive_delay(
@@ -103,7 +123,7 @@ def test_every_nak_has_a_positive_delay(
         assert decision.delay > 0
         assert decision.delay <= policy.max_delay
     else:
-        assert n >= policy.max_retries and reason is not Reason.DATABASE
+        assert n >= policy.max_retries and reason is not Reason.STORE_UNAVAILABLE
 
 
 @pytest.mark.parametrize(

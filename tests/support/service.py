@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import psycopg
 
 from dlqproc.embedded import free_port
@@ -175,6 +176,58 @@ class Service:
                     (await js.publish(f"{self.subject}.{tenant}", b, timeout=10)).seq
                     for b in bodies
                 ]
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def publish_to(self, subject: str, bodies: Iterable[bytes]) -> list[int]:
+        """Publish event bodies to an events subject (for the main consumers)."""
+
+        async def go() -> list[int]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                return [(await js.publish(subject, b, timeout=10)).seq for b in bodies]
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def consumer_of(self, stream: str, durable: str) -> dict[str, int]:
+        async def go() -> dict[str, int]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                info = await nc.jetstream().consumer_info(stream, durable)
+                return {
+                    "pending": int(info.num_pending or 0),
+                    "ack_pending": int(info.num_ack_pending or 0),
+                    "ack_floor": int(info.ack_floor.stream_seq or 0),
+                }
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def dlq_messages(self) -> list[dict[str, Any]]:
+        """Every message in the DLQ stream, decoded, with its headers."""
+
+        async def go() -> list[dict[str, Any]]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                info = await js.stream_info(self.stream)
+                out = []
+                for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                    try:
+                        raw = await js.get_msg(self.stream, seq)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    body = json.loads(raw.data or b"null")
+                    body["_subject"] = raw.subject
+                    body["_headers"] = dict(raw.headers or {})
+                    out.append(body)
+                return out
             finally:
                 await nc.close()
 
