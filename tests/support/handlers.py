@@ -8,6 +8,7 @@ t.slow   sleep `sleep` seconds, then upsert
 t.hang   sleep an hour on deliveries 1..hang_times, then upsert
 t.crash  the worker process dies (os._exit or SIGSEGV) on deliveries 1..crash_times
 t.update update a test_rows row (not found is transient)
+t.badop, t.badkey  buggy handlers returning RowOps the store cannot apply
 """
 
 from __future__ import annotations
@@ -93,7 +94,20 @@ def update(event: Event) -> Sequence[RowOp]:
     return (RowOp(op="update", table="test_rows", key=("id",), values={"id": p.id, "attempt": 0}),)
 
 
+def badop(event: Event) -> Sequence[RowOp]:
+    """A buggy handler: an operation the store does not know."""
+    p = _payload(event)
+    return (RowOp(op="delete", table="test_rows", key=("id",), values={"id": p.id}),)  # type: ignore[arg-type]
+
+
+def badkey(event: Event) -> Sequence[RowOp]:
+    """A buggy handler: the key column has no value."""
+    return (RowOp(op="update", table="test_rows", key=("id",), values={"attempt": 1}),)
+
+
 HANDLERS = {
+    "t.badop": badop,
+    "t.badkey": badkey,
     "t.ok": ok,
     "t.flaky": flaky,
     "t.fail": fail,
