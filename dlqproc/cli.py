@@ -50,7 +50,11 @@ def _publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--url", help="NATS URL (default: the config's nats.url)")
     p.add_argument("--bases", help="comma-separated subject bases (default: all ten)")
-    p.add_argument("--tenants", default="acme,globex,initech", help="comma-separated tenant ids")
+    p.add_argument(
+        "--tenants",
+        default="acme,globex,initech",
+        help="comma-separated tenant ids (default acme,globex,initech)",
+    )
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--count", type=_non_negative_int, help="events to publish (default 100)")
     amount.add_argument(

@@ -115,7 +115,8 @@ async def publish(
     """Publish every item (or until `duration` seconds have passed) and wait for the acks.
 
     `total`, when known, is only shown in the progress line. A connection that
-    cannot be made within `connect_timeout` raises ConnectionError; a publish JetStream does not acknowledge counts as failed.
+    cannot be made within `connect_timeout` raises ConnectionError; a publish
+    JetStream does not acknowledge counts as failed.
     """
     try:
         broker = await asyncio.wait_for(

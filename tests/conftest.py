@@ -3,7 +3,10 @@ database per test, and a factory for running dlqproc against them."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,9 +25,30 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         yield server
 
 
+@contextlib.contextmanager
+def server_home(prefix: str) -> Iterator[Path]:
+    """A private folder for a server's data, outside pytest's temp root.
+
+    The embedded PostgreSQL runs as an unprivileged user and must traverse its
+    parents; pytest resets its own temp root to mode 0700 whenever a session
+    starts, which would lock out a server started by another session.
+    """
+    home = Path(tempfile.mkdtemp(prefix=f"dlqproc-{prefix}-"))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_home() -> Iterator[Path]:
+    with server_home("pg") as home:
+        yield home
+
+
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    with PostgresServer(tmp_path_factory.mktemp("pg")) as server:
+def pg_server() -> Iterator[PostgresServer]:
+    with server_home("pg") as home, PostgresServer(home / "data") as server:
         yield server
 
 

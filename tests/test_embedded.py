@@ -75,8 +75,8 @@ def test_nats_start_restart_stop(tmp_path: Path) -> None:
     assert "Server is ready" in (tmp_path / "nats" / "nats.log").read_text()
 
 
-def test_postgres_start_restart_stop(tmp_path: Path) -> None:
-    srv = PostgresServer(tmp_path / "pg")
+def test_postgres_start_restart_stop(pg_home: Path) -> None:
+    srv = PostgresServer(pg_home / "pg")
     srv.start()
     try:
         assert srv.dsn == f"postgresql://postgres@127.0.0.1:{srv.port}/postgres"
@@ -100,8 +100,8 @@ def test_postgres_start_restart_stop(tmp_path: Path) -> None:
     assert sock_dir is not None and not sock_dir.exists()
 
 
-def test_both_as_context_managers(tmp_path: Path) -> None:
-    with NatsServer(tmp_path / "n") as ns, PostgresServer(tmp_path / "p", durable=True) as pg:
+def test_both_as_context_managers(tmp_path: Path, pg_home: Path) -> None:
+    with NatsServer(tmp_path / "n") as ns, PostgresServer(pg_home / "p", durable=True) as pg:
         npid, ppid = ns.pid, pg.pid
         assert asyncio.run(asyncio.wait_for(_stream_messages(ns.url, True), 30)) == 1
         assert _pg_roundtrip(pg.dsn, True)

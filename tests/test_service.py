@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from support.service import Service, envelope, wait_until
 
@@ -160,12 +161,12 @@ ORDER BY
     assert svc.query(inspect) == []
 
 
-def test_postgres_down_while_exhausting_naks_then_stores(service: Make, tmp_path) -> None:
+def test_postgres_down_while_exhausting_naks_then_stores(service: Make, pg_home: Path) -> None:
     from conftest import fresh_database
 
     from dlqproc.embedded import PostgresServer
 
-    with PostgresServer(tmp_path / "pg") as pg:
+    with PostgresServer(pg_home / "data") as pg:
         svc = service(db=fresh_database(pg))
         pg.stop()
         svc.publish("acme", [envelope("t.perm", "acme", {"id": "pgdown"})])

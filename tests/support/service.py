@@ -217,7 +217,9 @@ class Service:
             try:
                 js = nc.jetstream()
                 info = await js.stream_info(self.stream)
-                out = []
+                out: list[dict[str, Any]] = []
+                if not info.state.messages:
+                    return out
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     try:
                         raw = await js.get_msg(self.stream, seq)
