@@ -112,16 +112,17 @@ class PublishFailed(Exception):
 class Broker:
     """Owns the NATS connection, the streams and consumers dlqproc uses."""
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, state: dict[str, bool]) -> None:
         self._nc = nc
         self._js = nc.jetstream()
+        self._state = state  # shared with the connection callbacks
 
     @classmethod
     async def connect(cls, url: str, name: str = "dlqproc") -> Broker:
-        closing = False
+        state = {"closing": False}
 
         async def on_disconnect() -> None:
-            if not closing:
+            if not state["closing"]:
                 log.warning("NATS disconnected")
 
         async def on_reconnect() -> None:
@@ -129,10 +130,6 @@ class Broker:
 
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error", extra={"error": str(exc)})
-
-        async def on_closed() -> None:
-            nonlocal closing
-            closing = True
 
         nc: Client = await nats.connect(
             servers=[u.strip() for u in url.split(",")],
@@ -143,9 +140,8 @@ class Broker:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
-            closed_cb=on_closed,
         )
-        return cls(nc)
+        return cls(nc, state)
 
     @property
     def connected(self) -> bool:
@@ -252,6 +248,7 @@ class Broker:
         """Flush settles already sent, then close. Safe to call twice."""
         if self._nc.is_closed:
             return
+        self._state["closing"] = True
         try:
             if self._nc.is_connected:
                 await self._nc.flush(timeout=5)

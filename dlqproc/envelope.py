@@ -70,6 +70,16 @@ class _Outgoing(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _encoder = msgspec.json.Encoder()
+_json_check = msgspec.json.Decoder(msgspec.Raw)
+
+
+def is_json(data: bytes) -> bool:
+    """Whether `data` is one well-formed JSON value (nesting within msgspec's limit)."""
+    try:
+        _json_check.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 def build(
@@ -89,6 +99,8 @@ def build(
     The event body is embedded as JSON when it is JSON; otherwise as
     {"base64": ...} so that nothing of it is lost and the envelope stays JSON.
     """
+    if original_json is None and is_json(raw):
+        original_json = raw
     original: msgspec.Raw | dict[str, str] = (
         msgspec.Raw(original_json)
         if original_json is not None

@@ -137,7 +137,7 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
     if not valid:
         return _failure(
             delivery,
-            _with_json(stored, delivery.data),
+            stored,
             FailureKind.PERMANENT,
             Reason.INVALID_TENANT,
             f"invalid tenant {tenant[:80]!r}",
@@ -151,22 +151,7 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
         attempt=delivery.num_delivered,
         meta=delivery.meta,
     )
-    outcome = _handle(delivery, registry, event, stored)
-    if not outcome.ok:
-        # A failure is dead-lettered with the body embedded as JSON when it is JSON.
-        outcome = msgspec.structs.replace(outcome, stored=_with_json(stored, delivery.data))
-    return outcome
-
-
-def _with_json(stored: Stored, data: bytes) -> Stored:
-    try:
-        _json_check.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        return stored
-    return msgspec.structs.replace(stored, original_json=data)
-
-
-_json_check = msgspec.json.Decoder(msgspec.Raw)
+    return _handle(delivery, registry, event, stored)
 
 
 def _check_rows(rows: tuple[RowOp, ...]) -> None:
