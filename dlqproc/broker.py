@@ -223,6 +223,10 @@ class Broker:
         info = await self._js.consumer_info(stream, durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
+    async def stream_messages(self, stream: str) -> int:
+        """Messages a stream holds now."""
+        return int((await self._js.stream_info(stream)).state.messages)
+
     async def puller(self, spec: ConsumerSpec) -> Puller:
         sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         return Puller(sub, spec)

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Path(".dlqproc-demo"),
         help="folder for the embedded servers' data (default .dlqproc-demo)",
     )
-    d.add_argument("--messages", type=int, default=60, help="messages in the sample workload")
+    d.add_argument("--messages", type=int, default=300, help="events in the sample workload")
     d.add_argument(
         "--exit-when-done",
         action="store_true",

@@ -116,7 +116,7 @@ class PostgresConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="
 
 
 class HandlersConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
-    module: str = "dlqproc.handlers.demo"
+    module: str = "dlqproc.handlers.whatsapp"
 
 
 class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):

@@ -1,10 +1,12 @@
-"""`dlqproc demo`: the service on an embedded NATS and Postgres, with a sample workload.
+"""`dlqproc demo`: the whole pipeline on an embedded NATS and Postgres, with generated events.
 
-Starts a real nats-server and PostgreSQL under a state folder, runs the
-supervisor with the demo handlers and fast retry delays, publishes DLQ messages
-of every kind (succeed, succeed after retries, exhausted, bad input), waits
-until each is settled and prints what happened. It then keeps serving until
-Ctrl-C, which stops the service and both servers.
+Starts a real nats-server and PostgreSQL under a state folder and runs the
+service with the WhatsApp handlers and fast retry delays. It publishes
+generated events of every type for three tenants, a few of them invalid and a
+few updates that overtake their upserts, waits until everything is settled and
+prints what happened: rows per tenant table, what went to the DLQ, what the DLQ
+worker retried and what it exhausted. It then keeps serving until Ctrl-C, which
+stops the service and both servers.
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ import os
 import signal
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import msgspec
-
-from dlqproc import app, logs
+from dlqproc import app, logs, topology
 from dlqproc.broker import Broker
 from dlqproc.config import Config, ConfigError, load
 from dlqproc.embedded import NatsServer, PostgresServer, free_port
+from dlqproc.generate import Generator
 from dlqproc.metrics import Metrics
+from dlqproc.publish import publish
 
-TENANTS = ("acme", "globex")
+TENANTS = ("acme", "globex", "initech")
+TABLES = ("chats", "messages", "contacts", "agents")
 
 
 def demo_config(nats_url: str, dsn: str, port: int, path: Path | None) -> Config:
@@ -34,96 +36,65 @@ def demo_config(nats_url: str, dsn: str, port: int, path: Path | None) -> Config
         "POSTGRES_DSN": dsn,
         "SERVER_PORT": str(port),
         "SERVER_HOST": "127.0.0.1",
-        "HANDLERS_MODULE": "dlqproc.handlers.demo",
+        "HANDLERS_MODULE": "dlqproc.handlers.whatsapp",
     }
     preset = {
         "NATS_DLQWORKERS": "2",
         "NATS_DLQBASEDELAYMINUTES": "0.01",  # 0.6 s, doubling
         "NATS_DLQMAXDELAYMINUTES": "0.05",
-        "NATS_DLQMAXRETRIES": "3",
-        "NATS_DLQMAXDELIVER": "5",
-        "NATS_DLQACKWAIT": "10s",
-        "NATS_DLQTASKTIMEOUT": "5s",
-        "NATS_SHUTDOWNGRACE": "5s",
+        "NATS_DLQMAXRETRIES": "4",
+        "NATS_DLQMAXDELIVER": "8",
+        "NATS_REALTIME_NAKBASEDELAY": "200ms",
+        "NATS_REALTIME_NAKMAXDELAY": "1s",
+        "NATS_HISTORICAL_NAKBASEDELAY": "200ms",
+        "NATS_HISTORICAL_NAKMAXDELAY": "1s",
         # The demo prints its own summary; the service's warnings would drown it.
         "LOG_LEVEL": "ERROR",
     }
     return load(path, preset=preset, forced=forced)
 
 
-def envelope(tenant: str, base: str, payload: object, n: int) -> bytes:
-    return msgspec.json.encode(
-        {
-            "source_subject": f"{base}.{tenant}",
-            "company": tenant,
-            "original_payload": payload,
-            "error": "main consumer failed",
-            "error_type": "retryable",
-            "retry_count": 5,
-            "max_retry": 5,
-            "ts": datetime.now(UTC).isoformat(),
-        }
-    )
-
-
-def workload(count: int) -> list[tuple[str, bytes, str]]:
-    """(subject, body, expected fate) for `count` messages of mixed kinds."""
-    out = []
-    for i in range(count):
-        tenant = TENANTS[i % len(TENANTS)]
-        subject = f"v1.dlq.{tenant}"
-        kind = i % 10
-        if kind < 5:
-            body = envelope(tenant, "demo.ok", {"id": f"ok-{i}", "text": "hello"}, i)
-            fate = "succeeds"
-        elif kind < 7:
-            body = envelope(tenant, "demo.flaky", {"id": f"flaky-{i}", "fail_times": 2}, i)
-            fate = "succeeds after retries"
-        elif kind == 7:
-            body = envelope(tenant, "demo.flaky", {"id": f"doomed-{i}", "fail_times": 99}, i)
-            fate = "exhausted: retries spent"
-        elif kind == 8:
-            body = envelope(tenant, "demo.ok", {"text": "no id"}, i)
-            fate = "exhausted: invalid payload"
-        else:
-            body = b"\x00not json at all " + str(i).encode()
-            fate = "exhausted: not JSON"
-        out.append((subject, body, fate))
-    return out
-
-
-async def _settled(broker: Broker, stream: str, durable: str, timeout: float) -> bool:
+async def _settled(broker: Broker, cfg: Config, timeout: float) -> bool:
+    consumers = [(cfg.nats.dlq_stream, cfg.dlq_durable)] + [
+        (main.stream, cfg.durable(main)) for main in (cfg.nats.realtime, cfg.nats.historical)
+    ]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pending, ack_pending = await broker.pending(stream, durable)
-        if pending == 0 and ack_pending == 0:
+        states = [await broker.pending(stream, durable) for stream, durable in consumers]
+        if all(pending == 0 and ack_pending == 0 for pending, ack_pending in states):
             return True
         await asyncio.sleep(0.25)
     return False
 
 
-async def _report(cfg: Config, store_dsn: str, expected: dict[str, int]) -> None:
+async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
     import psycopg
 
-    async with await psycopg.AsyncConnection.connect(store_dsn) as conn:
-        rows = 0
+    async with await psycopg.AsyncConnection.connect(cfg.postgres.dsn) as conn:
+        print(f"\npublished {published} events ({invalid} invalid on purpose)")
+        print(f"dead-lettered by the main consumers: {dlq}")
+        print("\nrows per tenant:")
+        print("  tenant    " + "".join(f"{t:>10}" for t in TABLES))
         for tenant in TENANTS:
-            cur = await conn.execute(f"SELECT count(*) FROM daisi_{tenant}.demo_events")
-            rows += (await cur.fetchone() or (0,))[0]
+            counts = []
+            for table in TABLES:
+                try:
+                    cur = await conn.execute(f"SELECT count(*) FROM daisi_{tenant}.{table}")
+                    counts.append((await cur.fetchone() or (0,))[0])
+                except psycopg.errors.UndefinedTable:
+                    await conn.rollback()
+                    counts.append(0)
+            print(f"  {tenant:<10}" + "".join(f"{n:>10}" for n in counts))
         cur = await conn.execute(
             "SELECT reason, count(*) FROM exhausted_events GROUP BY reason ORDER BY reason"
         )
         exhausted = await cur.fetchall()
-    print("\nsample workload:")
-    for fate, n in sorted(expected.items()):
-        print(f"  {n:4d}  {fate}")
-    print(f"\nrows written to daisi_<tenant>.demo_events: {rows}")
-    print("exhausted_events by reason:")
-    for reason, n in exhausted:
-        print(f"  {n:4d}  {reason}")
+    print("\nexhausted_events by reason (the rest of the DLQ was reprocessed):")
+    for reason, n in exhausted or [("none", 0)]:
+        print(f"  {n:6d}  {reason}")
     print(
         f"\nmetrics: http://{cfg.server.host}:{cfg.server.port}/metrics"
-        "\ninspect: SELECT id, company_id, source_subject, last_error, retry_count"
+        "\ninspect: SELECT id, company_id, source_subject, reason, last_error"
         " FROM exhausted_events WHERE NOT resolved;"
     )
 
@@ -135,17 +106,26 @@ async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():
         return service.result()
+    generator = Generator(
+        seed=1,
+        tenants=TENANTS,
+        bases=(*topology.REALTIME_BASES, *topology.HISTORY_BASES),
+        history_batch=20,
+        invalid_rate=0.04,
+        update_first_rate=0.1,
+        now=int(time.time()),
+    )
+    events = list(generator.events(count))
+    report = await publish(
+        cfg.nats.url, [(e.subject, e.body, {"Nats-Msg-Id": e.msg_id}) for e in events]
+    )
+    print(f"{report.summary()}; waiting until every event is settled...")
     broker = await Broker.connect(cfg.nats.url, name="dlqproc-demo")
     try:
-        plan = workload(count)
-        expected: dict[str, int] = {}
-        for subject, body, fate in plan:
-            await broker.publish(subject, body)
-            expected[fate] = expected.get(fate, 0) + 1
-        print(f"published {len(plan)} DLQ messages; waiting until each is settled...")
-        if not await _settled(broker, cfg.nats.dlq_stream, cfg.dlq_durable, timeout=120):
-            print("demo: not every message settled within 120 s", file=sys.stderr)
-        await _report(cfg, cfg.postgres.dsn, expected)
+        if not await _settled(broker, cfg, timeout=180):
+            print("demo: not every event settled within 180 s", file=sys.stderr)
+        dlq = await broker.stream_messages(cfg.nats.dlq_stream)
+        await _report(cfg, report.acked, sum(not e.valid for e in events), dlq)
     finally:
         await broker.close()
     if exit_when_done:

@@ -111,13 +111,16 @@ def _processes_using(path: Path) -> list[int]:
     return found
 
 
-def test_demo_runs_the_workload_and_leaves_no_process(tmp_path: Path) -> None:
-    state = tmp_path / "demo"
+def test_demo_runs_the_pipeline_and_leaves_no_process(pg_home: Path) -> None:
+    state = pg_home / "demo"
     out = dlqproc_cmd(
-        "demo", "--state", str(state), "--messages", "30", "--exit-when-done", timeout=240
+        "demo", "--state", str(state), "--messages", "200", "--exit-when-done", timeout=240
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "succeeds after retries" in out.stdout
-    assert "retries_exhausted" in out.stdout and "not_json" in out.stdout
+    assert "published 200, acknowledged 200, failed 0" in out.stdout
+    # Some events failed into the DLQ; the invalid ones were exhausted there.
+    dead = int(out.stdout.split("dead-lettered by the main consumers: ")[1].split()[0])
+    assert dead > 0
+    assert "validation" in out.stdout and "rows per tenant" in out.stdout
     assert "/metrics" in out.stdout
     assert _processes_using(state) == []
