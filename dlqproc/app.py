@@ -18,9 +18,11 @@ from dlqproc import topology
 from dlqproc.broker import Broker
 from dlqproc.config import Config, redact_dsn, redact_url
 from dlqproc.handlers import RegistryError, load
-from dlqproc.metrics import Metrics
+from dlqproc.health import HealthServer
+from dlqproc.metrics import Metrics, MetricsDir
 from dlqproc.model import Lane
 from dlqproc.pool import WorkerPool, WorkerStartError
+from dlqproc.probes import Probes
 from dlqproc.reprocess import Limits
 from dlqproc.settle import LaneRuntime
 from dlqproc.store import Store, StoreUnavailable
@@ -114,17 +116,53 @@ class _Signals:
 on_forced_exit: Callable[[], None] | None = None
 
 
-async def serve(
-    cfg: Config, metrics: Metrics | None = None, ready: asyncio.Event | None = None
-) -> int:
+async def serve(cfg: Config, ready: asyncio.Event | None = None) -> int:
     """Run the service until a signal; return the process exit code."""
     try:
         registry = load(cfg.handlers.module)
     except RegistryError as exc:
         log.error("cannot start: handlers do not load", extra={"error": str(exc)})
         return EXIT_WORKERS
-    metrics = metrics if metrics is not None else Metrics()
-    store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, registry.tenant_ddl)
+    # Before any metric exists: every series, the workers' too, goes to this directory.
+    metrics_dir = MetricsDir(cfg.server.metrics_dir)
+    try:
+        return await _serve(cfg, registry.tenant_ddl, metrics_dir, ready)
+    finally:
+        metrics_dir.close()
+
+
+async def _serve(
+    cfg: Config, tenant_ddl: tuple[str, ...], metrics_dir: MetricsDir, ready: asyncio.Event | None
+) -> int:
+    metrics = Metrics()
+    # Listening from the start: alive while starting up, not yet ready.
+    health = HealthServer(
+        cfg.server.host,
+        cfg.server.port,
+        alive=lambda: True,
+        problems=lambda: ["starting"],
+        render=metrics_dir.render,
+    )
+    try:
+        await health.start()
+    except OSError as exc:
+        log.error("cannot start: health port", extra={"port": cfg.server.port, "error": str(exc)})
+        return EXIT_ERROR
+    try:
+        return await _run(cfg, tenant_ddl, metrics_dir, metrics, ready, health)
+    finally:
+        await health.close()
+
+
+async def _run(
+    cfg: Config,
+    tenant_ddl: tuple[str, ...],
+    metrics_dir: MetricsDir,
+    metrics: Metrics,
+    ready: asyncio.Event | None,
+    health: HealthServer,
+) -> int:
+    store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, tenant_ddl)
     log.info(
         "connecting",
         extra={"postgres": redact_dsn(cfg.postgres.dsn), "nats": redact_url(cfg.nats.url)},
@@ -140,17 +178,23 @@ async def serve(
         log.error("cannot start: Postgres unavailable", extra={"error": str(exc)})
         return EXIT_ERROR
     try:
-        broker = await Broker.connect(cfg.nats.url)
+        broker = await asyncio.wait_for(Broker.connect(cfg.nats.url), 30)
     except Exception as exc:
         log.error("cannot start: NATS unavailable", extra={"error": str(exc)})
         await store.close()
         return EXIT_ERROR
+
+    def worker_lost(reason: str, pid: int | None) -> None:
+        metrics.worker_restarts.labels(reason).inc()
+        if pid is not None:
+            metrics_dir.process_exited(pid)
+
     pool = WorkerPool(
         cfg.nats.dlq_workers,
         cfg.handlers.module,
         Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes),
         cfg.nats.dlq_task_timeout,
-        on_restart=lambda reason: metrics.worker_restarts.labels(reason).inc(),
+        on_restart=worker_lost,
     )
     try:
         lanes = await build_lanes(cfg, broker)
@@ -167,6 +211,9 @@ async def serve(
         await store.close()
         return EXIT_ERROR
     sup = Supervisor(cfg, broker, store, pool, metrics, lanes)
+    probes = Probes(broker, store, pool, lanes, metrics)
+    health.set_checks(alive=lambda: sup.alive, problems=probes.problems)
+    probing = asyncio.create_task(probes.run(), name="probes")
     signals = _Signals()
     signals.install(asyncio.get_running_loop(), sup.stop_requested)
     code = EXIT_OK
@@ -184,8 +231,15 @@ async def serve(
         log.exception("supervisor failed")
         code = EXIT_ERROR
     finally:
+        # The supervisor's own order first (see Supervisor.shutdown), then what
+        # it used, in reverse order of start-up.
         await sup.shutdown()
+        probing.cancel()
+        await asyncio.gather(probing, return_exceptions=True)
+        pids = pool.pids()
         pool.close()
+        for pid in pids:
+            metrics_dir.process_exited(pid)
         await broker.close()
         await store.close()
         log.info("stopped", extra={"exit_code": code})

@@ -122,6 +122,8 @@ class HandlersConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="
 class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     port: int = 8080
     host: str = "0.0.0.0"
+    # prometheus-client's multiprocess directory; also PROMETHEUS_MULTIPROC_DIR.
+    metrics_dir: str = ""
 
 
 class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
@@ -186,6 +188,10 @@ def leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
             yield path
 
 
+# Env names that prometheus-client users already know, read as well as the rule's.
+_ALIASES = {"server.metricsDir": "PROMETHEUS_MULTIPROC_DIR"}
+
+
 def env_name(key: str) -> str:
     return key.upper().replace(".", "_")
 
@@ -248,7 +254,9 @@ def load(
             raise ConfigError("--config", str(path), "expected a mapping at the top level")
         _merge(merged, loaded)
     for key in keys:
-        name = env_name(key)
+        name = _ALIASES.get(key, env_name(key))
+        if name not in environ:
+            name = env_name(key)
         if name in environ:
             value = environ[name]
             try:

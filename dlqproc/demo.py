@@ -23,7 +23,6 @@ from dlqproc.broker import Broker
 from dlqproc.config import Config, ConfigError, load
 from dlqproc.embedded import NatsServer, PostgresServer, free_port
 from dlqproc.generate import Generator
-from dlqproc.metrics import Metrics
 from dlqproc.publish import publish
 
 TENANTS = ("acme", "globex", "initech")
@@ -101,7 +100,7 @@ async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
 
 async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
     ready = asyncio.Event()
-    service = asyncio.create_task(app.serve(cfg, metrics=Metrics(), ready=ready))
+    service = asyncio.create_task(app.serve(cfg, ready=ready))
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():

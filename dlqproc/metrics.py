@@ -1,18 +1,118 @@
-"""Prometheus metrics: the operator guide's names, and nothing else imports prometheus_client.
+"""Prometheus metrics: the operator guide's names, multiprocess mode, and the exposition.
 
-Per-tenant DLQ series carry the label `company_id`. Process-level series
-(fetches, local queue, busy workers) have none.
+The only module that imports prometheus_client. The supervisor and every
+worker process write their series into one directory (prometheus-client's
+multiprocess mode); the supervisor aggregates them on /metrics. When a worker
+dies its counters and histograms are folded into an archive file and its own
+files removed, so worker churn neither resets a counter nor grows the
+directory. Per-tenant DLQ series carry the label `company_id`; process-level
+series (fetches, local queue, busy workers) have none.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import glob
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.mmap_dict import MmapedDict
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+_ARCHIVE = "archive"
+_LIVE_GAUGE: Final = "livesum"  # supervisor gauges: only the live supervisor's value counts
+
+
+class MetricsDir:
+    """The multiprocess directory: chosen or created, prepared, compacted, rendered."""
+
+    def __init__(self, configured: str) -> None:
+        # The operator's directory is left in place (counters accumulate across
+        # restarts); our own is created fresh and removed on close.
+        self.owned = not configured
+        self.path = Path(configured or tempfile.mkdtemp(prefix="dlqproc-metrics-"))
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # scrape vs. compaction: never both at once
+        if self.owned:
+            for f in self.path.glob("*.db"):
+                f.unlink()
+        else:
+            self._drop_stale_gauges()
+        # Inherited by spawned workers, whose prometheus_client reads it on import.
+        os.environ[ENV] = str(self.path)
+        values.ValueClass = values.MultiProcessValue()
+
+    def _drop_stale_gauges(self) -> None:
+        for f in self.path.glob("gauge_live*_*.db"):
+            pid = f.stem.rsplit("_", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                f.unlink()
+
+    def process_exited(self, pid: int) -> None:
+        """Fold a dead process's counters and histograms into the archive."""
+        with self._lock:
+            multiprocess.mark_process_dead(pid, str(self.path))
+            for name in glob.glob(str(self.path / f"*_{pid}.db")):
+                kind = os.path.basename(name).split("_", 1)[0]
+                if kind == "gauge":  # a dead process's gauge value means nothing
+                    os.unlink(name)
+                    continue
+                archive = MmapedDict(str(self.path / f"{kind}_{_ARCHIVE}.db"))
+                try:
+                    for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(name):
+                        old, _ = archive.read_value(key)
+                        archive.write_value(key, old + value, timestamp)
+                finally:
+                    archive.close()
+                os.unlink(name)
+
+    def files(self) -> int:
+        return len(list(self.path.glob("*.db")))
+
+    def render(self) -> tuple[bytes, str]:
+        """The aggregated exposition of every process (blocking: run it off the loop)."""
+        with self._lock:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=str(self.path))
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
+    """The supervisor's series. Create after MetricsDir so they go to its files."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # In multiprocess mode the files are the registry; a private registry
+        # keeps these objects out of the global default one.
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.fetch_requests = Counter(
@@ -22,7 +122,10 @@ class Metrics:
             "dlq_fetch_errors", "DLQ fetches that failed (not empty fetches).", registry=r
         )
         self.queue_length = Gauge(
-            "dlq_queue_length", "DLQ messages fetched and waiting for a worker.", registry=r
+            "dlq_queue_length",
+            "DLQ messages fetched and waiting for a worker.",
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
         )
         self.tasks_submitted = Counter(
             "dlq_tasks_submitted",
@@ -31,7 +134,10 @@ class Metrics:
             registry=r,
         )
         self.workers_active = Gauge(
-            "dlq_workers_active", "Worker processes busy with a batch.", registry=r
+            "dlq_workers_active",
+            "Worker processes busy with a batch.",
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
         )
         self.processing_duration = Histogram(
             "dlq_processing_duration_seconds",
@@ -63,8 +169,43 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "dlq_messages_in_flight",
-            "DLQ messages held locally (queued, in workers, settling).",
+            "Messages held locally (queued, in workers, settling).",
             registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.workers_alive = Gauge(
+            "dlq_workers_alive",
+            "Worker processes running (the pool's strength).",
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.consumer_pending = Gauge(
+            "dlq_consumer_pending",
+            "Messages JetStream has not yet delivered to a consumer.",
+            ["consumer"],
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.consumer_ack_pending = Gauge(
+            "dlq_consumer_ack_pending",
+            "Messages delivered to a consumer and not yet settled (incl. delayed NAKs).",
+            ["consumer"],
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.exhausted_unresolved = Gauge(
+            "dlq_exhausted_unresolved",
+            "Unresolved rows in exhausted_events.",
+            ["company_id"],
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.exhausted_oldest_age = Gauge(
+            "dlq_exhausted_oldest_unresolved_age_seconds",
+            "Age of the oldest unresolved row in exhausted_events.",
+            ["company_id"],
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
         )
         self.worker_restarts = Counter(
             "dlq_worker_restarts", "Worker processes replaced, by reason.", ["reason"], registry=r
@@ -101,4 +242,17 @@ class Metrics:
             "What the main consumers did with each delivery (contract section 6).",
             [*main_labels, "action", "error_type"],
             registry=r,
+        )
+
+
+class WorkerMetrics:
+    """Series recorded inside the worker processes."""
+
+    def __init__(self) -> None:
+        self.handler_seconds = Histogram(
+            "dlq_handler_duration_seconds",
+            "Time a handler took for one event, measured in the worker process.",
+            ["event_type"],
+            buckets=_DURATION_BUCKETS,
+            registry=CollectorRegistry(),
         )

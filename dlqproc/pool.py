@@ -157,7 +157,7 @@ class WorkerPool:
         limits: Limits,
         task_timeout: float,
         start_timeout: float = 60.0,
-        on_restart: Callable[[str], None] | None = None,
+        on_restart: Callable[[str, int | None], None] | None = None,
     ) -> None:
         self.size = size
         self._module = module
@@ -210,7 +210,7 @@ class WorkerPool:
         reason = lost.lost_reason
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         if self._on_restart is not None:
-            self._on_restart(reason)
+            self._on_restart(reason, lost.pid)
         log.warning(
             "worker lost, replacing it",
             extra={

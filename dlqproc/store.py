@@ -7,15 +7,16 @@ exhausted row keyed on the DLQ message), so a redelivery rewrites the same rows.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import importlib.resources
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 import psycopg
@@ -31,6 +32,27 @@ log = logging.getLogger("dlqproc.store")
 _MIGRATION_FILE = re.compile(r"^(\d+)_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serialises migrations of concurrently starting replicas.
 _MIGRATION_LOCK = 0x646C7170
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serialized(
+    method: Callable[Concatenate[Store, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[Store, _P], Coroutine[Any, Any, _R]]:
+    """One operation at a time on the store's single connection.
+
+    Probes and the commit loop share it; interleaved, a ping would open a
+    savepoint inside a batch's transaction instead of a transaction of its own.
+    """
+
+    async def serialized(store: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        async with store._lock:
+            return await method(store, *args, **kwargs)
+
+    serialized.__doc__ = method.__doc__
+    return serialized
 
 
 class StoreUnavailable(Exception):
@@ -239,6 +261,7 @@ class Store:
         self._tenant_ddl = tuple(tenant_ddl)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._tenants: set[str] = set()
+        self._lock = asyncio.Lock()
         self._partitions: set[tuple[str, str, str]] = set()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -273,6 +296,7 @@ class Store:
     async def close(self) -> None:
         await self._discard()
 
+    @_serialized
     async def ping(self) -> bool:
         try:
             conn = await self._connection()
@@ -285,6 +309,7 @@ class Store:
             return False
         return True
 
+    @_serialized
     async def migrate(self) -> list[str]:
         """Apply the schema/ migrations not yet applied; return their names."""
         conn = await self._connection()
@@ -395,6 +420,7 @@ class Store:
             )
         )
 
+    @_serialized
     async def write(self, writes: Sequence[Write]) -> list[Written]:
         """Write a batch in one transaction; one item's failure never fails the others.
 
@@ -543,12 +569,17 @@ class Store:
         ).decode()
         return await insert(stand_in, None, row.raw)
 
-    async def unresolved_exhausted(self) -> dict[str, int]:
-        """Unresolved exhausted events per tenant (for metrics and the demo)."""
+    @_serialized
+    async def exhausted_stats(self) -> dict[str, tuple[int, float]]:
+        """Per tenant: unresolved exhausted events, and the oldest one's age in seconds."""
         conn = await self._connection()
-        async with conn.transaction():
-            cur = await conn.execute(
-                "SELECT company_id, count(*) FROM public.exhausted_events"
-                " WHERE NOT resolved GROUP BY company_id"
-            )
-            return {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "SELECT company_id, count(*), extract(epoch FROM now() - min(created_at))"
+                    " FROM public.exhausted_events WHERE NOT resolved GROUP BY company_id"
+                )
+                return {str(r[0]): (int(r[1]), float(r[2])) for r in await cur.fetchall()}
+        except psycopg.Error as exc:
+            await self._discard()
+            raise StoreUnavailable(str(exc).strip()) from exc

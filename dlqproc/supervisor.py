@@ -110,6 +110,11 @@ class Supervisor:
 
     # ---------------------------------------------------------------- running
 
+    @property
+    def alive(self) -> bool:
+        """Every loop of the supervisor is still running."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     async def serve(self) -> None:
         """Run until a stop is requested or the pool cannot keep its workers."""
         log.info(

@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 import msgspec
 
 from dlqproc.handlers import RegistryError, load
+from dlqproc.metrics import WorkerMetrics
 from dlqproc.model import Delivery, FailureKind, Outcome, Reason
 from dlqproc.reprocess import Limits, handle
 
@@ -51,6 +52,8 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
     except RegistryError as exc:
         print(f"dlqproc worker cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(EXIT_CANNOT_START)
+    # PROMETHEUS_MULTIPROC_DIR is inherited: these series go to this pid's files.
+    handler_seconds = WorkerMetrics().handler_seconds
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(list[Delivery])
     conn.send_bytes(encoder.encode(Hello(os.getpid())))
@@ -60,6 +63,9 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
         except (EOFError, OSError):
             return  # the supervisor closed the pipe or went away
         outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
+        for o in outcomes:
+            if o.ok:
+                handler_seconds.labels(o.base).observe(o.handler_seconds)
         try:
             reply = encoder.encode(outcomes)
         except (TypeError, ValueError, OverflowError):

@@ -1,0 +1,265 @@
+"""The Prometheus rules, their unit tests, the example config and the Grafana dashboard.
+
+The promtool checks run only where promtool is installed (Debian: the
+`prometheus` package); the dashboard and metric-name checks always run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM = ROOT / "deploy" / "prometheus"
+ALERTS = PROM / "alerts.yml"
+ALERTS_TEST = PROM / "alerts_test.yml"
+PROM_CONFIG = PROM / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dlqproc-dashboard.json"
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None,
+    reason="promtool is not on PATH (install Prometheus, e.g. `apt-get install prometheus`)",
+)
+
+# The series the service exposes (counters with their `_total` suffix).
+HISTOGRAMS = {
+    "dlq_processing_duration_seconds",
+    "message_event_service_event_processing_duration_seconds",
+}
+KNOWN_METRICS = {
+    "dlq_fetch_requests_total",
+    "dlq_fetch_errors_total",
+    "dlq_queue_length",
+    "dlq_tasks_submitted_total",
+    "dlq_workers_active",
+    "dlq_task_retries_total",
+    "dlq_acks_success_total",
+    "dlq_acks_failure_total",
+    "dlq_tasks_dropped_total",
+    "dlq_messages_in_flight",
+    "dlq_worker_restarts_total",
+    "dlq_exhausted_unresolved",
+    "dlq_exhausted_oldest_unresolved_age_seconds",
+    "dlq_consumer_pending",
+    "dlq_consumer_ack_pending",
+    "message_event_service_event_processing_actions_total",
+    "message_event_service_events_received_total",
+    "message_event_service_events_processed_total",
+    "message_event_service_events_failed_total",
+} | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
+
+EXPECTED_ALERTS = {
+    "DLQExhaustedEventsIncreasing",
+    "DLQQueueLengthHigh",
+    "DLQFetchErrors",
+    "DLQRetryRateHigh",
+    "DLQUnresolvedBacklogGrowing",
+    "DLQUnresolvedBacklogStale",
+    "DLQWorkerRestarts",
+    "DLQPublishFailures",
+    "DLQNotProcessing",
+    "DLQProcessorDown",
+}
+
+# An identifier that starts like one of the service's metric names.
+_METRIC_WORD = re.compile(r"(?<![A-Za-z0-9_:])((?:dlq|message_event_service)_[A-Za-z0-9_]*)")
+
+
+def metric_names(expr: str) -> set[str]:
+    # Quoted strings hold label values, not metric names.
+    without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return set(_METRIC_WORD.findall(without_strings))
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def graph_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel that draws data (rows only group them), nested rows included."""
+    found: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        if panel.get("type") == "row":
+            found.extend(panel.get("panels", []))
+        else:
+            found.append(panel)
+    return found
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target["expr"])
+        for panel in graph_panels(load_dashboard())
+        for target in panel["targets"]
+    ]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+# --- promtool -----------------------------------------------------------------
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    result = promtool("check", "rules", ALERTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_unit_tests() -> None:
+    result = promtool("test", "rules", ALERTS_TEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_check_config() -> None:
+    result = promtool("check", "config", PROM_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    """Each panel query, with Grafana's variables filled in, is valid PromQL."""
+    substitutions = {"$__rate_interval": "5m", "$company_id": ".*"}
+    rules = []
+    for i, (_, expr) in enumerate(dashboard_exprs()):
+        for var, value in substitutions.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, f"unhandled dashboard variable in {expr!r}"
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- rules --------------------------------------------------------------------
+
+
+def test_alerts_cover_the_troubleshooting_section() -> None:
+    names = {rule["alert"] for rule in alert_rules() if "alert" in rule}
+    assert names == EXPECTED_ALERTS
+
+
+def test_alerts_have_severity_and_operator_annotations() -> None:
+    for rule in alert_rules():
+        if "alert" not in rule:
+            continue
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
+        for key in ("summary", "description", "runbook"):
+            assert rule["annotations"].get(key, "").strip(), f"{rule['alert']}: no {key}"
+
+
+def test_rules_use_only_exposed_metrics() -> None:
+    for rule in alert_rules():
+        unknown = metric_names(rule["expr"]) - KNOWN_METRICS
+        assert not unknown, f"{rule.get('alert') or rule.get('record')}: {sorted(unknown)}"
+
+
+def test_every_alert_has_unit_tests() -> None:
+    doc = yaml.safe_load(ALERTS_TEST.read_text())
+    tested = {case["alertname"] for test in doc["tests"] for case in test["alert_rule_test"]}
+    silent = {
+        case["alertname"]
+        for test in doc["tests"]
+        for case in test["alert_rule_test"]
+        if not case.get("exp_alerts")
+    }
+    assert tested == EXPECTED_ALERTS
+    assert silent == EXPECTED_ALERTS, "each alert needs a case where it does not fire"
+
+
+# --- dashboard ----------------------------------------------------------------
+
+
+def test_dashboard_is_valid_json_with_variables() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["company_id"]["type"] == "query"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_every_dashboard_panel_has_prometheus_targets() -> None:
+    panels = graph_panels(load_dashboard())
+    assert panels
+    for panel in panels:
+        assert panel.get("targets"), f"panel {panel['title']!r} has no targets"
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip(), f"panel {panel['title']!r}: empty expr"
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+
+
+def test_dashboard_uses_only_exposed_metrics() -> None:
+    used: set[str] = set()
+    for title, expr in dashboard_exprs():
+        names = metric_names(expr)
+        assert names, f"panel {title!r}: no dlqproc metric in {expr!r}"
+        unknown = names - KNOWN_METRICS
+        assert not unknown, f"panel {title!r}: unknown metrics {sorted(unknown)}"
+        used |= names
+    # The panels the operator guide asks for are all there.
+    for name in (
+        "dlq_fetch_errors_total",
+        "dlq_queue_length",
+        "dlq_messages_in_flight",
+        "dlq_worker_restarts_total",
+        "dlq_processing_duration_seconds_bucket",
+        "dlq_tasks_dropped_total",
+        "dlq_exhausted_oldest_unresolved_age_seconds",
+        "dlq_consumer_ack_pending",
+        "message_event_service_event_processing_actions_total",
+    ):
+        assert name in used, f"no panel shows {name}"
+
+
+def test_dashboard_tenant_filter_is_applied() -> None:
+    """Per-tenant series honour the company_id variable."""
+    for title, expr in dashboard_exprs():
+        if "company_id" in expr and "sum by (company_id)" not in expr:
+            continue
+        per_tenant = {
+            "dlq_tasks_submitted_total",
+            "dlq_task_retries_total",
+            "dlq_acks_success_total",
+            "dlq_acks_failure_total",
+            "dlq_tasks_dropped_total",
+            "dlq_exhausted_unresolved",
+        }
+        if metric_names(expr) & per_tenant:
+            assert '$company_id"' in expr, f"panel {title!r} ignores the tenant filter"
+
+
+def test_metric_names_helper() -> None:
+    expr = (
+        'sum by (le) (rate(dlq_processing_duration_seconds_bucket{company_id=~"$company_id",'
+        'consumer="dlq_x"}[5m])) / dlq:retry_ratio:rate5m'
+    )
+    assert metric_names(expr) == {"dlq_processing_duration_seconds_bucket"}
