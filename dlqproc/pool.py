@@ -31,6 +31,9 @@ _outcomes = msgspec.msgpack.Decoder(list[Outcome])
 _hello = msgspec.msgpack.Decoder(worker.Hello)
 
 
+_START_ATTEMPTS = 3
+
+
 class WorkerStartError(Exception):
     """A worker process could not start (its handlers do not load)."""
 
@@ -189,14 +192,36 @@ class WorkerPool:
     async def start(self) -> None:
         """Start every worker and wait until each has loaded its handlers."""
         self.failed = asyncio.get_running_loop().create_future()
-        workers = [self._spawn(i) for i in range(self.size)]
         try:
-            await asyncio.gather(*(w.hello(self._start_timeout) for w in workers))
+            workers = await asyncio.gather(*(self._start_one(i) for i in range(self.size)))
         except WorkerStartError:
             self.close()
             raise
         for w in workers:
             self._idle.put_nowait(w)
+
+    async def _start_one(self, index: int) -> _Worker:
+        """A ready worker in slot `index`.
+
+        A worker whose handlers do not load (its own exit code) will never
+        start: give up at once. One that died otherwise while starting (killed,
+        out of memory) gets a few more tries before the service gives up.
+        """
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            w = self._spawn(index)
+            try:
+                await w.hello(self._start_timeout)
+                return w
+            except WorkerStartError:
+                if w.process.exitcode == worker.EXIT_CANNOT_START or attempt == _START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "worker died while starting, trying again",
+                    extra={"worker": index, "exitcode": w.process.exitcode},
+                )
+                w.close(timeout=5)
+                await asyncio.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
     def _spawn(self, index: int) -> _Worker:
         w = _Worker(self._ctx, index, self._module, self._limits, self._lost)
@@ -227,14 +252,14 @@ class WorkerPool:
     async def _replace(self, lost: _Worker) -> None:
         try:
             lost.close(timeout=5)
-            fresh = self._spawn(lost.index)
-            await fresh.hello(self._start_timeout)
+            fresh = await self._start_one(lost.index)
         except Exception as exc:  # cannot start, or cannot even spawn (EMFILE, EAGAIN)
             failure = exc if isinstance(exc, WorkerStartError) else WorkerStartError(repr(exc))
             log.error("worker could not be replaced", extra={"error": str(failure)})
             if self.failed is not None and not self.failed.done():
                 self.failed.set_result(failure)
             return
+        log.info("worker replaced", extra={"worker": fresh.index, "pid": fresh.pid})
         self._idle.put_nowait(fresh)
 
     async def run(self, batch: Sequence[Delivery]) -> list[Outcome]:
