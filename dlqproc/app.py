@@ -21,7 +21,7 @@ from dlqproc.handlers import RegistryError, load
 from dlqproc.health import HealthServer
 from dlqproc.metrics import Metrics, MetricsDir
 from dlqproc.model import Lane
-from dlqproc.pool import WorkerPool, WorkerStartError
+from dlqproc.pool import InlinePool, Pool, WorkerPool, WorkerStartError
 from dlqproc.probes import Probes
 from dlqproc.reprocess import Limits
 from dlqproc.settle import LaneRuntime
@@ -189,12 +189,17 @@ async def _run(
         if pid is not None:
             metrics_dir.process_exited(pid)
 
-    pool = WorkerPool(
-        cfg.nats.dlq_workers,
-        cfg.handlers.module,
-        Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes),
-        cfg.nats.dlq_task_timeout,
-        on_restart=worker_lost,
+    limits = Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes)
+    pool: Pool = (
+        WorkerPool(
+            cfg.nats.dlq_workers,
+            cfg.handlers.module,
+            limits,
+            cfg.nats.dlq_task_timeout,
+            on_restart=worker_lost,
+        )
+        if cfg.nats.dlq_workers > 0
+        else InlinePool(cfg.handlers.module, limits)
     )
     try:
         lanes = await build_lanes(cfg, broker)

@@ -296,7 +296,6 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(key, value, "must be a finite number")
     positive = {
-        "nats.dlqWorkers": n.dlq_workers,
         "nats.dlqMaxDeliver": n.dlq_max_deliver,
         "nats.dlqMaxRetries": n.dlq_max_retries,
         "nats.dlqMaxAckPending": n.dlq_max_ack_pending,
@@ -321,6 +320,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "nats.dlqMaxDelayMinutes", n.dlq_max_delay_minutes, "is below nats.dlqBaseDelayMinutes"
         )
+    if n.dlq_workers < 0:
+        raise ConfigError("nats.dlqWorkers", n.dlq_workers, "cannot be negative (0: in-process)")
     if not 0 <= n.dlq_jitter < 1:
         raise ConfigError("nats.dlqJitter", n.dlq_jitter, "must be in [0, 1)")
     if n.dlq_max_retries >= n.dlq_max_deliver:

@@ -291,6 +291,57 @@ class WorkerPool:
         self._workers.clear()
 
 
+class InlinePool:
+    """The pool's interface with no processes: handlers run on the event loop.
+
+    nats.dlqWorkers = 0. For small deployments and as the benchmark's baseline
+    for what the worker processes cost; a hung handler cannot be interrupted here.
+    """
+
+    size = 0
+    alive = 0
+    busy = 0
+
+    def __init__(self, module: str, limits: Limits) -> None:
+        self._module = module
+        self._limits = limits
+        self.failed: asyncio.Future[WorkerStartError] | None = None
+
+    def pids(self) -> list[int]:
+        return []
+
+    async def start(self) -> None:
+        from dlqproc.handlers import RegistryError, load
+        from dlqproc.metrics import WorkerMetrics
+        from dlqproc.reprocess import handle
+
+        self.failed = asyncio.get_running_loop().create_future()
+        try:
+            registry = load(self._module)
+        except RegistryError as exc:
+            raise WorkerStartError(str(exc)) from exc
+        seconds = WorkerMetrics().handler_seconds
+        limits = self._limits
+
+        def run(batch: Sequence[Delivery]) -> list[Outcome]:
+            outcomes = [handle(d, registry, limits) for d in batch]
+            for o in outcomes:
+                if o.ok:
+                    seconds.labels(o.base).observe(o.handler_seconds)
+            return outcomes
+
+        self._run = run
+
+    async def run(self, batch: Sequence[Delivery]) -> list[Outcome]:
+        return self._run(batch)
+
+    def close(self, timeout: float = 5.0) -> None:
+        pass
+
+
+Pool = WorkerPool | InlinePool
+
+
 def _lost_outcome(delivery: Delivery, reason: str, limits: Limits) -> Outcome:
     stored: Stored = bare_stored(delivery, limits, as_json=True)
     why = Reason.TIMEOUT if reason == "timeout" else Reason.WORKER_CRASHED

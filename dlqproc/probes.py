@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from dlqproc.broker import Broker
 from dlqproc.metrics import Metrics
-from dlqproc.pool import WorkerPool
+from dlqproc.pool import Pool
 from dlqproc.settle import LaneRuntime
 from dlqproc.store import Store, StoreUnavailable
 
@@ -29,7 +29,7 @@ class Probes:
         self,
         broker: Broker,
         store: Store,
-        pool: WorkerPool,
+        pool: Pool,
         lanes: Sequence[LaneRuntime],
         metrics: Metrics,
     ) -> None:

@@ -29,7 +29,7 @@ from dlqproc.envelope import valid_tenant
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason, Stored
 from dlqproc.policy import Action, Decision, RetryPolicy, decide
-from dlqproc.pool import WorkerPool
+from dlqproc.pool import Pool
 from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
 from dlqproc.store import ItemFailed, Store, StoreUnavailable
 
@@ -83,7 +83,7 @@ class Supervisor:
         cfg: Config,
         broker: Broker,
         store: Store,
-        pool: WorkerPool,
+        pool: Pool,
         metrics: Metrics,
         lanes: Sequence[LaneRuntime],
     ) -> None:
@@ -101,7 +101,7 @@ class Supervisor:
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
         self._room = asyncio.Event()  # held messages were settled
-        self._slots = asyncio.Semaphore(cfg.nats.dlq_workers)
+        self._slots = asyncio.Semaphore(max(1, cfg.nats.dlq_workers))
         self._batches: dict[asyncio.Task[None], list[int]] = {}
         self._done: asyncio.Queue[tuple[list[int], list[Outcome]] | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []

@@ -391,3 +391,17 @@ def test_message_expired_in_local_queue_is_left_to_redelivery(service: Make, tmp
         for e in expired:
             assert rows[f"q{e['stream_seq'] - 1}"] >= 2
         svc.stop()
+
+
+def test_in_process_mode_without_worker_processes(service: Make) -> None:
+    svc = service(NATS_DLQWORKERS="0")
+    assert svc.worker_pids() == []
+    svc.publish(
+        "acme",
+        [envelope("t.ok", "acme", {"id": f"i{i}"}) for i in range(10)]
+        + [envelope("t.perm", "acme", {"id": "p"})],
+    )
+    wait_until(lambda: len(svc.rows("acme")) == 10 and svc.exhausted(), timeout=30)
+    wait_until(svc.settled)
+    assert svc.rows("acme") == {f"i{i}": 1 for i in range(10)}
+    assert svc.stop() == 0
