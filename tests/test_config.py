@@ -371,7 +371,7 @@ def test_file_missing(tmp_path: Path) -> None:
         ("NATS_DLQMAXRETRIES", "11", "nats.dlqMaxRetries", 11),
         ("NATS_DLQMAXDELIVER", "5", "nats.dlqMaxRetries", 5),
         ("NATS_DLQWORKERS", "-1", "nats.dlqWorkers", -1),
-        ("NATS_DLQWORKERS", "0", "nats.dlqWorkers", 0),
+        ("NATS_DLQWORKERS", "-1", "nats.dlqWorkers", -1),
         ("NATS_DLQMAXACKPENDING", "-3", "nats.dlqMaxAckPending", -3),
         ("NATS_DLQMAXAGEDAYS", "-7", "nats.dlqMaxAgeDays", -7.0),
         ("NATS_DLQBASEDELAYMINUTES", "-1", "nats.dlqBaseDelayMinutes", -1.0),
