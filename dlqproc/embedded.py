@@ -327,6 +327,22 @@ class PostgresServer(_Managed):
         env.pop("LANG", None)
         return env
 
+    def _popen(self, cmd: list[str], ids: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+        """A PostgreSQL program, as the unprivileged user when running as root."""
+        with _open_log(self.log_path) as log:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
+                env=self._env(),
+                start_new_session=True,
+                user=ids[0] if ids else None,
+                group=ids[1] if ids else None,
+                extra_groups=[] if ids else None,
+            )
+
     def _initdb(self, bin_dir: Path, ids: tuple[int, int] | None) -> None:
         if (self.data_dir / "PG_VERSION").is_file():
             return
@@ -345,19 +361,7 @@ class PostgresServer(_Managed):
             "--locale=C",
             "--no-sync",
         ]  # fmt: skip
-        with _open_log(self.log_path) as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                env=self._env(),
-                start_new_session=True,
-                user=ids[0] if ids else None,
-                group=ids[1] if ids else None,
-                extra_groups=[] if ids else None,
-            )
+        proc = self._popen(cmd, ids)
         try:
             rc = proc.wait(timeout=120.0)
         except subprocess.TimeoutExpired:
@@ -431,19 +435,7 @@ class PostgresServer(_Managed):
                 "-c", "full_page_writes=off",
             ]  # fmt: skip
         offset = _file_size(self.log_path)
-        with _open_log(self.log_path) as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.state_dir,
-                env=self._env(),
-                start_new_session=True,
-                user=ids[0] if ids else None,
-                group=ids[1] if ids else None,
-                extra_groups=[] if ids else None,
-            )
+        self._proc = self._popen(cmd, ids)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
