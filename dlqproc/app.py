@@ -82,6 +82,8 @@ async def build_lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
                 fetch_batch=fetch_batch,
                 ack_wait=consumer.ack_wait,
                 max_deliver=max_deliver,
+                stream=stream,
+                owns_stream=reconcile,
             )
         )
     return lanes

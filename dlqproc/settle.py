@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from dlqproc import envelope
-from dlqproc.broker import Broker, Inbound, PublishFailed, Puller
+from dlqproc.broker import Broker, Inbound, PublishFailed, Puller, StreamSpec
 from dlqproc.metrics import Metrics
 from dlqproc.model import Lane, Outcome, Reason
 from dlqproc.policy import Action, Decision, RetryPolicy, backoff
@@ -54,6 +54,8 @@ class LaneRuntime(msgspec.Struct, frozen=True):
     fetch_batch: int
     ack_wait: float
     max_deliver: int  # reported as the envelope's max_retry when dead-lettering
+    stream: StreamSpec  # recreated if it disappears
+    owns_stream: bool  # dlqproc's own (the DLQ): reconciled, not just created
 
 
 class Held:

@@ -176,7 +176,9 @@ class Supervisor:
                     "fetch failed",
                     extra={"lane": lane.lane.value, "error": str(exc), "failures": failures},
                 )
-                await self._pause(min(0.1 * 2**failures, 5.0))
+                if failures == 3 or failures % 10 == 0:
+                    await self._restore_topology(lane)
+                await self._pause(min(0.1 * 2 ** min(failures, 6), 5.0))
                 continue
             failures = 0
             for msg in msgs:
@@ -191,6 +193,19 @@ class Supervisor:
             if msgs:
                 self._gauges()
                 self._work.set()
+
+    async def _restore_topology(self, lane: LaneRuntime) -> None:
+        """Fetches keep failing: the stream or consumer may have been deleted."""
+        try:
+            changes = await self.broker.ensure_stream(lane.stream, reconcile=lane.owns_stream)
+            changes += await self.broker.ensure_consumer(lane.puller.spec)
+        except Exception as exc:
+            log.warning(
+                "cannot restore NATS topology", extra={"lane": lane.lane.value, "error": str(exc)}
+            )
+            return
+        for change in changes:
+            log.info("NATS topology reconciled", extra={"change": change})
 
     async def _pause(self, seconds: float) -> None:
         """Sleep that ends early when a stop is requested."""

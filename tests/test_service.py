@@ -405,3 +405,28 @@ def test_in_process_mode_without_worker_processes(service: Make) -> None:
     wait_until(svc.settled)
     assert svc.rows("acme") == {f"i{i}": 1 for i in range(10)}
     assert svc.stop() == 0
+
+
+def test_deleted_dlq_stream_and_consumer_are_recreated(service: Make) -> None:
+    import asyncio
+
+    import nats
+
+    svc = service()
+
+    async def delete() -> None:
+        nc = await nats.connect(svc.nats_url)
+        try:
+            await nc.jetstream().delete_stream(svc.stream)
+        finally:
+            await nc.close()
+
+    asyncio.run(delete())
+    wait_until(
+        lambda: (
+            len(svc.find("NATS topology reconciled", change=f"created stream {svc.stream}")) == 2
+        ),
+        timeout=60,
+    )
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": "after"})])
+    wait_until(lambda: svc.rows("acme") == {"after": 1}, timeout=30)
