@@ -189,7 +189,8 @@ async def _run(
     def worker_lost(reason: str, pid: int | None) -> None:
         metrics.worker_restarts.labels(reason).inc()
         if pid is not None:
-            metrics_dir.process_exited(pid)
+            # File work that may wait for a scrape: off the event loop.
+            asyncio.get_running_loop().run_in_executor(None, metrics_dir.process_exited, pid)
 
     limits = Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes)
     pool: Pool = (

@@ -144,6 +144,11 @@ class Broker:
         return cls(nc, state)
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts (1 MiB unless configured)."""
+        return int(self._nc.max_payload or 1024 * 1024)
+
+    @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
 

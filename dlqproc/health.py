@@ -18,7 +18,15 @@ import msgspec
 log = logging.getLogger("dlqproc.health")
 
 _MAX_REQUEST = 8192
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_MAX_CONNECTIONS = 32  # a scraper and a few probes; more is a misbehaving client
+_TIMEOUT = 5.0  # to read a request, and to write a response
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class HealthServer:
@@ -35,6 +43,7 @@ class HealthServer:
         self._problems = problems
         self._render = render
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     def set_checks(self, alive: Callable[[], bool], problems: Callable[[], list[str]]) -> None:
         self._alive, self._problems = alive, problems
@@ -50,8 +59,21 @@ class HealthServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= _MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await self._respond(reader, writer)
+        finally:
+            self._open -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), _TIMEOUT)
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
             method, path, *_ = head[:_MAX_REQUEST].decode("latin-1").split(" ", 2)
             status, body, ctype = await self._route(method, path.split("?", 1)[0])
             writer.write(
@@ -59,7 +81,7 @@ class HealthServer:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + (body if method != "HEAD" else b"")
             )
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), _TIMEOUT)
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -68,17 +90,17 @@ class HealthServer:
             ValueError,
         ):
             pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _route(self, method: str, path: str) -> tuple[int, bytes, str]:
         if method not in ("GET", "HEAD"):
             return 405, b"", "text/plain"
         if path == "/metrics":
             # Reading every process's files is blocking work: off the event loop.
-            body, ctype = await asyncio.to_thread(self._render)
+            try:
+                body, ctype = await asyncio.to_thread(self._render)
+            except Exception:
+                log.exception("rendering /metrics failed")
+                return 500, b"metrics unavailable\n", "text/plain"
             return 200, body, ctype
         if path == "/health":
             ok = self._alive()

@@ -3,8 +3,9 @@
 Owns process lifecycle: start (explicit spawn context), hand a batch to an
 idle worker, notice a worker that died or overran its timeout, kill and
 replace it, and retry what it held one message at a time so a poison message
-costs only itself. Results arrive through the event loop (add_reader), so the
-supervisor never blocks on a worker.
+costs only itself. Batches and replies travel as length-prefixed frames over a
+socketpair driven by asyncio streams, so the supervisor never blocks on a
+worker, whatever the size of a batch or a reply.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import socket
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext, SpawnProcess
 
 import msgspec
@@ -45,7 +46,7 @@ class WorkerLost(Exception):
 
 
 class _Worker:
-    """One child process and the pipe to it."""
+    """One child process and the socketpair to it, read by an asyncio stream."""
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class _Worker:
         on_lost: Callable[[_Worker], None],
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        parent, child = ctx.Pipe(duplex=True)
+        parent, child = socket.socketpair()
         self.process: SpawnProcess = ctx.Process(
             target=worker.main,
             args=(child, module, limits),
@@ -66,40 +67,41 @@ class _Worker:
         self.process.start()
         child.close()
         self.index = index
-        self.conn: Connection = parent
+        self.sock = parent
         self.busy_since = 0.0
         self.dead = False
         self.ready = False  # said hello: its handlers loaded
         self.closing = False  # the pool is stopping it on purpose
         self.lost_reason = "crash"
         self._on_lost = on_lost
+        self._writer: asyncio.StreamWriter | None = None
         self._waiter: asyncio.Future[bytes] = self.loop.create_future()
-        self.loop.add_reader(parent.fileno(), self._readable)
+        self._reading = self.loop.create_task(self._read_frames())
         self.loop.add_reader(self.process.sentinel, self._exited)
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
 
-    def _readable(self) -> None:
+    async def _read_frames(self) -> None:
+        """Deliver each reply to whoever waits for it; EOF means the worker is gone."""
         try:
-            data = self.conn.recv_bytes()
-        except (EOFError, OSError):
-            self._exited()
-            return
-        if not self._waiter.done():
-            self._waiter.set_result(data)
+            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=2**16)
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                data = await reader.readexactly(size)
+                if not self._waiter.done():
+                    self._waiter.set_result(data)
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        self._exited()
 
     def _exited(self) -> None:
         if self.dead:
             return
-        # A reply may sit in the pipe although the process is gone: keep it.
-        with contextlib.suppress(EOFError, OSError):
-            if not self._waiter.done() and self.conn.poll():
-                self._waiter.set_result(self.conn.recv_bytes())
         self.dead = True
-        self.loop.remove_reader(self.conn.fileno())
-        self.loop.remove_reader(self.process.sentinel)
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.process.sentinel)
         if not self._waiter.done():
             self._waiter.set_exception(WorkerLost(self.lost_reason))
         if self.ready and not self.closing:
@@ -111,6 +113,7 @@ class _Worker:
         except (WorkerLost, TimeoutError, msgspec.DecodeError) as exc:
             self.closing = True
             self.kill()
+            self.process.join(1)
             code = self.process.exitcode
             raise WorkerStartError(
                 f"worker {self.index} did not start (exit code {code}): {exc!r}"
@@ -118,21 +121,30 @@ class _Worker:
         self.ready = True
 
     async def call(self, payload: bytes, timeout: float) -> bytes:
-        if self.dead:
+        if self.dead or self._writer is None:
             raise WorkerLost(self.lost_reason)
         self._waiter = self.loop.create_future()
         self.busy_since = time.monotonic()
         try:
-            try:
-                self.conn.send_bytes(payload)
-            except OSError:
-                self._exited()
-            return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+            self._writer.write(len(payload).to_bytes(4, "big") + payload)
+            return await asyncio.wait_for(
+                self._drain_then_wait(self._writer, self._waiter), timeout
+            )
         except TimeoutError:
             self.kill("timeout")
             raise WorkerLost("timeout") from None
+        except (ConnectionError, OSError):
+            self.kill()
+            raise WorkerLost(self.lost_reason) from None
         finally:
             self.busy_since = 0.0
+
+    @staticmethod
+    async def _drain_then_wait(
+        writer: asyncio.StreamWriter, waiter: asyncio.Future[bytes]
+    ) -> bytes:
+        await writer.drain()
+        return await asyncio.shield(waiter)
 
     def kill(self, reason: str = "crash") -> None:
         self.lost_reason = reason
@@ -141,10 +153,13 @@ class _Worker:
         self._exited()
 
     def close(self, timeout: float) -> None:
-        """Ask the worker to exit by closing its pipe; kill it if it lingers."""
+        """Ask the worker to exit by closing its socket; kill it if it lingers."""
         self.closing = True
         self._exited()
-        self.conn.close()
+        self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self.sock.close()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

@@ -57,7 +57,11 @@ def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> St
     as_json: offer the body to the store as the envelope JSON; the store keeps
     the raw bytes instead when PostgreSQL refuses it.
     """
-    tenant = tenant_of_subject(delivery.subject, limits.dlq_subject)
+    if delivery.lane is Lane.DLQ:
+        tenant = tenant_of_subject(delivery.subject, limits.dlq_subject)
+    else:  # an event's subject is <base>.<tenant>
+        tenant = delivery.subject.rpartition(".")[2]
+        tenant = tenant if valid_tenant(tenant) else ""
     return Stored(
         company_id=tenant or "unknown",
         source_subject=delivery.subject,

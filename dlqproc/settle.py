@@ -74,7 +74,17 @@ class Held:
 class Verdict:
     """What will happen to one message, revised when its write fails."""
 
-    __slots__ = ("db_error", "decision", "error", "inserted", "out", "reason", "save_failed")
+    __slots__ = (
+        "db_error",
+        "decision",
+        "envelope",
+        "error",
+        "inserted",
+        "out",
+        "reason",
+        "save_failed",
+        "stored_directly",
+    )
 
     def __init__(self, out: Outcome, decision: Decision) -> None:
         self.out = out
@@ -84,6 +94,9 @@ class Verdict:
         self.db_error = ""  # why the write failed, when it did
         self.save_failed = False  # the exhausted row could not be written
         self.inserted = False  # an exhausted row was inserted by this attempt
+        self.envelope: bytes | None = None  # a main lane's DLQ message, once built
+        # A main-lane event too big for a DLQ message goes to exhausted_events itself.
+        self.stored_directly = False
 
 
 def fields(msg: Inbound, company: str = "", source_subject: str = "") -> dict[str, object]:
@@ -107,25 +120,32 @@ class Settler:
         """What must be committed before this message may be settled."""
         if v.decision.action is Action.ACK:
             return Write(tenant=v.out.stored.company_id, rows=v.out.rows) if v.out.rows else None
-        if v.decision.action is Action.EXHAUST and held.lane.lane is Lane.DLQ:
-            msg, stored = held.msg, v.out.stored
-            return Write(
-                exhausted=ExhaustedRow(
-                    company_id=stored.company_id,
-                    source_subject=stored.source_subject,
-                    last_error=v.error,
-                    retry_count=msg.num_delivered,
-                    reason=v.decision.reason.value if v.decision.reason else "unknown",
-                    event_timestamp=stored.event_timestamp,
-                    envelope_json=stored.envelope_json,
-                    original_json=stored.original_json,
-                    raw=msg.data,
-                    dlq_stream=msg.stream,
-                    dlq_sequence=msg.stream_seq,
-                    dlq_subject=msg.subject,
-                )
+        if v.decision.action is not Action.EXHAUST:
+            return None
+        if held.lane.lane is not Lane.DLQ:
+            v.envelope = self._envelope(held, v)
+            # Room for the headers too: a publish NATS refuses would loop forever.
+            if len(v.envelope) + 1024 <= self.broker.max_payload:
+                return None
+            v.stored_directly = True
+        msg, stored = held.msg, v.out.stored
+        return Write(
+            exhausted=ExhaustedRow(
+                company_id=stored.company_id,
+                source_subject=stored.source_subject,
+                last_error=v.error,
+                retry_count=msg.num_delivered,
+                reason=v.decision.reason.value if v.decision.reason else "unknown",
+                event_timestamp=stored.event_timestamp,
+                # A stored-directly event has no envelope: dlq_payload describes it.
+                envelope_json=stored.envelope_json,
+                original_json=stored.original_json,
+                raw=msg.data,
+                dlq_stream=msg.stream,
+                dlq_sequence=msg.stream_seq,
+                dlq_subject=msg.subject,
             )
-        return None
+        )
 
     async def settle(self, held: Held, v: Verdict) -> None:
         try:
@@ -210,29 +230,41 @@ class Settler:
                     "delay_seconds": round(v.decision.delay, 3),
                 },
             )
+        elif v.stored_directly:
+            # Too big to dead-letter: its exhausted row is committed, so ACK.
+            await msg.ack()
+            m.event_actions.labels(*labels, "ack_success", error_type).inc()
+            consumer_log.warning(
+                "Event too big for the DLQ, stored in exhausted_events",
+                extra={**fields(msg, held.company), "error": v.error, "size": len(msg.data)},
+            )
         else:
             await self._dead_letter(held, v, labels, error_type)
         if held.dispatched:
             m.event_duration.labels(*labels).observe(time.monotonic() - held.dispatched)
 
-    async def _dead_letter(
-        self, held: Held, v: Verdict, labels: tuple[str, str, str], error_type: str
-    ) -> None:
-        msg, lane = held.msg, held.lane
-        tenant = msg.subject.rpartition(".")[2]
-        # An invalid tenant token may not even be a valid subject token.
-        token = v.out.stored.company_id if v.out.stored.company_id != "unknown" else "_invalid"
-        body = envelope.build(
+    @staticmethod
+    def _envelope(held: Held, v: Verdict) -> bytes:
+        msg = held.msg
+        return envelope.build(
             source_subject=msg.subject,
-            company=tenant,
+            company=msg.subject.rpartition(".")[2],
             original_json=v.out.stored.original_json,
             raw=msg.data,
             error=v.error,
             fatal=v.decision.reason is not Reason.RETRIES_EXHAUSTED,
             retry_count=msg.num_delivered,
-            max_retry=lane.max_deliver,
+            max_retry=held.lane.max_deliver,
             ts=datetime.now(UTC).isoformat(),
         )
+
+    async def _dead_letter(
+        self, held: Held, v: Verdict, labels: tuple[str, str, str], error_type: str
+    ) -> None:
+        msg, lane = held.msg, held.lane
+        # An invalid tenant token may not even be a valid subject token.
+        token = v.out.stored.company_id if v.out.stored.company_id != "unknown" else "_invalid"
+        body = v.envelope or self._envelope(held, v)
         headers = {
             # Deduplicated by JetStream: a retried publish never makes two DLQ messages.
             "Nats-Msg-Id": f"dlq-{msg.stream}-{msg.stream_seq}",

@@ -496,6 +496,11 @@ class Store:
                         f"{op.table} row {[op.values[k] for k in op.key]} not found",
                     )
             return Written()
+        except (TypeError, ValueError, KeyError) as exc:
+            # A value psycopg cannot adapt (from a handler): this item's problem only.
+            raise ItemFailed(
+                FailureKind.PERMANENT, Reason.VALIDATION, f"{type(exc).__name__}: {exc}"
+            ) from exc
         except psycopg.Error as exc:
             if connection_lost(exc):
                 raise

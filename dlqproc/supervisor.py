@@ -27,9 +27,10 @@ from dlqproc.broker import Broker
 from dlqproc.config import Config, MainConsumerConfig
 from dlqproc.envelope import valid_tenant
 from dlqproc.metrics import Metrics
-from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason, Stored
+from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason
 from dlqproc.policy import Action, Decision, RetryPolicy, decide
 from dlqproc.pool import Pool
+from dlqproc.reprocess import Limits, bare_stored
 from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
 from dlqproc.store import ItemFailed, Store, StoreUnavailable
 
@@ -39,18 +40,12 @@ log = logging.getLogger("dlq_worker")
 _COMMIT_GROUP = 2048  # messages merged into one transaction at most
 
 
-def internal_failure(delivery: Delivery, exc: Exception) -> Outcome:
+def internal_failure(delivery: Delivery, exc: Exception, limits: Limits) -> Outcome:
     """The outcome of a delivery whose batch failed outside any handler."""
     return Outcome(
         token=delivery.token,
         ok=False,
-        stored=Stored(
-            company_id="unknown",
-            source_subject=delivery.subject,
-            event_timestamp=None,
-            envelope_json=None,
-            original_json=None,
-        ),
+        stored=bare_stored(delivery, limits),
         kind=FailureKind.TRANSIENT,
         reason=Reason.HANDLER_ERROR,
         error=f"internal error: {type(exc).__name__}: {exc}"[:2000],
@@ -283,7 +278,8 @@ class Supervisor:
             except Exception as exc:
                 # Never strand a batch: its messages fail transiently and are retried.
                 log.exception("worker pool failed a batch")
-                outcomes = [internal_failure(d, exc) for d in deliveries]
+                limits = Limits(self.cfg.nats.dlq_subject, self.cfg.nats.dlq_max_payload_bytes)
+                outcomes = [internal_failure(d, exc, limits) for d in deliveries]
             finally:
                 self.metrics.workers_active.dec()
             self._done.put_nowait((tokens, outcomes))
@@ -415,7 +411,9 @@ class Supervisor:
         self._gauges()
 
     def _redecide(self, token: int, v: Verdict, failure: ItemFailed) -> None:
-        if v.decision.action is Action.EXHAUST and self._held[token].lane.lane is Lane.DLQ:
+        if v.decision.action is Action.EXHAUST and (
+            self._held[token].lane.lane is Lane.DLQ or v.stored_directly
+        ):
             # The exhausted row itself was not written: keep the message in the stream.
             v.save_failed = True
             failure = ItemFailed(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, str(failure))

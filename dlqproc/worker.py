@@ -1,15 +1,16 @@
 """The worker process: receives batches of deliveries, returns batches of outcomes.
 
 Runs in a child process started by dlqproc.pool. It does no network or
-database I/O: bytes in over its pipe, reprocess each delivery, bytes out.
+database I/O: length-prefixed frames in over a socketpair with the supervisor,
+reprocess each delivery, frames out.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
-from multiprocessing.connection import Connection
 
 import msgspec
 
@@ -43,9 +44,31 @@ def _encodable(encoder: msgspec.msgpack.Encoder, outcome: Outcome) -> Outcome:
     return outcome
 
 
-def main(conn: Connection, module: str, limits: Limits) -> None:
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    """One message: a 4-byte big-endian length, then the bytes."""
+    sock.sendall(len(payload).to_bytes(4, "big") + payload)
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    """One message, or EOFError when the other side closed the socket."""
+    size = int.from_bytes(_recv_exact(sock, 4), "big")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError
+        got += n
+    return bytes(buf)
+
+
+def main(sock: socket.socket, module: str, limits: Limits) -> None:
     # Ctrl-C reaches the whole process group; only the supervisor decides
-    # how to shut down, and it does so by closing this pipe.
+    # how to shut down, and it does so by closing this socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         registry = load(module)
@@ -56,12 +79,12 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
     handler_seconds = WorkerMetrics().handler_seconds
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(list[Delivery])
-    conn.send_bytes(encoder.encode(Hello(os.getpid())))
+    send_frame(sock, encoder.encode(Hello(os.getpid())))
     while True:
         try:
-            batch = decoder.decode(conn.recv_bytes())
+            batch = decoder.decode(recv_frame(sock))
         except (EOFError, OSError):
-            return  # the supervisor closed the pipe or went away
+            return  # the supervisor closed the socket or went away
         outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
         for o in outcomes:
             if o.ok:
@@ -71,6 +94,6 @@ def main(conn: Connection, module: str, limits: Limits) -> None:
         except (TypeError, ValueError, OverflowError):
             reply = encoder.encode([_encodable(encoder, o) for o in outcomes])
         try:
-            conn.send_bytes(reply)
-        except (BrokenPipeError, OSError):
+            send_frame(sock, reply)
+        except OSError:
             return

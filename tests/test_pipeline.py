@@ -311,3 +311,39 @@ def test_dlq_publish_failure_naks_and_recovers(pipeline: Make, own_nats: NatsSer
 
     assert asyncio.run(count()) == 1
     assert svc.consumer_of("wa_events_stream", "wa_events_realtime_consumer")["ack_floor"] == 1
+
+
+def test_crashing_event_is_dead_lettered_to_its_own_tenant(pipeline: Make) -> None:
+    svc = pipeline(
+        HANDLERS_MODULE="support.crashing_whatsapp",
+        NATS_REALTIME_MAXDELIVER="2",
+        NATS_DLQMAXRETRIES="2",
+        NATS_DLQMAXDELIVER="4",
+    )
+    send(svc, "v1.chats.upsert", "acme", {**CHAT, "push_name": "crash"})
+    wait_until(svc.exhausted, timeout=60)
+    [env] = svc.dlq_messages()
+    assert env["_subject"] == "v1.dlq.acme" and env["company"] == "acme"
+    assert env["error_type"] == "retryable"
+    [row] = svc.exhausted()
+    assert row["company_id"] == "acme" and row["reason"] == "retries_exhausted"
+
+
+def test_event_too_big_for_a_dlq_message_is_stored_directly(pipeline: Make) -> None:
+    svc = pipeline()
+    # Fits NATS's 1 MiB, but not once wrapped in an envelope; fails validation.
+    body = json.dumps(
+        {
+            "chat_id": "c",
+            "agent_id": "a",
+            "phone_number": "1",
+            "push_name": "x" * (1024 * 1024 - 400),
+        }
+    ).encode()
+    send(svc, "v1.chats.upsert", "acme", body)
+    wait_until(svc.exhausted, timeout=30)
+    wait_until(lambda: main_settled(svc))
+    [row] = svc.exhausted()
+    assert bytes(row["raw_payload"]) == body and row["reason"] == "validation"
+    assert row["company_id"] == "acme" and row["source_subject"] == "v1.chats.upsert.acme"
+    assert svc.dlq_messages() == []

@@ -88,3 +88,16 @@ def test_a_locked_table_delays_but_loses_nothing(service: Make) -> None:
     wait_until(svc.settled)
     assert "second" in svc.rows("acme")
     assert svc.exhausted() == []
+
+
+def test_a_value_psycopg_cannot_adapt_fails_only_its_event(service: Make) -> None:
+    svc = service()
+    svc.publish(
+        "acme",
+        [envelope("t.badvalue", "acme", {"id": "v"}), envelope("t.ok", "acme", {"id": "fine"})],
+    )
+    wait_until(svc.exhausted, timeout=30)
+    wait_until(svc.settled)
+    [row] = svc.exhausted()
+    assert row["reason"] == "validation" and row["retry_count"] == 1
+    assert svc.rows("acme") == {"fine": 1}

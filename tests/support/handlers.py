@@ -14,6 +14,7 @@ t.badop, t.badkey  buggy handlers returning RowOps the store cannot apply
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import os
 import time
 from collections.abc import Sequence
@@ -105,7 +106,35 @@ def badkey(event: Event) -> Sequence[RowOp]:
     return (RowOp(op="update", table="test_rows", key=("id",), values={"attempt": 1}),)
 
 
+def badvalue(event: Event) -> Sequence[RowOp]:
+    """A buggy handler: a value psycopg cannot adapt (a datetime inside a jsonb dict)."""
+    p = _payload(event)
+    values = {"id": p.id, "company_id": event.tenant, "attempt": {"when": dt.datetime.now()}}
+    return (RowOp(op="upsert", table="test_rows", key=("id",), values=values),)
+
+
+def big(event: Event) -> Sequence[RowOp]:
+    """A reply far larger than a pipe's buffer: 2,000 rows."""
+    p = _payload(event)
+    return tuple(
+        RowOp(
+            op="upsert",
+            table="test_rows",
+            key=("id",),
+            values={
+                "id": f"{p.id}-{i}",
+                "company_id": event.tenant,
+                "attempt": i,
+                "pad": "x" * 1000,
+            },
+        )
+        for i in range(2000)
+    )
+
+
 HANDLERS = {
+    "t.big": big,
+    "t.badvalue": badvalue,
     "t.badop": badop,
     "t.badkey": badkey,
     "t.ok": ok,

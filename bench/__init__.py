@@ -1,0 +1,1 @@
+"""dlqproc's benchmark harness: `python -m bench` (see bench/README.md)."""

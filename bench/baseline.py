@@ -1,0 +1,199 @@
+"""Baseline (a): the DLQ consumer a user would write in an afternoon.
+
+One process, one asyncio loop, one psycopg connection. A nats-py pull
+subscription on the same durable consumer spec as dlqproc's, fetching batches;
+for each message, in order: decode the envelope with msgspec, run the same
+WhatsApp handler (dlqproc.handlers.whatsapp) to get its rows, write them with
+the same upsert SQL (one statement per row shape, executemany for a history
+batch's rows), COMMIT, then ACK. No worker processes, no pool, no batching of
+writes across messages. Failures are settled as dlqproc settles them, so the
+run ends with every message settled too: a permanent failure (or a transient
+one at the retry budget) inserts an exhausted_events row, commits and TERMs;
+a transient one NAKs with the same delays as the service.
+
+    python -m bench.baseline        (configured by the service's env variables)
+
+Prints the service's ready line, "Starting DLQ worker...", once consuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import signal
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats
+import psycopg
+from nats.errors import TimeoutError as NatsTimeoutError
+from psycopg import sql
+
+from dlqproc import config, topology
+from dlqproc.broker import Broker
+from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
+from dlqproc.model import Envelope, Event, HandlerError, Meta, PermanentError
+from dlqproc.store import _params, _statement, migrations
+
+READY = "Starting DLQ worker..."
+
+_envelope = msgspec.json.Decoder(Envelope)
+
+_EXHAUSTED = """
+INSERT INTO public.exhausted_events (
+    company_id, source_subject, last_error, retry_count, event_timestamp,
+    dlq_payload, original_payload, reason, dlq_stream, dlq_sequence, dlq_subject,
+    payload_digest)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s)
+ON CONFLICT (dlq_stream, dlq_sequence, payload_digest) DO NOTHING
+"""
+
+
+class NotFound(Exception):
+    """An update found no row (it may arrive later): retry."""
+
+
+def _write(conn: psycopg.Connection[Any], tenant: str, rows: Any) -> None:
+    schema = "daisi_" + tenant.lower()
+    groups: list[tuple[Any, Any, list[list[object]]]] = []
+    for op in rows:
+        columns = tuple(op.values)
+        stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic, op.insert_only)
+        if groups and op.op == "upsert" and groups[-1][0] is stmt:
+            groups[-1][2].append(_params(op, columns))
+        else:
+            groups.append((stmt, op, [_params(op, columns)]))
+    for stmt, op, params in groups:
+        if len(params) > 1:
+            with conn.cursor() as cur:
+                cur.executemany(stmt, params)
+        else:
+            cur = conn.execute(stmt, params[0])
+            if op.op == "update" and cur.rowcount == 0:
+                raise NotFound(f"{op.table} row not found")
+
+
+def _ensure_tenant(conn: psycopg.Connection[Any], tenant: str, seen: set[str]) -> None:
+    if tenant in seen:
+        return
+    ident = sql.Identifier("daisi_" + tenant.lower())
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+        for ddl in TENANT_DDL:
+            conn.execute(sql.SQL(ddl).format(schema=ident))
+    seen.add(tenant)
+
+
+async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
+    n = cfg.nats
+    broker = await Broker.connect(n.url, name="bench-baseline")
+    await broker.ensure_stream(topology.dlq_stream(cfg), reconcile=True)
+    spec = topology.dlq_consumer(cfg)
+    await broker.ensure_consumer(spec)
+    await broker.close()
+
+    nc = await nats.connect(n.url, name="bench-baseline")
+    sub = await nc.jetstream().pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    conn = psycopg.connect(cfg.postgres.dsn, autocommit=True)
+    for _, _, text in migrations():
+        conn.execute(text)  # type: ignore[call-overload]
+    tenants: set[str] = set()
+    base_delay = n.dlq_base_delay_minutes * 60
+    max_delay = n.dlq_max_delay_minutes * 60
+    print(READY, flush=True)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch=n.dlq_fetch_batch, timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            for msg in msgs:
+                meta = msg.metadata
+                error, permanent = "", False
+                try:
+                    env = _envelope.decode(msg.data)
+                    base = env.source_subject.rpartition(".")[0]
+                    event = Event(
+                        subject=env.source_subject,
+                        base=base,
+                        tenant=env.company,
+                        payload=bytes(env.original_payload),
+                        attempt=meta.num_delivered,
+                        meta=Meta(
+                            stream=meta.stream,
+                            consumer=meta.consumer,
+                            stream_seq=meta.sequence.stream,
+                            consumer_seq=meta.sequence.consumer,
+                            received_at=datetime.now(UTC).isoformat(),
+                        ),
+                    )
+                    rows = HANDLERS[base](event)
+                    _ensure_tenant(conn, env.company, tenants)
+                    with conn.transaction():
+                        _write(conn, env.company, rows)
+                    await msg.ack()
+                    continue
+                except (PermanentError, msgspec.DecodeError, KeyError, psycopg.Error) as exc:
+                    error, permanent = str(exc), True
+                except (HandlerError, NotFound) as exc:
+                    error = str(exc)
+                if permanent or meta.num_delivered >= n.dlq_max_retries:
+                    _exhaust(conn, msg.data, msg.subject, meta, error)
+                    await msg.term()
+                else:
+                    delay = min(base_delay * 2 ** (meta.num_delivered - 1), max_delay)
+                    await msg.nak(delay=delay)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=5)
+        await nc.close()
+        conn.close()
+
+
+def _exhaust(
+    conn: psycopg.Connection[Any], data: bytes, subject: str, meta: Any, error: str
+) -> None:
+    try:
+        env = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        env = {}
+    env = env if isinstance(env, dict) else {}
+    original = env.get("original_payload")
+    conn.execute(
+        _EXHAUSTED,
+        (
+            str(env.get("company", "unknown")),
+            str(env.get("source_subject", subject)),
+            error,
+            meta.num_delivered,
+            env.get("ts"),
+            msgspec.json.encode(env).decode(),
+            None if original is None else msgspec.json.encode(original).decode(),
+            "baseline",
+            meta.stream,
+            meta.sequence.stream,
+            subject,
+            hashlib.md5(data, usedforsecurity=False).hexdigest(),
+        ),
+    )
+
+
+def main() -> int:
+    cfg = config.load()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await consume(cfg, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
