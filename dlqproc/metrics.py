@@ -56,9 +56,11 @@ class MetricsDir:
         values.ValueClass = values.MultiProcessValue()
 
     def _drop_stale_gauges(self) -> None:
+        # A file with our own pid is a previous run's (a container's pid 1 is
+        # always 1): no metric of this process exists yet.
         for f in self.path.glob("gauge_live*_*.db"):
             pid = f.stem.rsplit("_", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
                 f.unlink()
 
     def process_exited(self, pid: int) -> None:
