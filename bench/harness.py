@@ -309,7 +309,8 @@ class Run:
             "NATS_REALTIME_NAKMAXDELAY": "1s",
             "NATS_HISTORICAL_NAKBASEDELAY": "100ms",
             "NATS_HISTORICAL_NAKMAXDELAY": "1s",
-            "NATS_SHUTDOWNGRACE": "10s",
+            # Not measured; bounds a stop (the service may wait the whole grace).
+            "NATS_SHUTDOWNGRACE": "3s",
         }
         for key in ("COMPANY_ID", "PROMETHEUS_MULTIPROC_DIR", "SERVER_METRICSDIR"):
             self.env.pop(key, None)

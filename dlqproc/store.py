@@ -55,6 +55,10 @@ def _serialized(
     return serialized
 
 
+class _SomeItemFailed(Exception):
+    """The fast path cannot tell which item failed: fall back to one by one."""
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached or the transaction failed as a whole."""
 
@@ -439,11 +443,9 @@ class Store:
                         await self._prepare(conn, w)
                     except ItemFailed as failed:
                         unready[w.tenant] = failed
-            try:
-                async with conn.transaction():
-                    return [await self._write_one(conn, w, unready) for w in writes]
-            except ItemFailed:
-                pass
+            fast = await self._write_pipelined(conn, writes, unready)
+            if fast is not None:
+                return fast
             results = []
             async with conn.transaction():
                 for w in writes:
@@ -457,6 +459,50 @@ class Store:
             # Not attributable to an item: the connection or the commit failed.
             await self._discard()
             raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
+
+    async def _write_pipelined(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        writes: Sequence[Write],
+        unready: dict[str, ItemFailed],
+    ) -> list[Written] | None:
+        """Every row of the batch in one transaction and one pipelined round trip.
+
+        None when anything failed: the transaction is rolled back and the caller
+        writes item by item, to find out which.
+        """
+        if any(w.rows and w.tenant in unready for w in writes):
+            return None
+        try:
+            async with conn.transaction():
+                updates: list[psycopg.AsyncCursor[Any]] = []
+                async with conn.pipeline():
+                    for w in writes:
+                        if not w.rows:
+                            continue
+                        schema = schema_name(w.tenant)
+                        for stmt, op, params in _grouped(schema, w.rows):
+                            cur = conn.cursor()
+                            if len(params) > 1:
+                                await cur.executemany(stmt, params)
+                            else:
+                                await cur.execute(stmt, params[0])
+                            if op.op == "update":
+                                updates.append(cur)
+                if any(cur.rowcount == 0 for cur in updates):
+                    raise _SomeItemFailed
+                return [
+                    Written(inserted=await self._insert_exhausted(conn, w.exhausted))
+                    if w.exhausted is not None
+                    else Written()
+                    for w in writes
+                ]
+        except (_SomeItemFailed, ItemFailed, TypeError, ValueError, KeyError):
+            return None
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                raise
+            return None
 
     async def _prepare(self, conn: psycopg.AsyncConnection[Any], w: Write) -> None:
         """Create the tenant's schema, tables and partitions this write needs."""
