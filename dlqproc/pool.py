@@ -157,6 +157,9 @@ class _Worker:
         self.closing = True
         self._exited()
         self._reading.cancel()
+        # Now, not on the loop's next turn: the worker must see EOF before we join it.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         if self._writer is not None:
             self._writer.close()
         self.sock.close()

@@ -151,8 +151,24 @@ def _statement(
     key: tuple[str, ...],
     monotonic: tuple[str, ...],
     insert_only: tuple[str, ...] = (),
+) -> bytes:
+    """SQL for one RowOp shape; identifiers are always quoted by psycopg.
+
+    Rendered to bytes once per shape: psycopg would otherwise compose the
+    statement again for every row of every batch.
+    """
+    return _compose(op, schema, table, columns, key, monotonic, insert_only).as_bytes(None)
+
+
+def _compose(
+    op: str,
+    schema: str,
+    table: str,
+    columns: tuple[str, ...],
+    key: tuple[str, ...],
+    monotonic: tuple[str, ...],
+    insert_only: tuple[str, ...],
 ) -> sql.Composed:
-    """SQL for one RowOp shape; identifiers are always quoted by psycopg."""
     target = sql.Identifier(schema, table)
 
     def assign(col: str, value: sql.Composable) -> sql.Composable:
@@ -191,11 +207,9 @@ def _params(op: RowOp, columns: tuple[str, ...]) -> list[object]:
     return params + [op.values[k] for k in op.key]
 
 
-def _grouped(
-    schema: str, rows: Sequence[RowOp]
-) -> list[tuple[sql.Composed, RowOp, list[list[object]]]]:
+def _grouped(schema: str, rows: Sequence[RowOp]) -> list[tuple[bytes, RowOp, list[list[object]]]]:
     """Consecutive upserts of the same shape share one statement (executemany)."""
-    groups: list[tuple[sql.Composed, RowOp, list[list[object]]]] = []
+    groups: list[tuple[bytes, RowOp, list[list[object]]]] = []
     last: tuple[object, ...] | None = None
     for op in rows:
         columns = tuple(op.values)
