@@ -190,7 +190,8 @@ async def _run(
         metrics.worker_restarts.labels(reason).inc()
         if pid is not None:
             # File work that may wait for a scrape: off the event loop.
-            asyncio.get_running_loop().run_in_executor(None, metrics_dir.process_exited, pid)
+            done = asyncio.get_running_loop().run_in_executor(None, metrics_dir.process_exited, pid)
+            done.add_done_callback(_log_failure)
 
     limits = Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes)
     pool: Pool = (
@@ -252,6 +253,11 @@ async def _run(
         await store.close()
         log.info("stopped", extra={"exit_code": code})
     return code
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("folding a dead worker's metrics failed", exc_info=future.exception())
 
 
 def run(cfg: Config) -> int:

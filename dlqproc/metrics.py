@@ -11,11 +11,14 @@ series (fetches, local queue, busy workers) have none.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import struct
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -29,7 +32,9 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.registry import Collector
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ARCHIVE = "archive"
@@ -72,9 +77,14 @@ class MetricsDir:
                 if kind == "gauge":  # a dead process's gauge value means nothing
                     os.unlink(name)
                     continue
+                try:
+                    values_ = list(MmapedDict.read_all_values_from_file(name))
+                except (OSError, struct.error):
+                    # Killed while creating its file: it recorded nothing.
+                    values_ = []
                 archive = MmapedDict(str(self.path / f"{kind}_{_ARCHIVE}.db"))
                 try:
-                    for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(name):
+                    for key, value, timestamp, _ in values_:
                         old, _ = archive.read_value(key)
                         archive.write_value(key, old + value, timestamp)
                 finally:
@@ -88,12 +98,35 @@ class MetricsDir:
         """The aggregated exposition of every process (blocking: run it off the loop)."""
         with self._lock:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=str(self.path))
+            registry.register(_Files(self.path))
             return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def close(self) -> None:
         if self.owned:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _Files(Collector):
+    """prometheus-client's multiprocess merge over the files that are whole.
+
+    A process killed (or caught) while creating its file leaves it shorter than
+    its header; that file holds no sample yet and must not fail the scrape.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for f in self._path.glob("*.db"):
+            with contextlib.suppress(OSError):
+                if f.stat().st_size >= _HEADER:
+                    files.append(str(f))
+        merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+        return merged
+
+
+_HEADER = 8  # bytes: the used-size word and padding at the start of every file
 
 
 def _alive(pid: int) -> bool:

@@ -92,6 +92,8 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         self.store_ok = True
         self._held: dict[int, Held] = {}
+        self._held_bytes = 0
+        self._avg_size = 2048.0  # running mean of message sizes, to size fetches
         self._queue: collections.deque[int] = collections.deque()
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
@@ -155,6 +157,8 @@ class Supervisor:
                 await self._wait_for_store()
                 continue
             free = n.dlq_max_in_flight - len(self._held)
+            room = n.dlq_max_in_flight_bytes - self._held_bytes
+            free = min(free, int(room // self._avg_size))
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -178,6 +182,8 @@ class Supervisor:
             failures = 0
             for msg in msgs:
                 token = next(self._tokens)
+                self._held_bytes += len(msg.data)
+                self._avg_size += (len(msg.data) - self._avg_size) / 64
                 event_type, _, tenant = msg.subject.rpartition(".")
                 # Label values come from untrusted subjects: bound their cardinality.
                 company = tenant if valid_tenant(tenant) else "invalid"
@@ -218,6 +224,7 @@ class Supervisor:
 
     async def _dispatch_loop(self) -> None:
         size = self.cfg.nats.dlq_worker_batch
+        max_bytes = self.cfg.nats.dlq_worker_batch_bytes
         while True:
             await self._work.wait()
             self._work.clear()
@@ -228,13 +235,14 @@ class Supervisor:
                     break
                 now = time.monotonic()
                 tokens: list[int] = []
-                while self._queue and len(tokens) < size:
+                batch_bytes = 0
+                while self._queue and len(tokens) < size and batch_bytes < max_bytes:
                     token = self._queue.popleft()
                     held = self._held[token]
                     if now - held.msg.touched > held.lane.ack_wait:
                         # JetStream has already given it to someone else (or will):
                         # this attempt must not process it.
-                        del self._held[token]
+                        self._release(token)
                         log.warning(
                             "DLQ message expired in the local queue, not processed"
                             if held.lane.lane is Lane.DLQ
@@ -243,6 +251,7 @@ class Supervisor:
                         )
                         continue
                     held.dispatched = now
+                    batch_bytes += len(held.msg.data)
                     tokens.append(token)
                 self._gauges()
                 if not tokens:
@@ -403,8 +412,9 @@ class Supervisor:
                     extra={**fields(self._held[token].msg), "error": v.db_error},
                 )
                 continue
-            held = self._held.pop(token)
-            settles.append(self.settler.settle(held, v))
+            released = self._release(token)
+            assert released is not None
+            settles.append(self.settler.settle(released, v))
         # Concurrently: a dead-letter publish waits for JetStream's acknowledgement.
         await asyncio.gather(*settles)
         self._room.set()
@@ -470,7 +480,7 @@ class Supervisor:
         self._gauges()
 
     async def _nak_quietly(self, token: int, delay: float) -> None:
-        held = self._held.pop(token, None)
+        held = self._release(token)
         if held is None:
             return
         try:
@@ -479,6 +489,13 @@ class Supervisor:
             log.warning("NAK at shutdown failed", extra={**fields(held.msg), "error": str(exc)})
 
     # ------------------------------------------------------------- helpers
+
+    def _release(self, token: int) -> Held | None:
+        """Forget a message (settled, handed back, or expired) and its bytes."""
+        held = self._held.pop(token, None)
+        if held is not None:
+            self._held_bytes -= len(held.msg.data)
+        return held
 
     def _gauges(self) -> None:
         self.metrics.queue_length.set(len(self._queue))
