@@ -157,18 +157,6 @@ def _statement(
     Rendered to bytes once per shape: psycopg would otherwise compose the
     statement again for every row of every batch.
     """
-    return _compose(op, schema, table, columns, key, monotonic, insert_only).as_bytes(None)
-
-
-def _compose(
-    op: str,
-    schema: str,
-    table: str,
-    columns: tuple[str, ...],
-    key: tuple[str, ...],
-    monotonic: tuple[str, ...],
-    insert_only: tuple[str, ...],
-) -> sql.Composed:
     target = sql.Identifier(schema, table)
 
     def assign(col: str, value: sql.Composable) -> sql.Composable:
@@ -184,20 +172,22 @@ def _compose(
             if c not in key and c not in insert_only
         ]
         updates.append(sql.SQL("updated_at = now()"))
-        return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
             target,
             sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder() * len(columns)),
             sql.SQL(", ").join(map(sql.Identifier, key)),
             sql.SQL(", ").join(updates),
         )
-    sets = [assign(c, sql.Placeholder()) for c in columns if c not in key]
-    sets.append(sql.SQL("updated_at = now()"))
-    return sql.SQL("UPDATE {} SET {} WHERE {}").format(
-        target,
-        sql.SQL(", ").join(sets),
-        sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
-    )
+    else:
+        sets = [assign(c, sql.Placeholder()) for c in columns if c not in key]
+        sets.append(sql.SQL("updated_at = now()"))
+        stmt = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+            target,
+            sql.SQL(", ").join(sets),
+            sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
+        )
+    return stmt.as_bytes(None)
 
 
 def _params(op: RowOp, columns: tuple[str, ...]) -> list[object]:
