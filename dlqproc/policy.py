@@ -65,9 +65,10 @@ def decide(
     - transient failure with deliveries left: NAK with backoff;
     - transient failure at or past the budget: EXHAUST, reason retries_exhausted;
     - the store itself unavailable (reason store_unavailable, also when the
-      exhausted row could not be written): NAK without using the budget, since
-      the message is not at fault; but never on JetStream's last delivery,
-      where a NAK would abandon it: HOLD it instead.
+      exhausted row could not be written): NAK, never EXHAUST, since the
+      message is not at fault (each NAK still counts as a JetStream delivery);
+      but never NAK on JetStream's last delivery, where that would abandon
+      it: HOLD it instead.
     """
     if ok:
         return Decision(Action.ACK)
