@@ -53,7 +53,6 @@ class Inbound:
         "data",
         "msg_id",
         "num_delivered",
-        "received",
         "stream",
         "stream_seq",
         "subject",
@@ -71,9 +70,9 @@ class Inbound:
         self.msg_id: str = (msg.headers or {}).get("Nats-Msg-Id", "")
         self.stream_seq: int = meta.sequence.stream
         self.consumer_seq: int = meta.sequence.consumer
-        # Monotonic times: when fetched, and when JetStream last heard from us
-        # about it (fetch or in-progress), which restarts its ack-wait clock.
-        self.received = self.touched = time.monotonic()
+        # When JetStream last heard from us about it (fetch or in-progress),
+        # which restarts its ack-wait clock.
+        self.touched = time.monotonic()
 
     async def ack(self) -> None:
         await self._msg.ack()
@@ -249,9 +248,6 @@ class Broker:
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return int(ack.seq)
-
-    async def flush(self, timeout: float = 5.0) -> None:
-        await self._nc.flush(timeout=int(timeout))
 
     async def close(self) -> None:
         """Flush settles already sent, then close. Safe to call twice."""

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import multiprocessing
 import socket
-import time
 from collections.abc import Callable, Sequence
 from multiprocessing.context import SpawnContext, SpawnProcess
 
@@ -68,7 +67,6 @@ class _Worker:
         child.close()
         self.index = index
         self.sock = parent
-        self.busy_since = 0.0
         self.dead = False
         self.ready = False  # said hello: its handlers loaded
         self.closing = False  # the pool is stopping it on purpose
@@ -124,7 +122,6 @@ class _Worker:
         if self.dead or self._writer is None:
             raise WorkerLost(self.lost_reason)
         self._waiter = self.loop.create_future()
-        self.busy_since = time.monotonic()
         try:
             self._writer.write(len(payload).to_bytes(4, "big") + payload)
             return await asyncio.wait_for(
@@ -136,8 +133,6 @@ class _Worker:
         except (ConnectionError, OSError):
             self.kill()
             raise WorkerLost(self.lost_reason) from None
-        finally:
-            self.busy_since = 0.0
 
     @staticmethod
     async def _drain_then_wait(
@@ -194,15 +189,10 @@ class WorkerPool:
         self._replacing: set[asyncio.Task[None]] = set()
         self._closing = False
         self.failed: asyncio.Future[WorkerStartError] | None = None
-        self.restarts = {"crash": 0, "timeout": 0}
 
     @property
     def alive(self) -> int:
         return sum(1 for w in self._workers.values() if not w.dead)
-
-    @property
-    def busy(self) -> int:
-        return sum(1 for w in self._workers.values() if w.busy_since and not w.dead)
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
@@ -251,7 +241,6 @@ class WorkerPool:
         if self._closing:
             return
         reason = lost.lost_reason
-        self.restarts[reason] = self.restarts.get(reason, 0) + 1
         if self._on_restart is not None:
             self._on_restart(reason, lost.pid)
         log.warning(
@@ -318,7 +307,6 @@ class InlinePool:
 
     size = 0
     alive = 0
-    busy = 0
 
     def __init__(self, module: str, limits: Limits) -> None:
         self._module = module

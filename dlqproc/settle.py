@@ -165,15 +165,22 @@ class Settler:
 
     async def _settle_dlq(self, held: Held, v: Verdict) -> None:
         msg, company, m = held.msg, held.company, self.metrics
-        f = fields(msg, company, v.out.stored.source_subject)
-        reason = v.reason.value if v.reason else ""
+        if held.dispatched:
+            m.processing_duration.labels(company).observe(time.monotonic() - held.dispatched)
         action = v.decision.action
         if action is Action.ACK:
+            # The common case: no log fields are built unless DEBUG is on.
             await msg.ack()
             m.acks_success.labels(company).inc()
             if dlq_log.isEnabledFor(logging.DEBUG):
-                dlq_log.debug("Successfully processed event from DLQ", extra=f)
-        elif action is Action.NAK:
+                dlq_log.debug(
+                    "Successfully processed event from DLQ",
+                    extra=fields(msg, company, v.out.stored.source_subject),
+                )
+            return
+        f = fields(msg, company, v.out.stored.source_subject)
+        reason = v.reason.value if v.reason else ""
+        if action is Action.NAK:
             if v.save_failed:
                 dlq_log.error("Failed to save exhausted event...", extra={**f, "error": v.db_error})
             else:
@@ -201,8 +208,6 @@ class Settler:
             m.acks_failure.labels(company).inc()
             if v.inserted:
                 m.tasks_dropped.labels(company).inc()
-        if held.dispatched:
-            m.processing_duration.labels(company).observe(time.monotonic() - held.dispatched)
 
     # -- main lanes: ACK, NAK(delay), or publish to the DLQ and then ACK
 

@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 import psycopg
 from psycopg import sql
+from test_whatsapp_handlers import event
 
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
-from dlqproc.model import Event, FailureKind, Meta, Reason, RowOp
+from dlqproc.model import FailureKind, Reason, RowOp
 from dlqproc.store import Store, Write, Written
 
 SCHEMA = "daisi_acme"
@@ -103,26 +103,9 @@ def test_tenant_ddl_is_idempotent_and_creates_the_tables(dsn: str) -> None:
 
 # The handlers' rows through the real Store ------------------------------------
 
-META = Meta(
-    stream="wa_events_stream",
-    consumer="c",
-    stream_seq=7,
-    consumer_seq=3,
-    msg_id="m-1",
-    received_at="2026-11-29T10:00:00+00:00",
-)
-
 
 def rows_of(base: str, payload: dict[str, Any]) -> tuple[RowOp, ...]:
-    ev = Event(
-        subject=f"{base}.acme",
-        base=base,
-        tenant="acme",
-        payload=msgspec.json.encode(payload),
-        attempt=1,
-        meta=META,
-    )
-    return tuple(HANDLERS[base](ev))
+    return tuple(HANDLERS[base](event(base, payload)))
 
 
 def write(dsn: str, *events: tuple[str, dict[str, Any]]) -> list[Written]:
