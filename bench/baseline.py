@@ -24,6 +24,7 @@ import hashlib
 import signal
 import sys
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -31,12 +32,13 @@ import nats
 import psycopg
 from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from dlqproc import config, topology
 from dlqproc.broker import Broker
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
-from dlqproc.model import Envelope, Event, HandlerError, Meta, PermanentError
-from dlqproc.store import _params, _statement, migrations
+from dlqproc.model import Envelope, Event, HandlerError, Meta, PermanentError, RowOp
+from dlqproc.store import migrations
 
 READY = "Starting DLQ worker..."
 
@@ -56,16 +58,52 @@ class NotFound(Exception):
     """An update found no row (it may arrive later): retry."""
 
 
+@lru_cache(maxsize=256)
+def _sql(op: str, schema: str, table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> bytes:
+    """The obvious statement for a row: INSERT ... ON CONFLICT, or UPDATE by key."""
+    target = sql.Identifier(schema, table)
+    if op == "upsert":
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+            target,
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            sql.SQL(", ").join(map(sql.Identifier, key)),
+            sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                for c in columns
+                if c not in key
+            ),
+        )
+    else:
+        stmt = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+            target,
+            sql.SQL(", ").join(
+                sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns if c not in key
+            ),
+            sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
+        )
+    return stmt.as_bytes(None)
+
+
+def _params(op: RowOp) -> list[object]:
+    values = [Jsonb(v) if isinstance(v, dict | list) else v for v in op.values.values()]
+    if op.op == "upsert":
+        return values
+    names = tuple(op.values)
+    return [v for c, v in zip(names, values, strict=True) if c not in op.key] + [
+        op.values[k] for k in op.key
+    ]
+
+
 def _write(conn: psycopg.Connection[Any], tenant: str, rows: Any) -> None:
     schema = "daisi_" + tenant.lower()
-    groups: list[tuple[Any, Any, list[list[object]]]] = []
+    groups: list[tuple[bytes, RowOp, list[list[object]]]] = []
     for op in rows:
-        columns = tuple(op.values)
-        stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic, op.insert_only)
+        stmt = _sql(op.op, schema, op.table, tuple(op.values), op.key)
         if groups and op.op == "upsert" and groups[-1][0] is stmt:
-            groups[-1][2].append(_params(op, columns))
+            groups[-1][2].append(_params(op))
         else:
-            groups.append((stmt, op, [_params(op, columns)]))
+            groups.append((stmt, op, [_params(op)]))
     for stmt, op, params in groups:
         if len(params) > 1:
             with conn.cursor() as cur:

@@ -105,7 +105,8 @@ class RowOp(msgspec.Struct, frozen=True):
     upsert: insert, or on a conflict on `key` overwrite the other columns.
     update: update the row matched by `key`; no such row is a transient
     not_found failure (the upsert may still be on its way).
-    Dict and list values are stored as jsonb.
+    Values are JSON values (dicts and lists go to jsonb columns); dates,
+    datetimes, UUIDs and decimals are written in their ISO/text forms.
     """
 
     op: Literal["upsert", "update"]
@@ -121,6 +122,20 @@ class RowOp(msgspec.Struct, frozen=True):
     # "YYYY-MM": the table is range-partitioned by month and the row belongs to
     # that month; the store creates the partition on first use.
     partition: str = ""
+
+
+class Rows(msgspec.Struct, frozen=True, array_like=True):
+    """RowOps of one shape, encoded by the worker (see dlqproc.rows)."""
+
+    op: Literal["upsert", "update"]
+    table: str
+    key: tuple[str, ...]
+    columns: tuple[str, ...]
+    monotonic: tuple[str, ...]
+    insert_only: tuple[str, ...]
+    partitions: tuple[str, ...]  # the months ("YYYY-MM") the rows belong to
+    keys: tuple[bytes, ...]  # each row's key values, as JSON
+    rows: tuple[bytes, ...]  # each row, a JSON object
 
 
 class Delivery(msgspec.Struct, frozen=True, array_like=True):
@@ -171,7 +186,7 @@ class Outcome(msgspec.Struct, frozen=True, array_like=True):
     token: int
     ok: bool
     stored: Stored
-    rows: tuple[RowOp, ...] = ()
+    rows: tuple[Rows, ...] = ()
     kind: FailureKind | None = None
     reason: Reason | None = None
     error: str = ""

@@ -25,6 +25,7 @@ from dlqproc.model import (
     RowOp,
     Stored,
 )
+from dlqproc.rows import encode
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -212,11 +213,23 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
             f"{type(exc).__name__}: {exc}",
             base,
         )
+    try:
+        blocks = encode(rows)
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        # A value no column can hold: the same rows would fail every retry.
+        return _failure(
+            delivery,
+            stored,
+            FailureKind.PERMANENT,
+            Reason.VALIDATION,
+            f"{type(exc).__name__}: {exc}",
+            base,
+        )
     return Outcome(
         token=delivery.token,
         ok=True,
         stored=stored,
-        rows=rows,
+        rows=blocks,
         handler_seconds=time.perf_counter() - started,
         base=base,
     )

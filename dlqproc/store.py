@@ -25,7 +25,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from dlqproc.envelope import valid_tenant
-from dlqproc.model import FailureKind, Reason, RowOp
+from dlqproc.model import FailureKind, Reason, Rows
+from dlqproc.rows import payload, plan, rounds
 
 log = logging.getLogger("dlqproc.store")
 
@@ -88,7 +89,7 @@ class Write(msgspec.Struct, frozen=True):
     """What one message needs written: rows for its tenant, or an exhausted row."""
 
     tenant: str = ""
-    rows: tuple[RowOp, ...] = ()
+    rows: tuple[Rows, ...] = ()
     exhausted: ExhaustedRow | None = None
 
 
@@ -138,10 +139,6 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def _adapt(value: object) -> object:
-    return Jsonb(value) if isinstance(value, dict | list) else value
-
-
 @lru_cache(maxsize=1024)
 def _statement(
     op: str,
@@ -150,67 +147,71 @@ def _statement(
     columns: tuple[str, ...],
     key: tuple[str, ...],
     monotonic: tuple[str, ...],
-    insert_only: tuple[str, ...] = (),
+    insert_only: tuple[str, ...],
 ) -> bytes:
-    """SQL for one RowOp shape; identifiers are always quoted by psycopg.
+    """SQL for one block shape; its one parameter is the rows as a jsonb array.
 
-    Rendered to bytes once per shape: psycopg would otherwise compose the
-    statement again for every row of every batch.
+    jsonb_populate_recordset types every value by the table's own row type, so
+    one statement writes a whole block whatever its size. Identifiers are
+    always quoted by psycopg; rendered to bytes once per shape.
     """
     target = sql.Identifier(schema, table)
+    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
+    rows = sql.SQL("jsonb_populate_recordset(NULL::{}, %s)").format(target)
 
-    def assign(col: str, value: sql.Composable) -> sql.Composable:
+    def assign(col: str, source: str) -> sql.Composable:
         ident = sql.Identifier(col)
+        value = sql.SQL("{}.{}").format(sql.Identifier(source), ident)
         if col in monotonic:
             return sql.SQL("{} = GREATEST({}.{}, {})").format(ident, target, ident, value)
         return sql.SQL("{} = {}").format(ident, value)
 
     if op == "upsert":
-        updates = [
-            assign(c, sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)))
-            for c in columns
-            if c not in key and c not in insert_only
-        ]
+        updates = [assign(c, "excluded") for c in columns if c not in key and c not in insert_only]
         updates.append(sql.SQL("updated_at = now()"))
-        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+        stmt = sql.SQL(
+            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO UPDATE SET {}"
+        ).format(
             target,
-            sql.SQL(", ").join(map(sql.Identifier, columns)),
-            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            cols,
+            cols,
+            rows,
             sql.SQL(", ").join(map(sql.Identifier, key)),
             sql.SQL(", ").join(updates),
         )
     else:
-        sets = [assign(c, sql.Placeholder()) for c in columns if c not in key]
+        sets = [assign(c, "r") for c in columns if c not in key]
         sets.append(sql.SQL("updated_at = now()"))
-        stmt = sql.SQL("UPDATE {} SET {} WHERE {}").format(
+        stmt = sql.SQL("UPDATE {} SET {} FROM {} AS r WHERE {}").format(
             target,
             sql.SQL(", ").join(sets),
-            sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in key),
+            rows,
+            sql.SQL(" AND ").join(
+                sql.SQL("{}.{} = r.{}").format(target, sql.Identifier(k), sql.Identifier(k))
+                for k in key
+            ),
         )
     return stmt.as_bytes(None)
 
 
-def _params(op: RowOp, columns: tuple[str, ...]) -> list[object]:
-    if op.op == "upsert":
-        return [_adapt(op.values[c]) for c in columns]
-    params = [_adapt(op.values[c]) for c in columns if c not in op.key]
-    return params + [op.values[k] for k in op.key]
+def _sql(schema: str, block: Rows) -> bytes:
+    return _statement(
+        block.op,
+        schema,
+        block.table,
+        block.columns,
+        block.key,
+        block.monotonic,
+        block.insert_only,
+    )
 
 
-def _grouped(schema: str, rows: Sequence[RowOp]) -> list[tuple[bytes, RowOp, list[list[object]]]]:
-    """Consecutive upserts of the same shape share one statement (executemany)."""
-    groups: list[tuple[bytes, RowOp, list[list[object]]]] = []
-    last: tuple[object, ...] | None = None
-    for op in rows:
-        columns = tuple(op.values)
-        shape = (op.op, op.table, columns, op.key, op.monotonic, op.insert_only)
-        if op.op == "upsert" and shape == last:
-            groups[-1][2].append(_params(op, columns))
-            continue
-        stmt = _statement(op.op, schema, op.table, columns, op.key, op.monotonic, op.insert_only)
-        groups.append((stmt, op, [_params(op, columns)]))
-        last = shape if op.op == "upsert" else None
-    return groups
+def _already_json(data: bytes) -> bytes:
+    return data  # the rows were encoded by the worker
+
+
+def _jsonb(rows: Sequence[bytes]) -> Jsonb:
+    return Jsonb(payload(rows), dumps=_already_json)
 
 
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
@@ -477,22 +478,23 @@ class Store:
         """
         if any(w.rows and w.tenant in unready for w in writes):
             return None
+        # One plan per tenant schema: a step writes into one schema's table.
+        by_schema: dict[str, list[tuple[Rows, ...]]] = {}
         try:
+            for w in writes:
+                if w.rows:
+                    by_schema.setdefault(schema_name(w.tenant), []).append(w.rows)
             async with conn.transaction():
                 updates: list[psycopg.AsyncCursor[Any]] = []
                 async with conn.pipeline():
-                    for w in writes:
-                        if not w.rows:
-                            continue
-                        schema = schema_name(w.tenant)
-                        for stmt, op, params in _grouped(schema, w.rows):
-                            cur = conn.cursor()
-                            if len(params) > 1:
-                                await cur.executemany(stmt, params)
-                            else:
-                                await cur.execute(stmt, params[0])
-                            if op.op == "update":
-                                updates.append(cur)
+                    for schema, items in by_schema.items():
+                        for step in plan(items):
+                            stmt = _sql(schema, step.block)
+                            for rows in step.rounds:
+                                cur = conn.cursor()
+                                await cur.execute(stmt, (_jsonb(rows),))
+                                if step.block.op == "update":
+                                    updates.append(cur)
                 if any(cur.rowcount == 0 for cur in updates):
                     raise _SomeItemFailed
                 return [
@@ -501,7 +503,7 @@ class Store:
                     else Written()
                     for w in writes
                 ]
-        except (_SomeItemFailed, ItemFailed, TypeError, ValueError, KeyError):
+        except (_SomeItemFailed, ItemFailed):
             return None
         except psycopg.Error as exc:
             if connection_lost(exc):
@@ -513,9 +515,9 @@ class Store:
         schema = schema_name(w.tenant)
         try:
             await self._ensure_tenant(conn, schema)
-            for op in w.rows:
-                if op.partition:
-                    await self._ensure_partition(conn, schema, op.table, op.partition)
+            for block in w.rows:
+                for month in block.partitions:
+                    await self._ensure_partition(conn, schema, block.table, month)
         except psycopg.Error as exc:
             if connection_lost(exc):
                 raise
@@ -532,25 +534,17 @@ class Store:
             if w.exhausted is not None:
                 return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
             schema = schema_name(w.tenant)
-            for stmt, op, params in _grouped(schema, w.rows):
-                if len(params) > 1:
-                    # Upserts of one shape (a history batch): one pipelined round trip.
-                    async with conn.cursor() as cur:
-                        await cur.executemany(stmt, params)
-                    continue
-                cur = await conn.execute(stmt, params[0])
-                if op.op == "update" and cur.rowcount == 0:
-                    raise ItemFailed(
-                        FailureKind.TRANSIENT,
-                        Reason.NOT_FOUND,
-                        f"{op.table} row {[op.values[k] for k in op.key]} not found",
-                    )
+            for block in w.rows:
+                stmt = _sql(schema, block)
+                for rows in rounds((block,)):
+                    cur = await conn.execute(stmt, (_jsonb(rows),))
+                    if block.op == "update" and cur.rowcount == 0:
+                        raise ItemFailed(
+                            FailureKind.TRANSIENT,
+                            Reason.NOT_FOUND,
+                            f"{block.table} row {block.keys[0].decode()} not found",
+                        )
             return Written()
-        except (TypeError, ValueError, KeyError) as exc:
-            # A value psycopg cannot adapt (from a handler): this item's problem only.
-            raise ItemFailed(
-                FailureKind.PERMANENT, Reason.VALIDATION, f"{type(exc).__name__}: {exc}"
-            ) from exc
         except psycopg.Error as exc:
             if connection_lost(exc):
                 raise

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from dlqproc.generate import Generator
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
 from dlqproc.model import Event, Meta
+from dlqproc.rows import encode
 from dlqproc.store import Store, Write
 from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 
@@ -47,7 +48,7 @@ def test_replaying_events_three_times_leaves_the_same_rows(dsn: str, seed: int, 
     for i, e in enumerate(generated):
         base = e.subject.rpartition(".")[0]
         event = Event(e.subject, base, tenant, e.body, 1, Meta(stream="s", stream_seq=i + 1))
-        writes.append(Write(tenant=tenant, rows=tuple(HANDLERS[base](event))))
+        writes.append(Write(tenant=tenant, rows=encode(tuple(HANDLERS[base](event)))))
 
     async def apply(times: int) -> list[dict[str, list[tuple[Any, ...]]]]:
         store = Store(dsn, 10.0, TENANT_DDL)
@@ -75,7 +76,7 @@ def test_unread_count_applied_twice_equals_once(dsn: str) -> None:
 
     def write(base: str, body: bytes) -> Write:
         event = Event(f"{base}.acme", base, "acme", body, 1)
-        return Write(tenant="acme", rows=tuple(HANDLERS[base](event)))
+        return Write(tenant="acme", rows=encode(tuple(HANDLERS[base](event))))
 
     async def run() -> list[int]:
         store = Store(dsn, 10.0, TENANT_DDL)

@@ -23,6 +23,7 @@ from dlqproc.model import (
     TransientError,
 )
 from dlqproc.reprocess import Limits, reprocess
+from dlqproc.rows import encode
 
 DEMO = load("dlqproc.handlers.demo")
 LIMITS = Limits("v1.dlq", 1 << 20)
@@ -69,12 +70,14 @@ def test_demo_ok_is_one_upsert() -> None:
     assert out.token == 7
     assert out.kind is None and out.reason is None and out.error == ""
     assert out.base == "demo.ok"
-    assert out.rows == (
-        RowOp(
-            op="upsert",
-            table="demo_events",
-            key=("id",),
-            values={"id": "e1", "company_id": "acme", "text": "hello"},
+    assert out.rows == encode(
+        (
+            RowOp(
+                op="upsert",
+                table="demo_events",
+                key=("id",),
+                values={"id": "e1", "company_id": "acme", "text": "hello"},
+            ),
         ),
     )
     assert out.handler_seconds >= 0
@@ -97,7 +100,7 @@ def test_demo_flaky_fails_fail_times_deliveries(n: int, ok: bool) -> None:
     if ok:
         assert out.ok is True
         assert len(out.rows) == 1
-        assert out.rows[0].values["id"] == "f1"
+        assert msgspec.json.decode(out.rows[0].rows[0])["id"] == "f1"
     else:
         _failed(out, FailureKind.TRANSIENT, Reason.HANDLER_ERROR)
         assert out.base == "demo.flaky"
@@ -423,5 +426,9 @@ def test_reprocess_never_raises_for_structured_envelopes(
     _check(out, delivery)
     if out.ok:
         assert out.stored.company_id == tenant
-        assert all(row.values.get("company_id", tenant) == tenant for row in out.rows)
+        assert all(
+            msgspec.json.decode(row).get("company_id", tenant) == tenant
+            for block in out.rows
+            for row in block.rows
+        )
         assert base in DEMO.handlers

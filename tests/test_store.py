@@ -13,6 +13,7 @@ import pytest
 
 from dlqproc.embedded import free_port
 from dlqproc.model import FailureKind, Reason, RowOp
+from dlqproc.rows import encode
 from dlqproc.store import ExhaustedRow, ItemFailed, Store, StoreUnavailable, Write, Written
 from support.handlers import TENANT_DDL
 
@@ -226,7 +227,7 @@ def test_upsert_creates_schema_and_is_idempotent(dsn: str) -> None:
     assert "daisi_acme" not in before
 
     async def body(store: Store) -> list[list[Written]]:
-        write = Write(tenant="acme", rows=(upsert("a"),))
+        write = Write(tenant="acme", rows=encode((upsert("a"),)))
         return [await store.write([write]), await store.write([write])]
 
     assert run(dsn, body) == [[Written()], [Written()]]
@@ -237,7 +238,7 @@ def test_upsert_creates_schema_and_is_idempotent(dsn: str) -> None:
 def test_mixed_case_tenant_maps_to_lower_case_schema(dsn: str) -> None:
     before = schemas(dsn)
     results = run(
-        dsn, lambda s: s.write([Write(tenant="AcMe", rows=(upsert("m", tenant="AcMe"),))])
+        dsn, lambda s: s.write([Write(tenant="AcMe", rows=encode((upsert("m", tenant="AcMe"),)))])
     )
     assert results == [Written()]
     assert schemas(dsn) - before == {"daisi_acme"}
@@ -251,8 +252,8 @@ def test_mixed_case_tenant_maps_to_lower_case_schema(dsn: str) -> None:
     "bad_attempt", ["not-an-int", "1\x002", 2**40], ids=["not-int", "nul", "overflow"]
 )
 def test_failing_item_does_not_fail_the_batch(dsn: str, bad_attempt: Any) -> None:
-    writes = [Write(tenant="acme", rows=(upsert(f"r{i}", i),)) for i in range(5)]
-    writes[2] = Write(tenant="acme", rows=(upsert("r2", bad_attempt),))
+    writes = [Write(tenant="acme", rows=encode((upsert(f"r{i}", i),))) for i in range(5)]
+    writes[2] = Write(tenant="acme", rows=encode((upsert("r2", bad_attempt),)))
 
     results = run(dsn, lambda s: s.write(writes))
     assert len(results) == 5
@@ -264,8 +265,8 @@ def test_failing_item_does_not_fail_the_batch(dsn: str, bad_attempt: Any) -> Non
 def test_failing_item_rolls_back_its_own_earlier_rows(dsn: str) -> None:
     # Item 1 writes one good row and then a bad one: neither is kept.
     writes = [
-        Write(tenant="acme", rows=(upsert("ok0"),)),
-        Write(tenant="acme", rows=(upsert("half"), upsert("bad", "x"))),
+        Write(tenant="acme", rows=encode((upsert("ok0"),))),
+        Write(tenant="acme", rows=encode((upsert("half"), upsert("bad", "x")))),
         Write(exhausted=exhausted()),
     ]
     results = run(dsn, lambda s: s.write(writes))
@@ -283,12 +284,12 @@ def test_update_missing_row_is_transient_not_found(dsn: str) -> None:
     async def body(store: Store) -> tuple[list[Written], list[Written]]:
         first = await store.write(
             [
-                Write(tenant="acme", rows=(update("u", 7),)),
-                Write(tenant="acme", rows=(upsert("other", 1),)),
+                Write(tenant="acme", rows=encode((update("u", 7),))),
+                Write(tenant="acme", rows=encode((upsert("other", 1),))),
             ]
         )
-        await store.write([Write(tenant="acme", rows=(upsert("u", 1),))])
-        second = await store.write([Write(tenant="acme", rows=(update("u", 7),))])
+        await store.write([Write(tenant="acme", rows=encode((upsert("u", 1),)))])
+        second = await store.write([Write(tenant="acme", rows=encode((update("u", 7),)))])
         return first, second
 
     first, second = run(dsn, body)
@@ -304,14 +305,18 @@ def test_update_missing_row_is_transient_not_found(dsn: str) -> None:
 def test_monotonic_column_never_moves_back(dsn: str) -> None:
     async def body(store: Store) -> None:
         mono = ("attempt",)
-        await store.write([Write(tenant="acme", rows=(upsert("m", 5), upsert("plain", 5)))])
+        await store.write([Write(tenant="acme", rows=encode((upsert("m", 5), upsert("plain", 5))))])
         results = await store.write(
-            [Write(tenant="acme", rows=(upsert("m", 3, monotonic=mono), upsert("plain", 3)))]
+            [
+                Write(
+                    tenant="acme", rows=encode((upsert("m", 3, monotonic=mono), upsert("plain", 3)))
+                )
+            ]
         )
         assert results == [Written()]
         assert rows(dsn) == {"m": ("acme", 5), "plain": ("acme", 3)}
         # Forward still moves it, on upsert and on update.
-        await store.write([Write(tenant="acme", rows=(upsert("m", 8, monotonic=mono),))])
+        await store.write([Write(tenant="acme", rows=encode((upsert("m", 8, monotonic=mono),)))])
         assert rows(dsn)["m"] == ("acme", 8)
         down = RowOp(
             op="update",
@@ -320,10 +325,40 @@ def test_monotonic_column_never_moves_back(dsn: str) -> None:
             values={"id": "m", "attempt": 2},
             monotonic=mono,
         )
-        assert await store.write([Write(tenant="acme", rows=(down,))]) == [Written()]
+        assert await store.write([Write(tenant="acme", rows=encode((down,)))]) == [Written()]
         assert rows(dsn)["m"] == ("acme", 8)
 
     run(dsn, body)
+
+
+def test_a_key_written_twice_in_one_group_ends_as_if_written_in_order(dsn: str) -> None:
+    # PostgreSQL refuses to upsert one row twice in a statement: the store must
+    # split such rows into rounds, and keep monotonic and insert-only meanings.
+    mono = ("attempt",)
+
+    async def body(store: Store) -> list[Written]:
+        return await store.write(
+            [
+                Write(tenant="acme", rows=encode((upsert("d", 4), upsert("d", 2), upsert("e", 1)))),
+                Write(tenant="acme", rows=encode((upsert("d", 3),))),
+                Write(tenant="acme", rows=encode((upsert("m", 9, monotonic=mono),))),
+                Write(tenant="acme", rows=encode((upsert("m", 5, monotonic=mono),))),
+                Write(
+                    tenant="acme",
+                    rows=encode(
+                        (upsert("i", 1, insert_only=mono), upsert("i", 6, insert_only=mono))
+                    ),
+                ),
+            ]
+        )
+
+    assert run(dsn, body) == [Written()] * 5
+    assert rows(dsn) == {
+        "d": ("acme", 3),
+        "e": ("acme", 1),
+        "m": ("acme", 9),
+        "i": ("acme", 1),
+    }
 
 
 # 8. invalid tenants
@@ -338,8 +373,8 @@ def test_invalid_tenant_is_permanent(dsn: str, tenant: str) -> None:
     query(dsn, "CREATE SCHEMA x")
     before = schemas(dsn)
     writes = [
-        Write(tenant=tenant, rows=(upsert("i", tenant=tenant),)),
-        Write(tenant="acme", rows=(upsert("ok"),)),
+        Write(tenant=tenant, rows=encode((upsert("i", tenant=tenant),))),
+        Write(tenant="acme", rows=encode((upsert("ok"),))),
     ]
     results = run(dsn, lambda s: s.write(writes))
     assert_failed(results[0], FailureKind.PERMANENT, Reason.INVALID_TENANT)
@@ -352,7 +387,7 @@ def test_invalid_tenant_is_permanent(dsn: str, tenant: str) -> None:
 def test_longest_valid_tenant_fits_identifier_limit(dsn: str) -> None:
     tenant = "T" * 57
     results = run(
-        dsn, lambda s: s.write([Write(tenant=tenant, rows=(upsert("l", tenant=tenant),))])
+        dsn, lambda s: s.write([Write(tenant=tenant, rows=encode((upsert("l", tenant=tenant),)))])
     )
     assert results == [Written()]
     assert rows(dsn, "daisi_" + "t" * 57) == {"l": (tenant, 1)}
@@ -367,7 +402,7 @@ def test_unreachable_database(dsn: str) -> None:
     async def body(store: Store) -> None:
         assert await store.ping() is False
         with pytest.raises(StoreUnavailable):
-            await store.write([Write(tenant="acme", rows=(upsert("a"),))])
+            await store.write([Write(tenant="acme", rows=encode((upsert("a"),)))])
         with pytest.raises(StoreUnavailable):
             await store.write([Write(exhausted=exhausted())])
         assert await store.ping() is False
@@ -388,7 +423,7 @@ def _terminate_dlqproc_backends(dsn: str) -> int:
 def test_killed_connection_raises_then_reconnects(dsn: str, kind: str) -> None:
     def make(i: int) -> Write:
         if kind == "rows":
-            return Write(tenant="acme", rows=(upsert(f"k{i}"),))
+            return Write(tenant="acme", rows=encode((upsert(f"k{i}"),)))
         return Write(exhausted=exhausted(dlq_sequence=i))
 
     async def body(store: Store) -> None:
@@ -416,7 +451,7 @@ def test_ping_after_killed_connection_reconnects(dsn: str) -> None:
         # The first use of the dead connection may fail; the store then recovers.
         await store.ping()
         assert await store.ping() is True
-        assert await store.write([Write(tenant="acme", rows=(upsert("p"),))]) == [Written()]
+        assert await store.write([Write(tenant="acme", rows=encode((upsert("p"),)))]) == [Written()]
 
     run(dsn, body)
     assert rows(dsn) == {"p": ("acme", 1)}
@@ -432,12 +467,15 @@ def test_ping_after_killed_connection_reconnects(dsn: str) -> None:
 def test_table_name_is_quoted(dsn: str, table: str) -> None:
     async def body(store: Store) -> list[Written]:
         # Creates daisi_acme, then the sentinel inside it.
-        await store.write([Write(tenant="acme", rows=(upsert("seed"),))])
+        await store.write([Write(tenant="acme", rows=encode((upsert("seed"),)))])
         query(dsn, "CREATE TABLE daisi_acme.x (v int)")
         query(dsn, "INSERT INTO daisi_acme.x VALUES (1)")
         evil = RowOp(op="upsert", table=table, key=("id",), values={"id": "e", "attempt": 1})
         return await store.write(
-            [Write(tenant="acme", rows=(evil,)), Write(tenant="acme", rows=(upsert("after"),))]
+            [
+                Write(tenant="acme", rows=encode((evil,))),
+                Write(tenant="acme", rows=encode((upsert("after"),))),
+            ]
         )
 
     results = run(dsn, body)
@@ -450,7 +488,7 @@ def test_table_name_is_quoted(dsn: str, table: str) -> None:
 
 def test_column_and_key_names_are_quoted(dsn: str) -> None:
     async def body(store: Store) -> list[Written]:
-        await store.write([Write(tenant="acme", rows=(upsert("seed"),))])
+        await store.write([Write(tenant="acme", rows=encode((upsert("seed"),)))])
         query(dsn, "CREATE TABLE daisi_acme.x (v int)")
         evil_col = RowOp(
             op="upsert",
@@ -465,7 +503,10 @@ def test_column_and_key_names_are_quoted(dsn: str) -> None:
             values={'id" = id OR TRUE; DROP TABLE daisi_acme.x; --': "seed", "attempt": 9},
         )
         return await store.write(
-            [Write(tenant="acme", rows=(evil_col,)), Write(tenant="acme", rows=(evil_key,))]
+            [
+                Write(tenant="acme", rows=encode((evil_col,))),
+                Write(tenant="acme", rows=encode((evil_key,))),
+            ]
         )
 
     results = run(dsn, body)
@@ -485,7 +526,7 @@ def test_undefined_table_or_column_is_permanent(dsn: str, bad: str) -> None:
         values["no_such_column"] = 1
     table = "no_such_table" if bad == "table" else "test_rows"
     op = RowOp(op="upsert", table=table, key=("id",), values=values)
-    results = run(dsn, lambda s: s.write([Write(tenant="acme", rows=(op,))]))
+    results = run(dsn, lambda s: s.write([Write(tenant="acme", rows=encode((op,)))]))
     assert_failed(results[0], FailureKind.PERMANENT, Reason.VALIDATION)
 
 
@@ -495,9 +536,9 @@ _HUGE = random.Random(0).randbytes(6000).hex()
 
 def test_oversized_key_fails_only_its_item(dsn: str) -> None:
     writes = [
-        Write(tenant="acme", rows=(upsert("ok1"),)),
-        Write(tenant="acme", rows=(upsert(_HUGE),)),
-        Write(tenant="acme", rows=(upsert("ok2"),)),
+        Write(tenant="acme", rows=encode((upsert("ok1"),))),
+        Write(tenant="acme", rows=encode((upsert(_HUGE),))),
+        Write(tenant="acme", rows=encode((upsert("ok2"),))),
     ]
     results = run(dsn, lambda s: s.write(writes))
     assert_failed(results[1], FailureKind.PERMANENT)

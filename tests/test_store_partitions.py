@@ -10,6 +10,7 @@ import psycopg
 
 from dlqproc.handlers.whatsapp import TENANT_DDL
 from dlqproc.model import RowOp
+from dlqproc.rows import encode
 from dlqproc.store import Store, Write, Written, month_bounds
 
 
@@ -38,7 +39,7 @@ def write(dsn: str, *ops: RowOp) -> list[Written]:
         store = Store(dsn, 10.0, TENANT_DDL)
         try:
             await store.migrate()
-            return await store.write([Write(tenant="acme", rows=(op,)) for op in ops])
+            return await store.write([Write(tenant="acme", rows=encode((op,))) for op in ops])
         finally:
             await store.close()
 
@@ -99,7 +100,7 @@ def test_a_history_batch_of_one_shape_is_written_in_one_go(dsn: str) -> None:
         store = Store(dsn, 10.0, TENANT_DDL)
         try:
             await store.migrate()
-            return await store.write([Write(tenant="acme", rows=ops)])
+            return await store.write([Write(tenant="acme", rows=encode(ops))])
         finally:
             await store.close()
 

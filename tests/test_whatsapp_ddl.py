@@ -12,6 +12,7 @@ from test_whatsapp_handlers import event
 
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
 from dlqproc.model import FailureKind, Reason, RowOp
+from dlqproc.rows import encode
 from dlqproc.store import Store, Write, Written
 
 SCHEMA = "daisi_acme"
@@ -113,7 +114,10 @@ def write(dsn: str, *events: tuple[str, dict[str, Any]]) -> list[Written]:
         store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL)
         try:
             return await store.write(
-                [Write(tenant="acme", rows=rows_of(base, payload)) for base, payload in events]
+                [
+                    Write(tenant="acme", rows=encode(rows_of(base, payload)))
+                    for base, payload in events
+                ]
             )
         finally:
             await store.close()
