@@ -136,6 +136,9 @@ class Rows(msgspec.Struct, frozen=True, array_like=True):
     partitions: tuple[str, ...]  # the months ("YYYY-MM") the rows belong to
     keys: tuple[bytes, ...]  # each row's key values, as JSON
     rows: tuple[bytes, ...]  # each row, a JSON object
+    # Blocks of one message in the same segment may be written in any order;
+    # segments must be written in order.
+    segment: int = 0
 
 
 class Delivery(msgspec.Struct, frozen=True, array_like=True):

@@ -84,7 +84,9 @@ class _Worker:
     async def _read_frames(self) -> None:
         """Deliver each reply to whoever waits for it; EOF means the worker is gone."""
         try:
-            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=2**16)
+            # A small limit makes the reader pause and resume the socket many
+            # times per frame, and replies of heavy events run to megabytes.
+            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 22)
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 data = await reader.readexactly(size)

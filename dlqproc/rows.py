@@ -7,9 +7,10 @@ the one process every message passes through, never decodes, adapts or
 re-encodes a row value; it only concatenates bytes.
 
 `plan` orders the blocks of a whole commit group into steps: upserts of one
-shape from many messages share a statement, each message's own blocks keep
-their order, and a key that appears twice in a step is split into rounds, since
-PostgreSQL refuses to upsert one row twice in one statement.
+shape from many messages share a statement, each message's segments keep their
+order, and a key that appears twice in a step is split into rounds, since
+PostgreSQL refuses to upsert one row twice in one statement. Messages of one
+commit group arrived together, so no order between them is promised.
 """
 
 from __future__ import annotations
@@ -44,46 +45,71 @@ def shape(block: Rows) -> Shape:
     )
 
 
-def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
-    """Blocks for a handler's rows, in order.
+class _Block:
+    """A block being filled: rows of one shape within one segment."""
 
-    An update is always a block of its own: the store tells that it found its
-    row from the statement's row count. Raises TypeError (or ValueError,
-    UnicodeEncodeError) for a value that cannot be stored.
+    def __init__(self, op: RowOp) -> None:
+        self.head = op
+        self.rows: list[bytes] = []
+        self.keys: list[bytes] = []
+        self.months: dict[str, None] = {}
+
+    def build(self, segment: int) -> Rows:
+        op = self.head
+        return Rows(
+            op=op.op,
+            table=op.table,
+            key=op.key,
+            columns=tuple(op.values),
+            monotonic=op.monotonic,
+            insert_only=op.insert_only,
+            partitions=tuple(m for m in self.months if m),
+            keys=tuple(self.keys),
+            rows=tuple(self.rows),
+            segment=segment,
+        )
+
+
+def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
+    """Blocks for a handler's rows, one per shape and segment.
+
+    Upserts of distinct rows commute, so within a segment the upserts of each
+    shape form one block whatever their interleaving (handlers leave out
+    absent optional columns, so a history batch mixes a few shapes). Order is
+    kept where it matters: an update is a segment of its own (its key may not
+    be the upsert key, so it is ordered against everything), and a row that
+    comes back in another shape starts a new segment. An update also stands
+    alone so that the store can tell from the row count whether it matched.
+    Raises TypeError (or ValueError) for a value that cannot be stored.
     """
     blocks: list[Rows] = []
-    rows: list[bytes] = []
-    keys: list[bytes] = []
-    months: list[str] = []
-    head: RowOp | None = None
-    head_shape: Shape | None = None
+    segment = 0
+    open_: dict[Shape, _Block] = {}
+    owner: dict[tuple[str, bytes], Shape] = {}  # a row's shape in this segment
 
-    def flush() -> None:
-        if head is not None:
-            blocks.append(
-                Rows(
-                    op=head.op,
-                    table=head.table,
-                    key=head.key,
-                    columns=tuple(head.values),
-                    monotonic=head.monotonic,
-                    insert_only=head.insert_only,
-                    partitions=tuple(dict.fromkeys(m for m in months if m)),
-                    keys=tuple(keys),
-                    rows=tuple(rows),
-                )
-            )
+    def close() -> None:
+        nonlocal segment
+        if open_:
+            blocks.extend(b.build(segment) for b in open_.values())
+            segment += 1
+        open_.clear()
+        owner.clear()
 
     for op in ops:
         op_shape = (op.op, op.table, op.key, tuple(op.values), op.monotonic, op.insert_only)
-        if op.op != "upsert" or op_shape != head_shape:
-            flush()
-            head, head_shape = op, op_shape
-            rows, keys, months = [], [], []
-        rows.append(_json.encode(op.values))
-        keys.append(_json.encode([op.values[k] for k in op.key]))
-        months.append(op.partition)
-    flush()
+        key = _json.encode([op.values[k] for k in op.key])
+        if op.op != "upsert" or owner.get((op.table, key), op_shape) != op_shape:
+            close()
+        owner[(op.table, key)] = op_shape
+        block = open_.get(op_shape)
+        if block is None:
+            block = open_[op_shape] = _Block(op)
+        block.rows.append(_json.encode(op.values))
+        block.keys.append(key)
+        block.months[op.partition] = None
+        if op.op != "upsert":
+            close()
+    close()
     return tuple(blocks)
 
 
@@ -115,28 +141,29 @@ def rounds(blocks: Sequence[Rows]) -> tuple[tuple[bytes, ...], ...]:
 
 
 def plan(items: Sequence[Sequence[Rows]]) -> list[Step]:
-    """The steps that write every item's blocks, each item's in its own order.
+    """The steps that write every item's blocks, keeping each item's segments in order.
 
-    An item's block joins the first later step of its shape (upserts only), or
-    starts a new step; so item order is kept and steps stay few: one per shape
-    for the usual commit group.
+    A block joins the first step of its shape (upserts only) after every step
+    of its item's previous segment, or starts a new step; so steps stay few,
+    about one per shape for the usual commit group.
     """
     members: list[list[Rows]] = []
     shapes: list[Shape | None] = []  # None: an update step, never shared
     for blocks in items:
-        pos = -1
+        floor, top, segment = -1, -1, None
         for block in blocks:
+            if block.segment != segment:
+                floor, segment = top, block.segment
             key = shape(block) if block.op == "upsert" else None
-            at = next(
-                (i for i in range(pos + 1, len(shapes)) if key is not None and shapes[i] == key),
-                None,
-            )
+            at = None
+            if key is not None:
+                at = next((i for i in range(floor + 1, len(shapes)) if shapes[i] == key), None)
             if at is None:
                 members.append([])
                 shapes.append(key)
                 at = len(shapes) - 1
             members[at].append(block)
-            pos = at
+            top = max(top, at)
     return [Step(block=group[0], rounds=rounds(group)) for group in members]
 
 

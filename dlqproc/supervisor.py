@@ -93,7 +93,11 @@ class Supervisor:
         self.store_ok = True
         self._held: dict[int, Held] = {}
         self._held_bytes = 0
-        self._avg_size = 2048.0  # running mean of message sizes, to size fetches
+        # Expected message size, to keep a fetch within the byte budget. Until a
+        # fetch shows the sizes, assume a quarter of the largest allowed body:
+        # a first fetch of heavy events must not take the whole budget many
+        # times over.
+        self._size_estimate = max(cfg.nats.dlq_max_payload_bytes / 4, 1024.0)
         self._queue: collections.deque[int] = collections.deque()
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
@@ -158,7 +162,7 @@ class Supervisor:
                 continue
             free = n.dlq_max_in_flight - len(self._held)
             room = n.dlq_max_in_flight_bytes - self._held_bytes
-            free = min(free, int(room // self._avg_size))
+            free = min(free, int(room // self._size_estimate))
             if free <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -183,7 +187,6 @@ class Supervisor:
             for msg in msgs:
                 token = next(self._tokens)
                 self._held_bytes += len(msg.data)
-                self._avg_size += (len(msg.data) - self._avg_size) / 64
                 event_type, _, tenant = msg.subject.rpartition(".")
                 # Label values come from untrusted subjects: bound their cardinality.
                 company = tenant if valid_tenant(tenant) else "invalid"
@@ -192,6 +195,9 @@ class Supervisor:
                 if not dlq:
                     self.metrics.events_received.labels(event_type, company, lane.lane.value).inc()
             if msgs:
+                # Up at once when messages grow, down gradually when they shrink.
+                mean = sum(len(m.data) for m in msgs) / len(msgs)
+                self._size_estimate = max(mean, (self._size_estimate + mean) / 2)
                 self._gauges()
                 self._work.set()
 
