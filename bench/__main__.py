@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="",
         help="use this PostgreSQL (CREATE DATABASE per run) instead of an embedded one",
     )
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="embedded PostgreSQL with fsync and synchronous_commit on (production settings)"
+        " instead of the test suite's fsync=off",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     a = p.parse_args(argv)  # fmt: skip
@@ -95,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     opts.ratio_workers = a.ratio_workers
     opts.baselines = not a.no_baselines
     opts.settle_timeout = a.settle_timeout
+    opts.durable = a.durable
     opts.seed, opts.nats_url, opts.postgres_dsn, opts.out = (
         a.seed,
         a.nats_url,

@@ -67,6 +67,9 @@ class Options:
     seed: int = 7
     nats_url: str = ""
     postgres_dsn: str = ""
+    # The embedded PostgreSQL with fsync and synchronous commit on, as in
+    # production, instead of the test suite's fsync=off.
+    durable: bool = False
     out: Path = Path("bench/results")
     quick: bool = False
     dry_run: bool = False
@@ -128,12 +131,16 @@ def plan(opts: Options) -> list[Spec]:
 
 
 @contextlib.contextmanager
-def servers(opts: Options) -> Iterator[tuple[str, str]]:
-    """(nats url, postgres dsn): the given ones, or embedded servers stopped on exit."""
+def servers(opts: Options) -> Iterator[tuple[str, str, int | None]]:
+    """(nats url, postgres dsn, postmaster pid): given or embedded servers, stopped on exit.
+
+    The pid is None for a PostgreSQL given by DSN, whose CPU cannot be read.
+    """
     homes: list[Path] = []
     started: list[NatsServer | PostgresServer] = []
     try:
         url, dsn = opts.nats_url, opts.postgres_dsn
+        pg_pid: int | None = None
         if not url:
             home = Path(tempfile.mkdtemp(prefix="dlqproc-bench-nats-"))
             homes.append(home)
@@ -146,11 +153,11 @@ def servers(opts: Options) -> Iterator[tuple[str, str]]:
             # user and must traverse every parent folder.
             home = Path(tempfile.mkdtemp(prefix="dlqproc-bench-pg-"))
             homes.append(home)
-            pg = PostgresServer(home / "data")
+            pg = PostgresServer(home / "data", durable=opts.durable)
             started.append(pg)
             pg.start()
-            dsn = pg.dsn
-        yield url, dsn
+            dsn, pg_pid = pg.dsn, pg.pid
+        yield url, dsn, pg_pid
     finally:
         for server in reversed(started):
             with contextlib.suppress(Exception):
@@ -272,8 +279,16 @@ class RunError(Exception):
 
 
 class Run:
-    def __init__(self, spec: Spec, opts: Options, nats_url: str, dsn: str, logs: Path) -> None:
-        self.spec, self.opts, self.nats_url = spec, opts, nats_url
+    def __init__(
+        self,
+        spec: Spec,
+        opts: Options,
+        nats_url: str,
+        dsn: str,
+        logs: Path,
+        pg_pid: int | None = None,
+    ) -> None:
+        self.spec, self.opts, self.nats_url, self.pg_pid = spec, opts, nats_url, pg_pid
         rid = f"{os.getpid()}_{next(_ids)}"
         self.db = f"bench_{rid}"
         self.server_dsn = dsn
@@ -423,6 +438,9 @@ class Run:
 
     # -- the run
 
+    def postgres_cpu(self) -> float | None:
+        return None if self.pg_pid is None else procs.tree_cpu_seconds(self.pg_pid)
+
     async def execute(self) -> dict[str, Any]:
         spec, opts = self.spec, self.opts
         wl = WORKLOADS[spec.workload]
@@ -470,9 +488,11 @@ class Run:
             assert self.child is not None
             ready_at = await asyncio.to_thread(self.child.wait_ready, 120.0)
             cpu0 = self.child.ready_cpu
+            pg0 = self.postgres_cpu()
             phase("start_to_ready")
             ok = await self.wait_settled(nc, tracker, preload, opts.settle_timeout)
             cpu1 = self.child.cpu()
+            pg1 = self.postgres_cpu()
             phase("backlog")
             result["settled"] = sum(1 for k in preload if k in tracker.final)
             if not ok:
@@ -501,6 +521,10 @@ class Run:
                     "total_ms_per_msg": round(
                         (cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]) * 1000 / settled, 4
                     ),
+                    # The database shares the cores: what each message costs it.
+                    "postgres_ms_per_msg": None
+                    if pg0 is None or pg1 is None
+                    else round((pg1 - pg0) * 1000 / settled, 4),
                 },
             )
             result["steady"] = await self._steady(nc, tracker, settled / seconds)
@@ -567,10 +591,10 @@ def run_all(
     results: list[dict[str, Any]] = []
     logs = opts.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with servers(opts) as (url, dsn):
+    with servers(opts) as (url, dsn, pg_pid):
         for i, spec in enumerate(specs, 1):
             started = time.monotonic()
-            run = Run(spec, opts, url, dsn, logs)
+            run = Run(spec, opts, url, dsn, logs, pg_pid)
             result = asyncio.run(run.execute())
             results.append(result)
             if after_each is not None:

@@ -58,6 +58,23 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU of a process, its live children and the children it reaped.
+
+    For the embedded PostgreSQL's postmaster: every backend and auxiliary
+    process is its child. None when the process is gone.
+    """
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    live = sum(cpu_seconds(int(c)) or 0.0 for c in children)
+    return own + reaped_children_cpu(pid) + live
+
+
 def worker_pids(pid: int) -> list[int]:
     """Children of `pid` except multiprocessing's resource tracker."""
     try:

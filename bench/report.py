@@ -34,6 +34,7 @@ MEASURES: dict[str, Getter] = {
     "supervisor_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("supervisor_ms_per_msg"),
     "workers_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("workers_ms_per_msg"),
     "total_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("total_ms_per_msg"),
+    "postgres_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("postgres_ms_per_msg"),
     "supervisor_rss_mb": lambda r: (r.get("rss_mb") or {}).get("supervisor"),
     "worker_rss_mb": lambda r: (r.get("rss_mb") or {}).get("worker_max"),
     "exhausted": lambda r: r.get("exhausted"),
@@ -199,6 +200,14 @@ def _mode(entry: dict[str, Any]) -> str:
     return f"service, {entry['workers']} workers"
 
 
+def _durability(opts: dict[str, Any]) -> str:
+    if opts.get("external_servers"):
+        return "given by DSN"
+    if opts.get("durable_postgres"):
+        return "durable (fsync on, synchronous_commit on)"
+    return "with fsync off (the test-suite setting)"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     opts = doc["options"]
     summary: dict[str, dict[str, Any]] = doc["summary"]
@@ -207,7 +216,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"{doc['started']} · {doc['machine']['cpus']} CPUs · Python {doc['machine']['python']}"
         f" · {opts['messages']} messages (heavy: 1/20) · {opts['repeats']} repeat(s)"
-        f" · steady phase {opts['steady_seconds']:g} s at 50% of the measured throughput",
+        f" · steady phase {opts['steady_seconds']:g} s at 50% of the measured throughput"
+        f" · PostgreSQL {_durability(opts)}",
         "",
         "Cells with several repeats read min-**median**-max. Throughput counts from the"
         " service's ready log line to the last ACK/TERM of the preloaded backlog."
@@ -218,8 +228,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| workload | path | consumer | fetch | msg/s | rows/s | backlog p99 ms"
         " | steady p50 / p95 / p99 ms | CPU sup ms/msg | CPU workers ms/msg"
-        " | RSS sup MB | RSS worker MB | exhausted | worker restarts |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | CPU postgres ms/msg | RSS sup MB | RSS worker MB | exhausted | worker restarts |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     order = {"baseline_a": 0, "inline": 1, "service": 2}
     entries = sorted(
@@ -241,6 +251,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f" | {_fmt(e['msgs_per_s'])} | {_fmt(e['rows_per_s'])}"
             f" | {_fmt(e['backlog_p99_ms'])} | {steady}"
             f" | {_fmt(e['supervisor_cpu_ms_per_msg'], 2)} | {_fmt(e['workers_cpu_ms_per_msg'], 2)}"
+            f" | {_fmt(e['postgres_cpu_ms_per_msg'], 2)}"
             f" | {_fmt(e['supervisor_rss_mb'])} | {_fmt(e['worker_rss_mb'])}"
             f" | {_fmt(e['exhausted'])} | {_fmt(e['worker_restarts'])} |"
         )
@@ -351,6 +362,7 @@ def document(opts: Options, runs: list[dict[str, Any]], started: str) -> dict[st
             "quick": opts.quick,
             "seed": opts.seed,
             "external_servers": bool(opts.nats_url or opts.postgres_dsn),
+            "durable_postgres": opts.durable,
         },
         "primary_fetch_batch": opts.primary_fetch_batch,
         "planned_runs": len(plan(opts)),
