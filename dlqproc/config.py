@@ -103,7 +103,7 @@ class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="came
     dlq_fetch_batch: int = 256
     dlq_worker_batch: int = 32
     dlq_max_in_flight: int = 1024
-    dlq_max_in_flight_bytes: int = 16 * 1024 * 1024
+    dlq_max_in_flight_bytes: int = 8 * 1024 * 1024
     dlq_worker_batch_bytes: int = 1024 * 1024
     dlq_task_timeout: Duration = Duration(20)
     dlq_max_payload_bytes: int = 4 * 1024 * 1024

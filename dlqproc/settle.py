@@ -147,6 +147,15 @@ class Settler:
             )
         )
 
+    @staticmethod
+    def publishes(held: Held, v: Verdict) -> bool:
+        """Whether settling waits on JetStream: a main-lane event being dead-lettered."""
+        return (
+            held.lane.lane is not Lane.DLQ
+            and v.decision.action not in (Action.ACK, Action.NAK)
+            and not v.stored_directly
+        )
+
     async def settle(self, held: Held, v: Verdict) -> None:
         try:
             if held.lane.lane is Lane.DLQ:

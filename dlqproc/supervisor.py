@@ -407,7 +407,7 @@ class Supervisor:
                 if result.failure is not None:
                     self._redecide(token, v, result.failure)
                     pending.append(token)
-        settles = []
+        publishing = []
         for token, v in verdicts.items():
             if v.decision.action is Action.HOLD:
                 # JetStream's last delivery: keep it alive and write it once the
@@ -420,9 +420,14 @@ class Supervisor:
                 continue
             released = self._release(token)
             assert released is not None
-            settles.append(self.settler.settle(released, v))
-        # Concurrently: a dead-letter publish waits for JetStream's acknowledgement.
-        await asyncio.gather(*settles)
+            if self.settler.publishes(released, v):
+                # Concurrently: a dead-letter publish waits for JetStream's acknowledgement.
+                publishing.append(asyncio.ensure_future(self.settler.settle(released, v)))
+            else:
+                # ACK, NAK and TERM only queue a few bytes on the connection: a
+                # task each would cost more than the settle itself.
+                await self.settler.settle(released, v)
+        await asyncio.gather(*publishing)
         self._room.set()
         self._gauges()
 
