@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     for step in (
         [str(BIN / "ruff"), "check", "."],
         [str(BIN / "ruff"), "format", "--check", "."],
-        [str(BIN / "mypy"), "--strict", "dlqproc"],
+        [str(BIN / "mypy"), "--strict", "dlqproc", "bench"],
     ):
         if code := run(*step):
             print(f"failed: {' '.join(step)}", file=sys.stderr)

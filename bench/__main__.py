@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import report
@@ -12,7 +13,7 @@ from bench.harness import Options, plan, run_all
 from bench.workloads import PATHS, WORKLOADS
 
 
-def _names(allowed: tuple[str, ...]) -> object:
+def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(t.strip() for t in text.split(",") if t.strip())
         bad = [n for n in names if n not in allowed]
@@ -23,7 +24,7 @@ def _names(allowed: tuple[str, ...]) -> object:
     return parse
 
 
-def _ints(minimum: int) -> object:
+def _ints(minimum: int) -> Callable[[str], tuple[int, ...]]:
     def parse(text: str) -> tuple[int, ...]:
         try:
             values = tuple(int(t) for t in text.split(",") if t.strip())
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def partial(runs: list[dict[str, object]]) -> None:
         # Results so far, so a long benchmark that is interrupted still reports.
-        report.write(report.document(opts, runs, started), opts.out, png=False)  # type: ignore[arg-type]
+        report.write(report.document(opts, runs, started), opts.out, png=False)
 
     runs = run_all(opts, after_each=partial)
     doc = report.document(opts, runs, started)

@@ -137,7 +137,7 @@ async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
     sub = await nc.jetstream().pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
     conn = psycopg.connect(cfg.postgres.dsn, autocommit=True)
     for _, _, text in migrations():
-        conn.execute(text)  # type: ignore[call-overload]
+        conn.execute(text.encode())
     tenants: set[str] = set()
     base_delay = n.dlq_base_delay_minutes * 60
     max_delay = n.dlq_max_delay_minutes * 60

@@ -36,6 +36,7 @@ import psycopg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from psycopg import sql
 
 from bench import procs
 from bench.workloads import TENANTS, WORKLOADS, Item, iter_sizes
@@ -131,23 +132,23 @@ def plan(opts: Options) -> list[Spec]:
 
 
 @contextlib.contextmanager
-def servers(opts: Options) -> Iterator[tuple[str, str, int | None]]:
-    """(nats url, postgres dsn, postmaster pid): given or embedded servers, stopped on exit.
+def servers(opts: Options) -> Iterator[tuple[str, str, ServerPids]]:
+    """(nats url, postgres dsn, pids): given or embedded servers, stopped on exit.
 
-    The pid is None for a PostgreSQL given by DSN, whose CPU cannot be read.
+    A server given by URL or DSN has no pid: its CPU cannot be read.
     """
     homes: list[Path] = []
     started: list[NatsServer | PostgresServer] = []
     try:
         url, dsn = opts.nats_url, opts.postgres_dsn
-        pg_pid: int | None = None
+        pids = ServerPids()
         if not url:
             home = Path(tempfile.mkdtemp(prefix="dlqproc-bench-nats-"))
             homes.append(home)
             nats_server = NatsServer(home)
             started.append(nats_server)
             nats_server.start()
-            url = nats_server.url
+            url, pids.nats = nats_server.url, nats_server.pid
         if not dsn:
             # Outside pytest's temp root: PostgreSQL runs as an unprivileged
             # user and must traverse every parent folder.
@@ -156,14 +157,26 @@ def servers(opts: Options) -> Iterator[tuple[str, str, int | None]]:
             pg = PostgresServer(home / "data", durable=opts.durable)
             started.append(pg)
             pg.start()
-            dsn, pg_pid = pg.dsn, pg.pid
-        yield url, dsn, pg_pid
+            dsn, pids.postgres = pg.dsn, pg.pid
+        yield url, dsn, pids
     finally:
         for server in reversed(started):
             with contextlib.suppress(Exception):
                 server.stop()
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass
+class ServerPids:
+    postgres: int | None = None  # the postmaster
+    nats: int | None = None
+
+
+def _per_msg(before: float | None, after: float | None, settled: int) -> float | None:
+    if before is None or after is None:
+        return None
+    return round((after - before) * 1000 / settled, 4)
 
 
 def _with_db(dsn: str, db: str) -> str:
@@ -286,9 +299,10 @@ class Run:
         nats_url: str,
         dsn: str,
         logs: Path,
-        pg_pid: int | None = None,
+        pids: ServerPids | None = None,
     ) -> None:
-        self.spec, self.opts, self.nats_url, self.pg_pid = spec, opts, nats_url, pg_pid
+        self.spec, self.opts, self.nats_url = spec, opts, nats_url
+        self.pids = pids or ServerPids()
         rid = f"{os.getpid()}_{next(_ids)}"
         self.db = f"bench_{rid}"
         self.server_dsn = dsn
@@ -385,12 +399,15 @@ class Run:
 
     def create_db(self) -> None:
         with psycopg.connect(self.server_dsn, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {self.db}")  # type: ignore[arg-type]
-            conn.execute(f"CREATE DATABASE {self.db}")  # type: ignore[arg-type]
+            db = sql.Identifier(self.db)
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(db))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(db))
 
     def drop_db(self) -> None:
         with psycopg.connect(self.server_dsn, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {self.db} WITH (FORCE)")  # type: ignore[arg-type]
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db))
+            )
 
     def count_rows(self) -> tuple[int, int]:
         """(rows in the tenants' tables, rows in exhausted_events)."""
@@ -400,7 +417,9 @@ class Run:
                 for table in TABLES:
                     try:
                         got = conn.execute(
-                            f"SELECT count(*) FROM daisi_{tenant}.{table}"  # type: ignore[arg-type]
+                            sql.SQL("SELECT count(*) FROM {}").format(
+                                sql.Identifier(f"daisi_{tenant}", table)
+                            )
                         ).fetchone()
                     except psycopg.errors.UndefinedTable:
                         continue
@@ -438,8 +457,13 @@ class Run:
 
     # -- the run
 
-    def postgres_cpu(self) -> float | None:
-        return None if self.pg_pid is None else procs.tree_cpu_seconds(self.pg_pid)
+    def server_cpu(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far of (PostgreSQL, nats-server), where they are ours."""
+        pg, nats_pid = self.pids.postgres, self.pids.nats
+        return (
+            None if pg is None else procs.tree_cpu_seconds(pg),
+            None if nats_pid is None else procs.cpu_seconds(nats_pid),
+        )
 
     async def execute(self) -> dict[str, Any]:
         spec, opts = self.spec, self.opts
@@ -488,11 +512,11 @@ class Run:
             assert self.child is not None
             ready_at = await asyncio.to_thread(self.child.wait_ready, 120.0)
             cpu0 = self.child.ready_cpu
-            pg0 = self.postgres_cpu()
+            servers0 = self.server_cpu()
             phase("start_to_ready")
             ok = await self.wait_settled(nc, tracker, preload, opts.settle_timeout)
             cpu1 = self.child.cpu()
-            pg1 = self.postgres_cpu()
+            servers1 = self.server_cpu()
             phase("backlog")
             result["settled"] = sum(1 for k in preload if k in tracker.final)
             if not ok:
@@ -521,10 +545,9 @@ class Run:
                     "total_ms_per_msg": round(
                         (cpu1[0] + cpu1[1] - cpu0[0] - cpu0[1]) * 1000 / settled, 4
                     ),
-                    # The database shares the cores: what each message costs it.
-                    "postgres_ms_per_msg": None
-                    if pg0 is None or pg1 is None
-                    else round((pg1 - pg0) * 1000 / settled, 4),
+                    # The servers share the cores: what each message costs them.
+                    "postgres_ms_per_msg": _per_msg(servers0[0], servers1[0], settled),
+                    "nats_ms_per_msg": _per_msg(servers0[1], servers1[1], settled),
                 },
             )
             result["steady"] = await self._steady(nc, tracker, settled / seconds)
@@ -591,10 +614,10 @@ def run_all(
     results: list[dict[str, Any]] = []
     logs = opts.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with servers(opts) as (url, dsn, pg_pid):
+    with servers(opts) as (url, dsn, pids):
         for i, spec in enumerate(specs, 1):
             started = time.monotonic()
-            run = Run(spec, opts, url, dsn, logs, pg_pid)
+            run = Run(spec, opts, url, dsn, logs, pids)
             result = asyncio.run(run.execute())
             results.append(result)
             if after_each is not None:

@@ -35,6 +35,7 @@ MEASURES: dict[str, Getter] = {
     "workers_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("workers_ms_per_msg"),
     "total_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("total_ms_per_msg"),
     "postgres_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("postgres_ms_per_msg"),
+    "nats_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("nats_ms_per_msg"),
     "supervisor_rss_mb": lambda r: (r.get("rss_mb") or {}).get("supervisor"),
     "worker_rss_mb": lambda r: (r.get("rss_mb") or {}).get("worker_max"),
     "exhausted": lambda r: r.get("exhausted"),
@@ -228,7 +229,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| workload | path | consumer | fetch | msg/s | rows/s | backlog p99 ms"
         " | steady p50 / p95 / p99 ms | CPU sup ms/msg | CPU workers ms/msg"
-        " | CPU postgres ms/msg | RSS sup MB | RSS worker MB | exhausted | worker restarts |",
+        " | CPU postgres / nats-server ms/msg | RSS sup MB | RSS worker MB | exhausted"
+        " | worker restarts |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     order = {"baseline_a": 0, "inline": 1, "service": 2}
@@ -251,7 +253,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f" | {_fmt(e['msgs_per_s'])} | {_fmt(e['rows_per_s'])}"
             f" | {_fmt(e['backlog_p99_ms'])} | {steady}"
             f" | {_fmt(e['supervisor_cpu_ms_per_msg'], 2)} | {_fmt(e['workers_cpu_ms_per_msg'], 2)}"
-            f" | {_fmt(e['postgres_cpu_ms_per_msg'], 2)}"
+            f" | {_fmt(e['postgres_cpu_ms_per_msg'], 2)} / {_fmt(e['nats_cpu_ms_per_msg'], 2)}"
             f" | {_fmt(e['supervisor_rss_mb'])} | {_fmt(e['worker_rss_mb'])}"
             f" | {_fmt(e['exhausted'])} | {_fmt(e['worker_restarts'])} |"
         )
