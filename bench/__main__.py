@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -117,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
+    # stop the consumer and the embedded servers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     specs = plan(opts)
     if opts.dry_run:
         for s in specs:
@@ -142,4 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: servers and consumer stopped; partial report kept", file=sys.stderr)
+        sys.exit(130)
