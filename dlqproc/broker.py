@@ -7,16 +7,14 @@ in_progress).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import NotFoundError
 
@@ -122,20 +120,97 @@ class Inbound:
         self.touched = time.monotonic()
 
 
-class Puller:
-    """Fetches from one durable pull consumer."""
+class FetchFailed(Exception):
+    """JetStream answered a pull request with an error (e.g. the consumer is gone)."""
 
-    def __init__(self, sub: Any, spec: ConsumerSpec) -> None:
-        self._sub = sub
+
+class Puller:
+    """Fetches from one durable pull consumer with JetStream pull requests.
+
+    nats-py's fetch() waits for every message with a timer task of its own;
+    at thousands of messages a second that was most of the supervisor's fetch
+    cost. Here a subscription callback collects what requests deliver, and
+    the end of the current one (its batch filled, its first message for a long
+    poll, or a status message) wakes the fetch once. Each request has its own
+    reply subject, so a late status of an earlier request cannot end the
+    current one; a message that arrives while no fetch waits is kept for the
+    next.
+    """
+
+    def __init__(self, nc: Client, spec: ConsumerSpec) -> None:
+        self._nc = nc
         self.spec = spec
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self._inbox = nc.new_inbox()
+        self._requests = 0
+        self._current = ""  # reply subject of the request a fetch waits for
+        self._want = 0
+        self._first_wakes = False  # a long poll returns with its first message
+        self._wake: asyncio.Future[None] | None = None
+        self._error: FetchFailed | None = None
+        self._got: list[Msg] = []
+
+    async def subscribe(self) -> None:
+        await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
 
     async def fetch(self, batch: int, timeout: float) -> list[Inbound]:
-        """Up to `batch` messages; an empty list when none arrived within `timeout`."""
+        """Up to `batch` messages; an empty list when none arrived within `timeout`.
+
+        Raises FetchFailed when JetStream refuses the request.
+        """
+        if not self._got:
+            # What is there now, at once; then, if nothing, wait for the first.
+            await self._request({"batch": batch, "no_wait": True}, batch, timeout)
+            if not self._got:
+                expires = int(timeout * 1e9)
+                await self._request({"batch": batch, "expires": expires}, batch, timeout)
+        got, self._got = self._got[:batch], self._got[batch:]
+        return [Inbound(m) for m in got]
+
+    async def _request(self, body: dict[str, object], batch: int, timeout: float) -> None:
+        self._requests += 1
+        self._current = f"{self._inbox}.{self._requests}"
+        self._want = len(self._got) + batch
+        self._first_wakes = "expires" in body
+        self._error = None
+        wake = self._wake = asyncio.get_running_loop().create_future()
+        await self._nc.publish(self._next, msgspec.json.encode(body), reply=self._current)
         try:
-            msgs: Sequence[Msg] = await self._sub.fetch(batch=batch, timeout=timeout)
-        except (NatsTimeoutError, TimeoutError):
-            return []
-        return [Inbound(m) for m in msgs]
+            # JetStream ends an expiring request itself; the margin covers the trip.
+            await asyncio.wait_for(wake, timeout + 1.0)
+        except TimeoutError:
+            pass
+        finally:
+            self._current = ""
+        if self._error is not None:
+            raise self._error
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            # Whichever request delivered it: an earlier long poll stays open on
+            # the server and takes new messages before the current one does.
+            self._got.append(msg)
+            if self._current and (self._first_wakes or len(self._got) >= self._want):
+                self._end()
+            return
+        if msg.subject != self._current or status == "100":  # stale, or a heartbeat
+            return
+        # 404 no messages, 408 expired, 409 too many waiting requests: the
+        # request is simply over. Anything else is an error: 503 when no
+        # consumer answers (it or its stream was deleted), other 409s for a
+        # deleted consumer or limits the request breaks.
+        description = (msg.headers or {}).get("Description", "")
+        over = status in ("404", "408") or (
+            status == "409" and description.startswith("Exceeded MaxWaiting")
+        )
+        if not over:
+            self._error = FetchFailed(f"{status} {description}".strip())
+        self._end()
+
+    def _end(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
 
 class PublishFailed(Exception):
@@ -266,8 +341,9 @@ class Broker:
         return int((await self._js.stream_info(stream)).state.messages)
 
     async def puller(self, spec: ConsumerSpec) -> Puller:
-        sub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
-        return Puller(sub, spec)
+        puller = Puller(self._nc, spec)
+        await puller.subscribe()
+        return puller
 
     async def publish(
         self,

@@ -1,12 +1,26 @@
-"""dlqproc.broker's own parsing of JetStream reply subjects, against nats-py's."""
+"""dlqproc.broker: reply subjects parsed as nats-py parses them; the Puller on a real server."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
+import nats
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
 
-from dlqproc.broker import ack_fields
+from dlqproc.broker import (
+    Broker,
+    ConsumerSpec,
+    FetchFailed,
+    Inbound,
+    Puller,
+    StreamSpec,
+    ack_fields,
+)
+from dlqproc.embedded import NatsServer
 
 token = st.text(
     st.characters(blacklist_characters=". *>", blacklist_categories=("Cs", "Cc", "Zs")),
@@ -70,3 +84,79 @@ def test_malformed_numbers_are_not_guessed() -> None:
     assert ack_fields("$JS.ACK.s.c.x.1.2.3.4") is None
     assert ack_fields("$JS.ACK.s.c.1.2.3") is None
     assert ack_fields("_INBOX.abc") is None
+
+
+# Puller against a real nats-server ----------------------------------------------
+
+_names = itertools.count(1)
+
+
+async def _puller(url: str) -> tuple[Broker, Puller, str]:
+    n = next(_names)
+    stream, subject = f"pull_{n}", f"pull{n}.x"
+    broker = await Broker.connect(url, name="test-puller")
+    await broker.ensure_stream(StreamSpec(stream, (subject,), 1.0), reconcile=True)
+    spec = ConsumerSpec(stream, f"pull_{n}_c", (subject,), -1, 30.0, 1000)
+    await broker.ensure_consumer(spec)
+    return broker, await broker.puller(spec), subject
+
+
+def test_a_fetch_gets_what_arrives_while_an_earlier_long_poll_is_open(
+    nats_server: NatsServer,
+) -> None:
+    # JetStream gives a new message to the oldest waiting request: a long poll
+    # that returned with its first message is still open on the server.
+    async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        broker, puller, subject = await _puller(nats_server.url)
+        try:
+
+            async def publish_soon(data: bytes) -> None:
+                await asyncio.sleep(0.2)
+                await broker.publish(subject, data)
+
+            first = asyncio.gather(puller.fetch(10, timeout=10.0), publish_soon(b"m1"))
+            got1 = [m.data for m in (await first)[0]]
+            second = asyncio.gather(puller.fetch(10, timeout=10.0), publish_soon(b"m2"))
+            got2 = [m.data for m in (await second)[0]]
+            return got1, got2, [m.data for m in await puller.fetch(10, timeout=0.2)]
+        finally:
+            await broker.close()
+
+    got1, got2, rest = asyncio.run(main())
+    assert got1 == [b"m1"]
+    assert got2 == [b"m2"]
+    assert rest == []
+
+
+def test_fetch_returns_a_batch_and_keeps_late_messages_for_the_next(
+    nats_server: NatsServer,
+) -> None:
+    async def main() -> tuple[list[Inbound], list[Inbound]]:
+        broker, puller, subject = await _puller(nats_server.url)
+        try:
+            for i in range(25):
+                await broker.publish(subject, str(i).encode())
+            return await puller.fetch(10, timeout=5.0), await puller.fetch(100, timeout=5.0)
+        finally:
+            await broker.close()
+
+    first, second = asyncio.run(main())
+    assert [m.data for m in first] == [str(i).encode() for i in range(10)]
+    assert [m.data for m in second] == [str(i).encode() for i in range(10, 25)]
+    assert [m.num_delivered for m in first + second] == [1] * 25
+    assert [m.stream_seq for m in first + second] == list(range(1, 26))
+
+
+def test_fetch_from_a_deleted_consumer_fails(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        broker, puller, _ = await _puller(nats_server.url)
+        try:
+            nc = await nats.connect(nats_server.url)
+            await nc.jetstream().delete_consumer(puller.spec.stream, puller.spec.durable)
+            await nc.close()
+            with pytest.raises(FetchFailed):
+                await puller.fetch(10, timeout=2.0)
+        finally:
+            await broker.close()
+
+    asyncio.run(main())

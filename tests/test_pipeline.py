@@ -5,6 +5,7 @@ Each test has a nats-server of its own, since the events streams' subjects are f
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import nats
 import psycopg
 import pytest
+from nats.js import api
 
 from dlqproc.embedded import NatsServer
 from support.service import Service, wait_until
@@ -277,39 +279,35 @@ def test_bad_tenants_in_dlq_envelopes_are_rejected(pipeline: Make, company: str)
 
 
 def test_dlq_publish_failure_naks_and_recovers(pipeline: Make, own_nats: NatsServer) -> None:
+    # A full DLQ stream that discards new messages refuses the dead-letter
+    # publish. (A deleted one is recreated within a second by the DLQ lane's
+    # fetch failures: tests/test_service.py.)
     svc = pipeline()
 
-    async def dlq_stream(create: bool) -> None:
+    async def dlq_stream(max_msgs: int, filler: bool = False) -> int:
         nc = await nats.connect(own_nats.url)
         try:
             js = nc.jetstream()
-            if create:
-                await js.add_stream(name="dlq_recreated", subjects=["v1.dlq.>"])
-            else:
-                await js.delete_stream("dlq_stream")
+            config = (await js.stream_info("dlq_stream")).config
+            config.max_msgs, config.discard = max_msgs, api.DiscardPolicy.NEW
+            await js.update_stream(config)
+            if filler:
+                await js.publish("v1.dlq.filler", b"not an envelope")
+            return int((await js.stream_info("dlq_stream")).state.messages)
         finally:
             await nc.close()
 
-    import asyncio
-
-    asyncio.run(dlq_stream(create=False))
+    assert asyncio.run(dlq_stream(1, filler=True)) == 1
     bad = {k: v for k, v in CHAT.items() if k != "jid"}
     send(svc, "v1.chats.upsert", "acme", bad)
     wait_until(lambda: svc.find("Failed to publish event to DLQ, NAKing it"), timeout=30)
     # NAKed: neither acked nor lost, it is still the consumer's to deliver.
     c = svc.consumer_of("wa_events_stream", "wa_events_realtime_consumer")
     assert c["ack_floor"] == 0
-    asyncio.run(dlq_stream(create=True))
+    asyncio.run(dlq_stream(-1))
     wait_until(lambda: main_settled(svc), timeout=60)
-
-    async def count() -> int:
-        nc = await nats.connect(own_nats.url)
-        try:
-            return int((await nc.jetstream().stream_info("dlq_recreated")).state.messages)
-        finally:
-            await nc.close()
-
-    assert asyncio.run(count()) == 1
+    # The filler and the dead-lettered event.
+    assert asyncio.run(dlq_stream(-1)) == 2
     assert svc.consumer_of("wa_events_stream", "wa_events_realtime_consumer")["ack_floor"] == 1
 
 
