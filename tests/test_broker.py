@@ -114,10 +114,13 @@ def test_a_fetch_gets_what_arrives_while_an_earlier_long_poll_is_open(
                 await asyncio.sleep(0.2)
                 await broker.publish(subject, data)
 
-            first = asyncio.gather(puller.fetch(10, timeout=10.0), publish_soon(b"m1"))
-            got1 = [m.data for m in (await first)[0]]
-            second = asyncio.gather(puller.fetch(10, timeout=10.0), publish_soon(b"m2"))
-            got2 = [m.data for m in (await second)[0]]
+            # Each fetch must return with the message, long before its own
+            # request would expire (an hour): the bound only keeps a broken
+            # fetch from hanging the suite.
+            first = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_soon(b"m1"))
+            got1 = [m.data for m in (await asyncio.wait_for(first, 30))[0]]
+            second = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_soon(b"m2"))
+            got2 = [m.data for m in (await asyncio.wait_for(second, 30))[0]]
             return got1, got2, [m.data for m in await puller.fetch(10, timeout=0.2)]
         finally:
             await broker.close()
