@@ -30,19 +30,23 @@ token = st.text(
 count = st.integers(0, 2**63 - 1)
 
 
-@given(token, token, count, count, count, count, count)
-def test_v1_reply_subjects_parse_as_nats_py_parses_them(
-    stream: str, consumer: str, delivered: int, sseq: int, cseq: int, ts: int, pending: int
-) -> None:
-    reply = f"$JS.ACK.{stream}.{consumer}.{delivered}.{sseq}.{cseq}.{ts}.{pending}"
+def as_nats_py_parses(reply: str) -> tuple[str, str, int, int, int]:
     meta = Msg.Metadata._from_reply(reply)
-    assert ack_fields(reply) == (
+    return (
         meta.stream,
         meta.consumer,
         meta.num_delivered,
         meta.sequence.stream,
         meta.sequence.consumer,
     )
+
+
+@given(token, token, count, count, count, count, count)
+def test_v1_reply_subjects_parse_as_nats_py_parses_them(
+    stream: str, consumer: str, delivered: int, sseq: int, cseq: int, ts: int, pending: int
+) -> None:
+    reply = f"$JS.ACK.{stream}.{consumer}.{delivered}.{sseq}.{cseq}.{ts}.{pending}"
+    assert ack_fields(reply) == as_nats_py_parses(reply)
 
 
 @given(token, token, token, token, count, count, count, count, count, st.booleans())
@@ -62,14 +66,7 @@ def test_v2_reply_subjects_parse_as_nats_py_parses_them(
         f"$JS.ACK.{domain}.{account}.{stream}.{consumer}.{delivered}.{sseq}.{cseq}.{ts}.{pending}"
         + (".r4nd0m" if trailer else "")
     )
-    meta = Msg.Metadata._from_reply(reply)
-    assert ack_fields(reply) == (
-        meta.stream,
-        meta.consumer,
-        meta.num_delivered,
-        meta.sequence.stream,
-        meta.sequence.consumer,
-    )
+    assert ack_fields(reply) == as_nats_py_parses(reply)
 
 
 @given(st.text(max_size=80))
