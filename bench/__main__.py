@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a few hundred messages, 1 repeat, tiny sweep (a smoke test, ~1-2 min)",
+        help="a few hundred messages, 1 repeat, tiny sweep (a smoke test, ~1.5 min)",
     )
     p.add_argument("--messages", type=int, help="backlog per run (heavy: 1/20 of it); default 5000")
     p.add_argument("--repeats", type=int, help="runs per configuration; default 3")

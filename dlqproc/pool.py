@@ -86,7 +86,7 @@ class _Worker:
         try:
             # A small limit makes the reader pause and resume the socket many
             # times per frame, and replies of heavy events run to megabytes.
-            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 22)
+            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 data = await reader.readexactly(size)

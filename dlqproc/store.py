@@ -206,6 +206,15 @@ def _sql(schema: str, block: Rows) -> bytes:
     )
 
 
+def _not_found(block: Rows) -> ItemFailed:
+    # Transient: the upsert that creates the row may still be on its way.
+    return ItemFailed(
+        FailureKind.TRANSIENT,
+        Reason.NOT_FOUND,
+        f"{block.table} row {block.keys[0].decode()} not found",
+    )
+
+
 def _already_json(data: bytes) -> bytes:
     return data  # the rows were encoded by the worker
 
@@ -473,19 +482,26 @@ class Store:
     ) -> list[Written] | None:
         """Every row of the batch in one transaction and one pipelined round trip.
 
-        None when anything failed: the transaction is rolled back and the caller
-        writes item by item, to find out which.
+        None when an item failed in a way that needs a rollback: the caller
+        then writes item by item, to find out which. An item that is a single
+        update whose row is missing wrote nothing, so it fails alone and the
+        rest of the batch commits (updates that overtake their upserts are
+        common: rolling the batch back for each would write it twice).
         """
         if any(w.rows and w.tenant in unready for w in writes):
             return None
         # One plan per tenant schema: a step writes into one schema's table.
         by_schema: dict[str, list[tuple[Rows, ...]]] = {}
+        owner: dict[int, list[int]] = {}  # id(update block) -> the writes holding it
         try:
-            for w in writes:
+            for i, w in enumerate(writes):
                 if w.rows:
                     by_schema.setdefault(schema_name(w.tenant), []).append(w.rows)
+                    for b in w.rows:
+                        if b.op == "update":
+                            owner.setdefault(id(b), []).append(i)
             async with conn.transaction():
-                updates: list[psycopg.AsyncCursor[Any]] = []
+                updates: list[tuple[psycopg.AsyncCursor[Any], Rows]] = []
                 async with conn.pipeline():
                     for schema, items in by_schema.items():
                         for step in plan(items):
@@ -494,14 +510,21 @@ class Store:
                                 cur = conn.cursor()
                                 await cur.execute(stmt, (_jsonb(rows),))
                                 if step.block.op == "update":
-                                    updates.append(cur)
-                if any(cur.rowcount == 0 for cur in updates):
-                    raise _SomeItemFailed
+                                    updates.append((cur, step.block))
+                missing: dict[int, ItemFailed] = {}
+                for cur, block in updates:
+                    if cur.rowcount == 0:
+                        held_by = owner[id(block)]
+                        if len(held_by) > 1 or len(writes[held_by[0]].rows) > 1:
+                            raise _SomeItemFailed  # other rows of its item must not commit
+                        missing[held_by[0]] = _not_found(block)
                 return [
-                    Written(inserted=await self._insert_exhausted(conn, w.exhausted))
+                    Written(failure=missing[i])
+                    if i in missing
+                    else Written(inserted=await self._insert_exhausted(conn, w.exhausted))
                     if w.exhausted is not None
                     else Written()
-                    for w in writes
+                    for i, w in enumerate(writes)
                 ]
         except (_SomeItemFailed, ItemFailed):
             return None
@@ -539,11 +562,7 @@ class Store:
                 for rows in rounds((block,)):
                     cur = await conn.execute(stmt, (_jsonb(rows),))
                     if block.op == "update" and cur.rowcount == 0:
-                        raise ItemFailed(
-                            FailureKind.TRANSIENT,
-                            Reason.NOT_FOUND,
-                            f"{block.table} row {block.keys[0].decode()} not found",
-                        )
+                        raise _not_found(block)
             return Written()
         except psycopg.Error as exc:
             if connection_lost(exc):

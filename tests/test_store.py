@@ -299,6 +299,42 @@ def test_update_missing_row_is_transient_not_found(dsn: str) -> None:
     assert rows(dsn) == {"other": ("acme", 1), "u": ("acme", 7)}
 
 
+def test_a_lone_missing_update_fails_alone_without_rewriting_the_batch(dsn: str) -> None:
+    # Updates overtaking their upserts are common: they must not send every
+    # batch they travel in down the item-by-item path.
+    async def body(store: Store) -> list[Written] | None:
+        conn = await store._connection()
+        writes = [
+            Write(tenant="acme", rows=encode((upsert("a", 1),))),
+            Write(tenant="acme", rows=encode((update("missing", 7),))),
+            Write(tenant="acme", rows=encode((upsert("b", 2),))),
+        ]
+        for w in writes:
+            await store._prepare(conn, w)
+        return await store._write_pipelined(conn, writes, {})
+
+    results = run(dsn, body)
+    assert results is not None
+    assert results[0] == results[2] == Written()
+    assert_failed(results[1], FailureKind.TRANSIENT, Reason.NOT_FOUND)
+    assert rows(dsn) == {"a": ("acme", 1), "b": ("acme", 2)}
+
+
+def test_a_missing_update_in_a_larger_item_rolls_back_only_that_item(dsn: str) -> None:
+    async def body(store: Store) -> list[Written]:
+        return await store.write(
+            [
+                Write(tenant="acme", rows=encode((upsert("a", 1),))),
+                Write(tenant="acme", rows=encode((upsert("half", 3), update("missing", 7)))),
+            ]
+        )
+
+    results = run(dsn, body)
+    assert results[0] == Written()
+    assert_failed(results[1], FailureKind.TRANSIENT, Reason.NOT_FOUND)
+    assert rows(dsn) == {"a": ("acme", 1)}
+
+
 # 7. monotonic columns
 
 
