@@ -160,18 +160,23 @@ class Puller:
         """
         if not self._got:
             # What is there now, at once; then, if nothing, wait for the first.
-            await self._request({"batch": batch, "no_wait": True}, batch, timeout)
+            await self._request(batch, timeout, long_poll=False)
             if not self._got:
-                expires = int(timeout * 1e9)
-                await self._request({"batch": batch, "expires": expires}, batch, timeout)
+                await self._request(batch, timeout, long_poll=True)
         got, self._got = self._got[:batch], self._got[batch:]
         return [Inbound(m) for m in got]
 
-    async def _request(self, body: dict[str, object], batch: int, timeout: float) -> None:
+    async def _request(self, batch: int, timeout: float, long_poll: bool) -> None:
+        """One pull request, made when nothing is kept; returns once it has ended."""
+        body: dict[str, object] = {"batch": batch}
+        if long_poll:
+            body["expires"] = int(timeout * 1e9)
+        else:
+            body["no_wait"] = True
         self._requests += 1
         self._current = f"{self._inbox}.{self._requests}"
-        self._want = len(self._got) + batch
-        self._first_wakes = "expires" in body
+        self._want = batch
+        self._first_wakes = long_poll
         self._error = None
         wake = self._wake = asyncio.get_running_loop().create_future()
         await self._nc.publish(self._next, msgspec.json.encode(body), reply=self._current)

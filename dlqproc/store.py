@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from dlqproc.envelope import valid_tenant
 from dlqproc.model import FailureKind, Reason, Rows
-from dlqproc.rows import payload, plan, rounds
+from dlqproc.rows import Shape, payload, plan, rounds, shape
 
 log = logging.getLogger("dlqproc.store")
 
@@ -139,22 +139,19 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def _sql(schema: str, block: Rows) -> bytes:
+    return _statement(schema, shape(block))
+
+
 @lru_cache(maxsize=1024)
-def _statement(
-    op: str,
-    schema: str,
-    table: str,
-    columns: tuple[str, ...],
-    key: tuple[str, ...],
-    monotonic: tuple[str, ...],
-    insert_only: tuple[str, ...],
-) -> bytes:
+def _statement(schema: str, block_shape: Shape) -> bytes:
     """SQL for one block shape; its one parameter is the rows as a jsonb array.
 
     jsonb_populate_recordset types every value by the table's own row type, so
     one statement writes a whole block whatever its size. Identifiers are
     always quoted by psycopg; rendered to bytes once per shape.
     """
+    op, table, key, columns, monotonic, insert_only = block_shape
     target = sql.Identifier(schema, table)
     cols = sql.SQL(", ").join(map(sql.Identifier, columns))
     rows = sql.SQL("jsonb_populate_recordset(NULL::{}, %s)").format(target)
@@ -192,18 +189,6 @@ def _statement(
             ),
         )
     return stmt.as_bytes(None)
-
-
-def _sql(schema: str, block: Rows) -> bytes:
-    return _statement(
-        block.op,
-        schema,
-        block.table,
-        block.columns,
-        block.key,
-        block.monotonic,
-        block.insert_only,
-    )
 
 
 def _not_found(block: Rows) -> ItemFailed:
@@ -518,14 +503,16 @@ class Store:
                         if len(held_by) > 1 or len(writes[held_by[0]].rows) > 1:
                             raise _SomeItemFailed  # other rows of its item must not commit
                         missing[held_by[0]] = _not_found(block)
-                return [
-                    Written(failure=missing[i])
-                    if i in missing
-                    else Written(inserted=await self._insert_exhausted(conn, w.exhausted))
-                    if w.exhausted is not None
-                    else Written()
-                    for i, w in enumerate(writes)
-                ]
+                results = []
+                for i, w in enumerate(writes):
+                    if i in missing:
+                        results.append(Written(failure=missing[i]))
+                    elif w.exhausted is not None:
+                        inserted = await self._insert_exhausted(conn, w.exhausted)
+                        results.append(Written(inserted=inserted))
+                    else:
+                        results.append(Written())
+                return results
         except (_SomeItemFailed, ItemFailed):
             return None
         except psycopg.Error as exc:
