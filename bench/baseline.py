@@ -34,13 +34,12 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from bench.procs import READY_LINE
 from dlqproc import config, topology
 from dlqproc.broker import Broker
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
 from dlqproc.model import Envelope, Event, HandlerError, Meta, PermanentError, RowOp
 from dlqproc.store import migrations
-
-READY = "Starting DLQ worker..."
 
 _envelope = msgspec.json.Decoder(Envelope)
 
@@ -141,7 +140,7 @@ async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
     tenants: set[str] = set()
     base_delay = n.dlq_base_delay_minutes * 60
     max_delay = n.dlq_max_delay_minutes * 60
-    print(READY, flush=True)
+    print(READY_LINE, flush=True)
     try:
         while not stop.is_set():
             try:

@@ -35,18 +35,17 @@ import nats
 import psycopg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from bench import procs
 from bench.workloads import TENANTS, WORKLOADS, Item, iter_sizes
 from dlqproc import config, topology
-from dlqproc.broker import Broker
+from dlqproc.broker import Broker, ack_fields
+from dlqproc.demo import TABLES
 from dlqproc.embedded import NatsServer, PostgresServer, free_port
 from dlqproc.publish import RateLimiter
 
 PUBLISH_CONCURRENCY = 256
-TABLES = ("chats", "messages", "contacts", "agents")
 _ids = itertools.count(1)
 
 
@@ -198,7 +197,6 @@ class AckTracker:
         self.final: dict[tuple[str, int], float] = {}
         self.naks = 0
         self.terms = 0
-        self.progress = 0
         self._subs: list[Any] = []
 
     async def subscribe(self, nc: Client, streams: Sequence[str]) -> None:
@@ -208,20 +206,17 @@ class AckTracker:
 
     async def _on_reply(self, msg: Msg) -> None:
         now = time.monotonic()
-        tokens = msg.subject.split(".")
-        if len(tokens) >= 12:  # v2: $JS.ACK.<domain>.<account hash>.<stream>...
-            stream, seq = tokens[4], tokens[7]
-        else:
-            stream, seq = tokens[2], tokens[5]
+        fields = ack_fields(msg.subject)
+        if fields is None:
+            return
+        stream, seq = fields[0], fields[3]
         data = msg.data
         if data.startswith((b"+ACK", b"+TERM")) or not data:
-            self.final[(stream, int(seq))] = now
+            self.final[(stream, seq)] = now
             if data.startswith(b"+TERM"):
                 self.terms += 1
         elif data.startswith(b"-NAK"):
             self.naks += 1
-        elif data.startswith(b"+WPI"):
-            self.progress += 1
 
     async def close(self) -> None:
         for sub in self._subs:
@@ -356,12 +351,6 @@ class Run:
             out += [(n.historical.stream, self.cfg.durable(n.historical))]
         return out
 
-    def source_streams(self) -> list[str]:
-        """Streams the preloaded messages are published to."""
-        if self.spec.path == "dlq":
-            return [self.dlq_stream]
-        return [self.rt_stream, self.hist_stream]
-
     async def create_topology(self) -> None:
         """The streams and consumers exactly as dlqproc declares them (topology.py).
 
@@ -394,7 +383,7 @@ class Run:
     async def delete_topology(self, nc: Client) -> None:
         js = nc.jetstream()
         for stream in (self.dlq_stream, self.rt_stream, self.hist_stream):
-            with contextlib.suppress(NotFoundError, Exception):
+            with contextlib.suppress(Exception):
                 await js.delete_stream(stream)
 
     def create_db(self) -> None:

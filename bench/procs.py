@@ -167,10 +167,7 @@ class Child:
             return ""
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return self.log_text()[-n:]
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait at most `timeout`, then SIGKILL (and its workers). Idempotent."""

@@ -16,12 +16,14 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dlqproc.demo import TENANTS
 from dlqproc.generate import GeneratedEvent, Generator, dlq_envelopes
+from dlqproc.publish import Item
 from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 
-Item = tuple[str, bytes, dict[str, str] | None]  # (subject, body, headers)
+__all__ = ["TENANTS", "WORKLOADS", "Item", "iter_sizes"]
 
-TENANTS = ("acme", "globex", "initech")
+
 # Upserts only: every event succeeds at its first delivery (no update that may
 # overtake the upsert it refers to), so "light" measures the happy path.
 LIGHT_BASES = (

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 
 from dlqproc.broker import (
     Broker,
@@ -69,12 +70,25 @@ def test_v2_reply_subjects_parse_as_nats_py_parses_them(
     assert ack_fields(reply) == as_nats_py_parses(reply)
 
 
-@given(st.text(max_size=80))
-def test_anything_else_is_left_to_nats_py(reply: str) -> None:
+@given(st.lists(token | st.integers(-5, 10**6).map(str), max_size=14))
+def test_what_nats_py_parses_parses_alike(tokens: list[str]) -> None:
+    # ack_fields does not read the timestamp and pending count, so it may
+    # accept a subject nats-py rejects; never the other way round.
+    reply = ".".join(["$JS", "ACK", *tokens])
     fields = ack_fields(reply)
     if fields is not None:
-        assert reply.startswith("$JS.ACK.")
-        assert len(reply.split(".")) == 9 or len(reply.split(".")) >= 11
+        assert len(tokens) == 7 or len(tokens) >= 9
+    try:
+        expected = as_nats_py_parses(reply)
+    except (ValueError, IndexError, NotJSMessageError):
+        return
+    assert fields == expected
+
+
+@given(st.text(max_size=80))
+def test_anything_not_a_jetstream_reply_is_left_to_nats_py(reply: str) -> None:
+    if not reply.startswith("$JS.ACK."):
+        assert ack_fields(reply) is None
 
 
 def test_malformed_numbers_are_not_guessed() -> None:
@@ -106,20 +120,29 @@ def test_a_fetch_gets_what_arrives_while_an_earlier_long_poll_is_open(
     async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
         broker, puller, subject = await _puller(nats_server.url)
         try:
+            nc = await nats.connect(nats_server.url)
+            js = nc.jetstream()
 
-            async def publish_soon(data: bytes) -> None:
-                await asyncio.sleep(0.2)
+            async def publish_once_waiting(data: bytes, waiting: int) -> None:
+                # Publish only once the fetch's long poll is registered.
+                spec = puller.spec
+                while (await js.consumer_info(spec.stream, spec.durable)).num_waiting < waiting:
+                    await asyncio.sleep(0.01)
                 await broker.publish(subject, data)
 
             # Each fetch must return with the message, long before its own
             # request would expire (an hour): the bound only keeps a broken
             # fetch from hanging the suite.
-            first = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_soon(b"m1"))
+            first = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m1", 1))
             got1 = [m.data for m in (await asyncio.wait_for(first, 30))[0]]
-            second = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_soon(b"m2"))
+            # The first long poll is still open: two requests wait now.
+            second = asyncio.gather(
+                puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m2", 2)
+            )
             got2 = [m.data for m in (await asyncio.wait_for(second, 30))[0]]
             return got1, got2, [m.data for m in await puller.fetch(10, timeout=0.2)]
         finally:
+            await nc.close()
             await broker.close()
 
     got1, got2, rest = asyncio.run(main())

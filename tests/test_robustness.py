@@ -90,7 +90,7 @@ def test_a_locked_table_delays_but_loses_nothing(service: Make) -> None:
     assert svc.exhausted() == []
 
 
-def test_a_value_psycopg_cannot_adapt_fails_only_its_event(service: Make) -> None:
+def test_a_value_no_column_can_hold_fails_only_its_event(service: Make) -> None:
     svc = service()
     svc.publish(
         "acme",
@@ -100,4 +100,5 @@ def test_a_value_psycopg_cannot_adapt_fails_only_its_event(service: Make) -> Non
     wait_until(svc.settled)
     [row] = svc.exhausted()
     assert row["reason"] == "validation" and row["retry_count"] == 1
+    assert "cannot store a complex value" in row["last_error"]
     assert svc.rows("acme") == {"fine": 1}

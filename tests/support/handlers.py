@@ -9,12 +9,13 @@ t.hang   sleep an hour on deliveries 1..hang_times, then upsert
 t.crash  the worker process dies (os._exit or SIGSEGV) on deliveries 1..crash_times
 t.update update a test_rows row (not found is transient)
 t.badop, t.badkey  buggy handlers returning RowOps the store cannot apply
+t.badvalue  a buggy handler returning a value no column can hold
+t.big    an upsert of 2,000 padded rows (megabyte replies)
 """
 
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import os
 import time
 from collections.abc import Sequence
@@ -107,9 +108,9 @@ def badkey(event: Event) -> Sequence[RowOp]:
 
 
 def badvalue(event: Event) -> Sequence[RowOp]:
-    """A buggy handler: a value psycopg cannot adapt (a datetime inside a jsonb dict)."""
+    """A buggy handler: a value no column can hold (a complex number)."""
     p = _payload(event)
-    values = {"id": p.id, "company_id": event.tenant, "attempt": {"when": dt.datetime.now()}}
+    values = {"id": p.id, "company_id": event.tenant, "attempt": complex(1, 2)}
     return (RowOp(op="upsert", table="test_rows", key=("id",), values=values),)
 
 
