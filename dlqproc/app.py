@@ -164,7 +164,13 @@ async def _run(
     ready: asyncio.Event | None,
     health: HealthServer,
 ) -> int:
-    store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, tenant_ddl)
+    store = Store(
+        cfg.postgres.dsn,
+        cfg.postgres.statement_timeout,
+        tenant_ddl,
+        partition_horizon=cfg.handlers.timestamp_horizon,
+        max_new_partitions=cfg.postgres.max_new_partitions,
+    )
     log.info(
         "connecting",
         extra={"postgres": redact_dsn(cfg.postgres.dsn), "nats": redact_url(cfg.nats.url)},
@@ -193,7 +199,11 @@ async def _run(
             done = asyncio.get_running_loop().run_in_executor(None, metrics_dir.process_exited, pid)
             done.add_done_callback(_log_failure)
 
-    limits = Limits(cfg.nats.dlq_subject, cfg.nats.dlq_max_payload_bytes)
+    limits = Limits(
+        cfg.nats.dlq_subject,
+        cfg.nats.dlq_max_payload_bytes,
+        timestamp_horizon=cfg.handlers.timestamp_horizon,
+    )
     pool: Pool = (
         WorkerPool(
             cfg.nats.dlq_workers,
@@ -220,7 +230,9 @@ async def _run(
         await store.close()
         return EXIT_ERROR
     sup = Supervisor(cfg, broker, store, pool, metrics, lanes)
-    probes = Probes(broker, store, pool, lanes, metrics)
+    probes = Probes(
+        broker, store, pool, lanes, metrics, flow=sup, stall_after=cfg.server.ready_stall_after
+    )
     health.set_checks(alive=lambda: sup.alive, problems=probes.problems)
     probing = asyncio.create_task(probes.run(), name="probes")
     signals = _Signals()

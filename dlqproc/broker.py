@@ -149,26 +149,35 @@ class Puller:
         self._wake: asyncio.Future[None] | None = None
         self._error: FetchFailed | None = None
         self._got: list[Msg] = []
+        # The last request ended at a message larger than its byte limit.
+        self.size_limited = False
 
     async def subscribe(self) -> None:
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
 
-    async def fetch(self, batch: int, timeout: float) -> list[Inbound]:
-        """Up to `batch` messages; an empty list when none arrived within `timeout`.
+    async def fetch(self, batch: int, timeout: float, max_bytes: int = 0) -> list[Inbound]:
+        """Up to `batch` messages of at most `max_bytes` in all (0: no byte limit).
 
-        Raises FetchFailed when JetStream refuses the request.
+        An empty list when none arrived within `timeout`, or when the next
+        message alone exceeds `max_bytes`: JetStream then ends the request and
+        `size_limited` is set. Raises FetchFailed when JetStream refuses the
+        request.
         """
+        self.size_limited = False
         if not self._got:
             # What is there now, at once; then, if nothing, wait for the first.
-            await self._request(batch, timeout, long_poll=False)
-            if not self._got:
-                await self._request(batch, timeout, long_poll=True)
+            await self._request(batch, timeout, max_bytes, long_poll=False)
+            if not self._got and not self.size_limited:
+                await self._request(batch, timeout, max_bytes, long_poll=True)
         got, self._got = self._got[:batch], self._got[batch:]
         return [Inbound(m) for m in got]
 
-    async def _request(self, batch: int, timeout: float, long_poll: bool) -> None:
+    async def _request(self, batch: int, timeout: float, max_bytes: int, long_poll: bool) -> None:
         """One pull request, made when nothing is kept; returns once it has ended."""
         body: dict[str, object] = {"batch": batch}
+        if max_bytes > 0:
+            # JetStream stops before the message that would pass the limit.
+            body["max_bytes"] = max_bytes
         if long_poll:
             body["expires"] = int(timeout * 1e9)
         else:
@@ -201,13 +210,18 @@ class Puller:
             return
         if msg.subject != self._current or status == "100":  # stale, or a heartbeat
             return
-        # 404 no messages, 408 expired, 409 too many waiting requests: the
-        # request is simply over. Anything else is an error: 503 when no
-        # consumer answers (it or its stream was deleted), other 409s for a
-        # deleted consumer or limits the request breaks.
+        # 404 no messages, 408 expired, 409 too many waiting requests or the
+        # next message is over the byte limit: the request is simply over.
+        # Anything else is an error: 503 when no consumer answers (it or its
+        # stream was deleted), other 409s for a deleted consumer or limits the
+        # request breaks.
         description = (msg.headers or {}).get("Description", "")
-        over = status in ("404", "408") or (
-            status == "409" and description.startswith("Exceeded MaxWaiting")
+        if status == "409" and description.startswith("Message Size Exceeds MaxBytes"):
+            self.size_limited = True
+        over = (
+            status in ("404", "408")
+            or self.size_limited
+            or (status == "409" and description.startswith("Exceeded MaxWaiting"))
         )
         if not over:
             self._error = FetchFailed(f"{status} {description}".strip())

@@ -33,11 +33,11 @@ class ConfigError(Exception):
 
 
 class Duration(float):
-    """Seconds; parsed from "500ms", "30s", "5m", "1h" or a bare number."""
+    """Seconds; parsed from "500ms", "30s", "5m", "1h", "7d" or a bare number."""
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: object) -> Duration:
@@ -109,16 +109,26 @@ class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="came
     dlq_max_payload_bytes: int = 4 * 1024 * 1024
     dlq_shutdown_nak_delay: Duration = Duration(1)
     shutdown_grace: Duration = Duration(20)
+    # Messages kept on JetStream's last delivery while PostgreSQL is down
+    # (held instead of NAKed into oblivion): bounded in count, bytes and time.
+    dlq_max_held: int = 256
+    dlq_max_held_bytes: int = 64 * 1024 * 1024
+    dlq_max_hold_time: Duration = Duration(3600)
 
 
 class PostgresConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     auto_migrate: bool = True
     statement_timeout: Duration = Duration(30)
+    # Month partitions one commit group may create; more wait for later writes.
+    max_new_partitions: int = 12
 
 
 class HandlersConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     module: str = "dlqproc.handlers.whatsapp"
+    # How far ahead of now an event's timestamps may lie; also the last month
+    # that gets a partition.
+    timestamp_horizon: Duration = Duration(7 * 86400)
 
 
 class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
@@ -126,6 +136,9 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="ca
     host: str = "0.0.0.0"
     # prometheus-client's multiprocess directory; also PROMETHEUS_MULTIPROC_DIR.
     metrics_dir: str = ""
+    # /ready turns 503 when a lane has not fetched for this long while its
+    # consumer has pending messages, or a message has been held this long.
+    ready_stall_after: Duration = Duration(30)
 
 
 class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
@@ -291,6 +304,10 @@ def _leaves(cfg: Config) -> Iterator[tuple[str, object]]:
         yield key, _get_path(data, key.split("."))
 
 
+_NATS_MAX_PAYLOAD = 64 * 1024 * 1024  # nats-server's hard limit on max_payload
+_MAX_BYTE_BUDGET = 1 << 30  # memory budgets above 1 GiB are typos, not plans
+
+
 def validate(cfg: Config) -> None:
     """Cross-field rules a typed Struct cannot express."""
     n = cfg.nats
@@ -310,6 +327,12 @@ def validate(cfg: Config) -> None:
         "nats.dlqAckWait": n.dlq_ack_wait,
         "nats.dlqTaskTimeout": n.dlq_task_timeout,
         "nats.dlqMaxAgeDays": n.dlq_max_age_days,
+        "nats.dlqMaxHeld": n.dlq_max_held,
+        "nats.dlqMaxHeldBytes": n.dlq_max_held_bytes,
+        "nats.dlqMaxHoldTime": n.dlq_max_hold_time,
+        "postgres.maxNewPartitions": cfg.postgres.max_new_partitions,
+        "handlers.timestampHorizon": cfg.handlers.timestamp_horizon,
+        "server.readyStallAfter": cfg.server.ready_stall_after,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -352,6 +375,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"nats.{name}.stream", main.stream, "not a valid stream name")
         if not _SUBJECT_TOKEN.match(main.durable):
             raise ConfigError(f"nats.{name}.durable", main.durable, "not a valid durable name")
+    if n.dlq_max_payload_bytes > _NATS_MAX_PAYLOAD:
+        raise ConfigError(
+            "nats.dlqMaxPayloadBytes",
+            n.dlq_max_payload_bytes,
+            f"NATS never carries a message over {_NATS_MAX_PAYLOAD} bytes",
+        )
+    for key, value in {
+        "nats.dlqMaxInFlightBytes": n.dlq_max_in_flight_bytes,
+        "nats.dlqWorkerBatchBytes": n.dlq_worker_batch_bytes,
+        "nats.dlqMaxHeldBytes": n.dlq_max_held_bytes,
+    }.items():
+        if value > _MAX_BYTE_BUDGET:
+            raise ConfigError(key, value, f"must be at most {_MAX_BYTE_BUDGET} bytes")
     if n.dlq_task_timeout >= n.dlq_ack_wait:
         raise ConfigError(
             "nats.dlqTaskTimeout", n.dlq_task_timeout, "must be below nats.dlqAckWait"

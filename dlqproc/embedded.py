@@ -129,6 +129,9 @@ class _Managed:
 # --------------------------------------------------------------------------- NATS
 
 
+_NATS_MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
+
+
 def _nats_binary() -> Path:
     candidate = Path(sys.executable).parent / "nats-server"
     if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -143,14 +146,33 @@ def _nats_binary() -> Path:
 
 
 class NatsServer(_Managed):
-    """A nats-server with JetStream, on loopback, owned by this handle."""
+    """A nats-server with JetStream, on loopback, owned by this handle.
 
-    def __init__(self, state_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    ``max_payload`` (bytes) raises or lowers the largest message the server
+    accepts (nats-server's default is 1 MiB, its hard limit 64 MiB). nats-server
+    has no command-line flag for it, so it goes into a configuration file in
+    ``state_dir``; without it no configuration file is written or read.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        max_payload: int | None = None,
+    ) -> None:
+        if max_payload is not None and not 0 < max_payload <= _NATS_MAX_PAYLOAD_LIMIT:
+            raise ValueError(
+                f"max_payload must be between 1 and {_NATS_MAX_PAYLOAD_LIMIT} bytes,"
+                f" not {max_payload}"
+            )
         self.state_dir = Path(state_dir)
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self.max_payload = max_payload
         self.store_dir = self.state_dir / "jetstream"
         self.log_path = self.state_dir / "nats.log"
+        self.config_path = self.state_dir / "nats.conf"
         self._proc = None
 
     @property
@@ -169,6 +191,9 @@ class NatsServer(_Managed):
             "-a", self.host,
             "-p", str(self.port),
         ]  # fmt: skip
+        if self.max_payload is not None:
+            self.config_path.write_text(f"max_payload: {self.max_payload}\n", encoding="utf-8")
+            cmd += ["-c", str(self.config_path)]
         with _open_log(self.log_path) as log:
             self._proc = subprocess.Popen(
                 cmd,

@@ -3,11 +3,18 @@
 This runs in the worker processes on untrusted bytes, so it must never raise
 anything but BadInput: not JSON, too big, too deep, wrong shape, unknown or
 malformed subject, bad tenant.
+
+"JSON" here means what PostgreSQL's jsonb and every later decode accept: one
+value, UTF-8, no NaN/Infinity, no lone UTF-16 surrogate escapes, nesting
+within msgspec's limit (about 1,000 levels, less the caller's stack depth).
+`classify_json` says which of these a body breaks; both lanes use it, and
+`build` relies on it so a DLQ envelope is always such JSON.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 
 import msgspec
@@ -45,12 +52,16 @@ def decode(data: bytes, max_bytes: int) -> Envelope:
     """The envelope in `data`, or BadInput. Never raises anything else."""
     if len(data) > max_bytes:
         raise BadInput(Reason.TOO_BIG, f"body of {len(data)} bytes exceeds {max_bytes}")
+    # msgspec leaves original_payload (a Raw) unchecked for UTF-8.
+    utf8_error = _utf8_error(data)
+    if utf8_error is not None:
+        raise utf8_error
     try:
         envelope = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise BadInput(Reason.BAD_ENVELOPE, f"not a DLQ envelope: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise BadInput(Reason.NOT_JSON, f"body is not JSON: {exc}") from None
+        raise _syntax_error(data, exc) from None
     except RecursionError:
         raise BadInput(Reason.TOO_DEEP, "body nests too deeply") from None
     if not valid_tenant(envelope.company):
@@ -70,16 +81,124 @@ class _Outgoing(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _encoder = msgspec.json.Encoder()
+# Validates the syntax (and string escapes) without building any objects.
 _json_check = msgspec.json.Decoder(msgspec.Raw)
+
+# From the start of the body: everything but a lone surrogate escape, then one.
+# Possessive, so it runs in linear time on hostile input; only used to explain
+# a failure that msgspec reports less clearly ("Input data was truncated"), and
+# only over the first MiB (~25 ms at worst) so a flood of big bodies stays cheap.
+_LONE_SURROGATE = re.compile(
+    rb"(?:[^\\]++"
+    rb"|\\[^u]"
+    rb"|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4}"
+    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb")*+(\\u[dD][89a-fA-F][0-9a-fA-F]{2})",
+    re.DOTALL,
+)
+_EXPLAINED_BYTES = 1 << 20
+# msgspec ends a syntax error with the offset it failed at.
+_ERROR_OFFSET = re.compile(r"\(byte (\d+)\)$")
+# What JavaScript and Python's json write for non-finite floats; not JSON.
+_NON_FINITE = (b"NaN", b"Infinity")
+
+
+def _utf8_error(data: bytes) -> BadInput | None:
+    """Why `data` is not UTF-8, or None. isascii() spares most bodies the decode."""
+    if data.isascii():
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadInput(
+            Reason.NOT_JSON,
+            f"body is not JSON: invalid UTF-8 at byte {exc.start} ({exc.reason})",
+        )
+    return None
+
+
+def _lone_surrogate(data: bytes) -> str | None:
+    lone = _LONE_SURROGATE.match(data, 0, _EXPLAINED_BYTES)
+    if lone is None:
+        return None
+    return f"lone UTF-16 surrogate escape {lone[1].decode()} at byte {lone.start(1)}"
+
+
+def _non_finite(data: bytes, error: str) -> str | None:
+    offset = _ERROR_OFFSET.search(error)
+    if offset is None or not data.startswith(_NON_FINITE, int(offset[1])):
+        return None
+    literal = "NaN" if data.startswith(b"N", int(offset[1])) else "Infinity"
+    return f"{literal} at byte {offset[1]} is not a JSON number"
+
+
+def _syntax_error(data: bytes, exc: msgspec.DecodeError) -> BadInput:
+    """msgspec's verdict, said plainly for the cases it words obscurely."""
+    detail = (
+        ("it is empty" if not data.strip() else None)
+        or _lone_surrogate(data)
+        or _non_finite(data, str(exc))
+        or str(exc)
+    )
+    return BadInput(Reason.NOT_JSON, f"body is not JSON: {detail}")
+
+
+def classify_json(data: bytes) -> BadInput | None:
+    """Why `data` is not one JSON value dlqproc can pass on (see above), or None.
+
+    Cheap enough for every event: one syntax pass that builds nothing, and a
+    UTF-8 check that only non-ASCII bodies pay for. msgspec's syntax pass
+    already refuses NaN/Infinity, trailing garbage and lone surrogate escapes,
+    but not invalid UTF-8 inside strings. Never raises.
+    """
+    try:
+        _json_check.decode(data)
+    except msgspec.DecodeError as exc:
+        return _syntax_error(data, exc)
+    except RecursionError:
+        # msgspec counts nesting against Python's recursion limit.
+        return BadInput(Reason.TOO_DEEP, "body nests too deeply (limit about 1000 levels)")
+    return _utf8_error(data)
+
+
+# build() wraps a body that is not JSON as {"base64": ...}; the DLQ lane unwraps it.
+BASE64_KEY = "base64"
+
+
+class _Wrapped(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Exactly {"base64": <string>}: any other key is refused.
+    data: str = msgspec.field(name=BASE64_KEY)
+
+
+_wrapped = msgspec.json.Decoder(_Wrapped)
+# Spares ordinary payloads a failed decode (an exception, ~2 us) on every DLQ
+# message; a wrapper whose key is spelt with escapes is not dlqproc's own.
+_WRAPPER_START = re.compile(rb'\{[ \t\r\n]*"base64"[ \t\r\n]*:')
+
+
+def unwrap_base64(original: bytes) -> bytes | None:
+    """The bytes `build` wrapped in `original` ({"base64": <string>}), or None.
+
+    None for any other JSON value; BadInput(BAD_ENVELOPE) when the string is not
+    valid base64, since the bytes it stood for are then lost.
+    """
+    if _WRAPPER_START.match(original) is None:
+        return None
+    try:
+        text = _wrapped.decode(original).data
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII text
+        raise BadInput(
+            Reason.BAD_ENVELOPE, f"original_payload {{{BASE64_KEY!r}: ...}} is not base64: {exc}"
+        ) from None
 
 
 def is_json(data: bytes) -> bool:
-    """Whether `data` is one well-formed JSON value (nesting within msgspec's limit)."""
-    try:
-        _json_check.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return True
+    """Whether `data` is one JSON value dlqproc can pass on (see classify_json)."""
+    return classify_json(data) is None
 
 
 def build(
@@ -96,15 +215,16 @@ def build(
 ) -> bytes:
     """The DLQ envelope (contract section 2) for a failed event.
 
-    The event body is embedded as JSON when it is JSON; otherwise as
+    The event body is embedded as JSON when it is JSON (classify_json; an
+    original_json that is not falls back to `raw` too); otherwise as
     {"base64": ...} so that nothing of it is lost and the envelope stays JSON.
+    The DLQ lane unwraps that object again (see unwrap_base64).
     """
-    if original_json is None and is_json(raw):
-        original_json = raw
+    candidate = raw if original_json is None else original_json
     original: msgspec.Raw | dict[str, str] = (
-        msgspec.Raw(original_json)
-        if original_json is not None
-        else {"base64": base64.b64encode(raw).decode()}
+        msgspec.Raw(candidate)
+        if is_json(candidate)
+        else {BASE64_KEY: base64.b64encode(raw).decode()}
     )
     return _encoder.encode(
         _Outgoing(

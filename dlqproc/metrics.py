@@ -208,6 +208,12 @@ class Metrics:
             registry=r,
             multiprocess_mode=_LIVE_GAUGE,
         )
+        self.held = Gauge(
+            "dlq_messages_held",
+            "Messages held on their last delivery until PostgreSQL answers again.",
+            registry=r,
+            multiprocess_mode=_LIVE_GAUGE,
+        )
         self.workers_alive = Gauge(
             "dlq_workers_alive",
             "Worker processes running (the pool's strength).",

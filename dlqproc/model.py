@@ -97,6 +97,10 @@ class Event(msgspec.Struct, frozen=True):
     payload: bytes  # raw JSON of the event body
     attempt: int  # JetStream num_delivered of the message carrying it
     meta: Meta = Meta()
+    # Unix seconds: the latest time an event may carry (the worker's clock plus
+    # a horizon), so a millisecond or far-future timestamp fails validation
+    # instead of reaching storage. 0: no bound.
+    not_after: int = 0
 
 
 class RowOp(msgspec.Struct, frozen=True):
@@ -176,6 +180,10 @@ class Stored(msgspec.Struct, frozen=True, array_like=True):
     envelope_json: bytes | None
     # The original payload as JSON, when there was one.
     original_json: bytes | None
+    # The failed event's own bytes when they are not JSON (a main-lane body that
+    # failed classify_json) or came wrapped as {"base64": ...} in a DLQ envelope:
+    # what exhausted_events.raw_payload keeps. Last, with a default: array_like.
+    original_raw: bytes | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True, array_like=True):

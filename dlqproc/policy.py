@@ -81,3 +81,48 @@ def decide(
     if num_delivered >= policy.max_retries:
         return Decision(Action.EXHAUST, reason=Reason.RETRIES_EXHAUSTED)
     return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))
+
+
+class FetchPlan(msgspec.Struct, frozen=True):
+    """The next pull request of a lane: `batch` 0 means wait for room."""
+
+    batch: int
+    max_bytes: int = 0  # 0: no byte limit
+
+
+class Budget(msgspec.Struct, frozen=True):
+    """The in-flight limits (nats.dlqMaxInFlight, nats.dlqMaxInFlightBytes)."""
+
+    messages: int
+    bytes: int
+
+
+def plan_fetch(
+    budget: Budget,
+    in_flight: int,
+    in_flight_bytes: int,
+    fetch_batch: int,
+    oversized: bool,
+    lane_waiting: bool,
+) -> FetchPlan:
+    """How much one lane may ask JetStream for now.
+
+    in_flight, in_flight_bytes: messages held locally (held-for-PostgreSQL
+    ones excluded: they never stop fetching). oversized: this lane's last
+    request found its next message larger than the room it asked for.
+    lane_waiting: some other lane is waiting to be admitted that way.
+
+    The byte limit goes into the request itself, so JetStream never delivers
+    past the room, whatever the message sizes. A message larger than the
+    whole budget is admitted alone: its lane waits until nothing is in flight
+    (other lanes hold back meanwhile, or they could keep the budget busy for
+    ever), then asks for one message without a byte limit. So some request is
+    always possible once nothing is in flight: fetching cannot starve.
+    """
+    if oversized:
+        return FetchPlan(1) if in_flight == 0 else FetchPlan(0)
+    free = budget.messages - in_flight
+    room = budget.bytes - in_flight_bytes
+    if lane_waiting or free <= 0 or room <= 0:
+        return FetchPlan(0)
+    return FetchPlan(min(free, fetch_batch), room)

@@ -1,8 +1,11 @@
-"""Periodic checks: readiness of the dependencies, and the gauges read from them.
+"""Periodic checks: readiness of the dependencies and of the flow, and gauges.
 
 Every second: Postgres answers, NATS is connected, the pool is at strength.
 Every few seconds: each consumer's pending counts (JetStream) and the
 unresolved exhausted events per tenant (Postgres), as gauges.
+Readiness also asks the flow itself: a lane that has not fetched for a while
+although its consumer has messages pending, messages held on their last
+delivery for too long, and a commit failure that repeats word for word.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from dlqproc.broker import Broker
 from dlqproc.metrics import Metrics
@@ -22,6 +26,17 @@ log = logging.getLogger("dlqproc.probes")
 
 READY_EVERY = 1.0
 GAUGES_EVERY = 5.0
+REPEATED_COMMIT_FAILURES = 3
+
+
+class Flow(Protocol):
+    """What readiness needs to know of the supervisor."""
+
+    last_fetch: dict[str, float]  # lane -> monotonic time its fetch last returned
+    commit_failures: int  # consecutive commit failures with the same error
+    commit_error: str
+
+    def held_ages(self) -> list[float]: ...
 
 
 class Probes:
@@ -32,12 +47,17 @@ class Probes:
         pool: Pool,
         lanes: Sequence[LaneRuntime],
         metrics: Metrics,
+        flow: Flow | None = None,
+        stall_after: float = 30.0,
     ) -> None:
         self.broker, self.store, self.pool = broker, store, pool
         self.lanes = tuple(lanes)
         self.metrics = metrics
+        self.flow = flow
+        self.stall_after = stall_after
         self.postgres_ok = True
         self._tenants: set[str] = set()
+        self._pending: dict[str, int] = {}  # lane -> JetStream's pending count
 
     def problems(self) -> list[str]:
         """What keeps the service from doing its work right now (empty: ready)."""
@@ -49,6 +69,28 @@ class Probes:
         alive = self.pool.alive
         if alive < self.pool.size:
             found.append(f"workers: {alive} of {self.pool.size} running")
+        if self.flow is not None:
+            found.extend(self._flow_problems(self.flow))
+        return found
+
+    def _flow_problems(self, flow: Flow) -> list[str]:
+        found = []
+        now, limit = time.monotonic(), self.stall_after
+        for lane, last in flow.last_fetch.items():
+            pending = self._pending.get(lane, 0)
+            if pending > 0 and now - last > limit:
+                found.append(
+                    f"fetch: {lane} has not fetched for {now - last:.0f}s"
+                    f" with {pending} messages pending"
+                )
+        old = sum(1 for age in flow.held_ages() if age > limit)
+        if old:
+            found.append(f"held: {old} messages held on their last delivery for over {limit:g}s")
+        if flow.commit_failures >= REPEATED_COMMIT_FAILURES:
+            found.append(
+                f"commit: the same failure {flow.commit_failures} times in a row:"
+                f" {flow.commit_error[:300]}"
+            )
         return found
 
     async def run(self) -> None:
@@ -72,6 +114,7 @@ class Probes:
                 except Exception as exc:
                     log.debug("consumer info failed", extra={"error": str(exc)})
                     continue
+                self._pending[lane.lane.value] = pending
                 m.consumer_pending.labels(lane.lane.value).set(pending)
                 m.consumer_ack_pending.labels(lane.lane.value).set(ack_pending)
         if self.postgres_ok:

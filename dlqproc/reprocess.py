@@ -1,21 +1,36 @@
-"""Reprocessing one DLQ delivery into an Outcome: the pure work of a worker process.
+"""Reprocessing one delivery into an Outcome: the pure work of a worker process.
 
-Bytes in (the DLQ message), Outcome out. Nothing here raises: every failure,
-from undecodable bytes to a handler bug, becomes a classified Outcome so one
-bad message can never fail the batch it travels in.
+Bytes in (a DLQ envelope, or a main lane's event), Outcome out. Nothing here
+raises: every failure, from undecodable bytes to a handler bug, becomes a
+classified Outcome so one bad message can never fail the batch it travels in.
+
+A body that is not JSON keeps its reason across the DLQ: the main lane fails it
+as not_json / too_deep before any handler sees it, the DLQ envelope carries its
+bytes as {"base64": ...}, and the DLQ lane unwraps and classifies them again,
+so it is exhausted with the same reason and its own bytes (Stored.original_raw).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 
-from dlqproc.envelope import BadInput, decode, split_source, tenant_of_subject, valid_tenant
+from dlqproc.envelope import (
+    BadInput,
+    classify_json,
+    decode,
+    split_source,
+    tenant_of_subject,
+    unwrap_base64,
+    valid_tenant,
+)
 from dlqproc.handlers import Registry
 from dlqproc.model import (
     Delivery,
+    Envelope,
     Event,
     FailureKind,
     HandlerError,
@@ -31,6 +46,16 @@ from dlqproc.rows import encode
 class Limits(msgspec.Struct, frozen=True):
     dlq_subject: str  # e.g. "v1.dlq"
     max_payload_bytes: int
+    # Seconds past the worker's clock that an event's timestamps may lie
+    # (Event.not_after); clocks drift, producers queue.
+    timestamp_horizon: float = 7 * 86400
+
+
+def not_after(limits: Limits) -> int:
+    """Event.not_after for an event handled now: unix seconds, 0 for no bound."""
+    bound = time.time() + limits.timestamp_horizon
+    # An infinite (or NaN) horizon is no bound at all, not an OverflowError.
+    return int(bound) if math.isfinite(bound) else 0
 
 
 def _failure(
@@ -72,14 +97,51 @@ def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> St
     )
 
 
+# Longer than any ISO 8601 time (with microseconds and a seconds offset, ~40):
+# hostile strings are refused before the parser sees them.
+MAX_TS_CHARS = 64
+
+
 def _timestamp(value: str | None) -> str | None:
-    """The envelope's ts if it is a real RFC 3339 time, else None (never an error)."""
-    if not value:
+    """The envelope's ts as ISO 8601 in UTC ("+00:00"), or None. Never raises.
+
+    PostgreSQL's timestamptz refuses offsets Python accepts (+20:00,
+    +05:30:15.123456), so the offset is folded into the UTC time; a naive time
+    is taken as UTC. A time whose UTC form leaves years 1..9999
+    (OverflowError), garbage and over-long strings are None.
+    """
+    if not value or len(value) > MAX_TS_CHARS:
         return None
     try:
-        return datetime.fromisoformat(value).isoformat()
-    except ValueError:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError, TypeError):
         return None
+
+
+def _unwrap(envelope: Envelope, stored: Stored) -> tuple[Stored, BadInput | None]:
+    """`stored` with the event's own bytes when the main consumer wrapped them.
+
+    A main-lane body that was not JSON travels as {"base64": ...}: it is
+    unwrapped (raw bytes kept), then classified like the main lane did, so the
+    failure keeps its reason and the main consumer's error. A wrapper that is
+    not base64 is a bad envelope.
+    """
+    try:
+        raw = unwrap_base64(stored.original_json or b"null")
+    except BadInput as exc:
+        return stored, exc
+    if raw is None:
+        return stored, None
+    bad = classify_json(raw)
+    if bad is not None and envelope.error:
+        bad = BadInput(bad.reason, f"{bad}; main consumer: {envelope.error[:1000]}")
+    unwrapped = msgspec.structs.replace(
+        stored, original_json=None if bad else raw, original_raw=raw
+    )
+    return unwrapped, bad
 
 
 def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome:
@@ -108,6 +170,9 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
         base = split_source(envelope.source_subject, envelope.company)
     except BadInput as exc:
         return _failure(delivery, stored, FailureKind.PERMANENT, exc.reason, str(exc))
+    stored, bad = _unwrap(envelope, stored)
+    if bad is not None:
+        return _failure(delivery, stored, FailureKind.PERMANENT, bad.reason, str(bad), base)
     event = Event(
         subject=envelope.source_subject,
         base=base,
@@ -115,6 +180,7 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
         payload=stored.original_json or b"null",
         attempt=delivery.num_delivered,
         meta=delivery.meta,
+        not_after=not_after(limits),
     )
     return _handle(delivery, registry, event, stored)
 
@@ -148,6 +214,11 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
             f"invalid tenant {tenant[:80]!r}",
             base,
         )
+    bad = classify_json(delivery.data)
+    if bad is not None:
+        # Before any handler, which would only see "invalid payload".
+        stored = msgspec.structs.replace(stored, original_raw=delivery.data)
+        return _failure(delivery, stored, FailureKind.PERMANENT, bad.reason, str(bad), base)
     event = Event(
         subject=delivery.subject,
         base=base,
@@ -155,6 +226,7 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
         payload=delivery.data,
         attempt=delivery.num_delivered,
         meta=delivery.meta,
+        not_after=not_after(limits),
     )
     return _handle(delivery, registry, event, stored)
 

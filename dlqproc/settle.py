@@ -141,6 +141,8 @@ class Settler:
                 envelope_json=stored.envelope_json,
                 original_json=stored.original_json,
                 raw=msg.data,
+                # The event's own bytes when they were not JSON.
+                original_raw=stored.original_raw,
                 dlq_stream=msg.stream,
                 dlq_sequence=msg.stream_seq,
                 dlq_subject=msg.subject,

@@ -3,6 +3,15 @@
 The only module that imports psycopg. The supervisor is its only caller, and
 every write it makes is idempotent (upserts keyed on the event's identity, an
 exhausted row keyed on the DLQ message), so a redelivery rewrites the same rows.
+
+It also owns what a database failure means (`classify`). `Store.write` raises
+StoreUnavailable for an outage only: the database cannot be reached, the
+connection broke, or the transaction as a whole failed to commit. Anything else,
+a bug included, fails the writes involved (each gets its own ItemFailed) while
+the others commit. An exhausted row never fails for an item reason: its values
+are normalised first, and a row PostgreSQL still refuses is replaced by a
+minimal one with the same key. Monthly partitions are created only inside a
+window of months and at most `max_new_partitions` per write.
 """
 
 from __future__ import annotations
@@ -14,14 +23,15 @@ import hashlib
 import importlib.resources
 import logging
 import re
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import lru_cache
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 
 from dlqproc.envelope import valid_tenant
@@ -61,7 +71,8 @@ class _SomeItemFailed(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached or the transaction failed as a whole."""
+    """An outage: the database cannot be reached, the connection broke, or the
+    transaction as a whole failed to commit. No item is to blame for it."""
 
 
 class ItemFailed(Exception):
@@ -83,6 +94,8 @@ class ExhaustedRow(msgspec.Struct, frozen=True):
     dlq_stream: str
     dlq_sequence: int
     dlq_subject: str
+    # The failed event's own bytes when they were not JSON: kept in raw_payload.
+    original_raw: bytes | None = None
 
 
 class Write(msgspec.Struct, frozen=True):
@@ -100,27 +113,87 @@ class Written(msgspec.Struct, frozen=True):
     inserted: bool = False  # an exhausted row was inserted (not already there)
 
 
-# SQLSTATE classes (PostgreSQL appendix A). Data exceptions, integrity
-# violations, syntax/undefined objects and program limits are about the rows a
-# handler produced; connection and operator-intervention classes are about the
-# database as a whole.
+Failure = Literal["outage", "data", "resource", "bug"]
+
+# SQLSTATEs (PostgreSQL appendix A) that end or refuse the session itself:
+# admin_shutdown, crash_shutdown, cannot_connect_now, database_dropped,
+# idle_session_timeout. The rest of class 57 (query_canceled by a statement
+# timeout, operator_intervention) is about one statement.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05"})
+# Data exceptions, integrity violations, syntax/undefined objects and program
+# limits are about the rows a handler produced: retrying cannot help.
 _DATA_CLASSES = frozenset({"22", "23", "42", "54"})
-_CONNECTION_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
-_QUERY_CANCELED = "57014"  # statement_timeout: this item was slow, not the database down
+_MAX_MESSAGE = 4000  # characters of an error kept in an ItemFailed
 
 
-def data_problem(exc: psycopg.Error) -> bool:
+def classify(exc: BaseException, conn_ok: bool) -> Failure:
+    """What an exception raised while writing means for the retry policy.
+
+    `conn_ok` is the connection's state after the error (open, not broken,
+    status OK). Only these are an "outage" (pause, spend no budget): a
+    connection that is not ok, whatever raised; SQLSTATE class 08; 57P01..57P05.
+    On a live connection:
+    - "data": PostgreSQL refuses the values (classes 22, 23, 42, 54, or a
+      client-side DataError such as a NUL in a string); permanent.
+    - "resource": any other server error (53xxx out of memory, shared memory or
+      disk, 57014 statement timeout, 55P03 lock not available, 40001/40P01
+      serialization failure/deadlock, 58xxx, XX000, ...) or a client-side
+      OperationalError; this write may succeed later, so it spends budget.
+    - "bug": an exception that is not psycopg's (e.g. a ValueError from date
+      arithmetic) or a client-side misuse of psycopg; transient, spends budget,
+      and fails only the writes it happened in.
+    """
+    if not conn_ok:
+        return "outage"
+    if not isinstance(exc, psycopg.Error):
+        return "bug"
     state = exc.sqlstate
-    if state is None:  # raised client-side, e.g. a NUL character in a string
-        return isinstance(exc, psycopg.DataError)
-    return state[:2] in _DATA_CLASSES
+    if state is None:  # raised client-side
+        if isinstance(exc, psycopg.DataError):
+            return "data"
+        return "resource" if isinstance(exc, psycopg.OperationalError) else "bug"
+    if state[:2] == "08" or state in _SESSION_ENDED:
+        return "outage"
+    return "data" if state[:2] in _DATA_CLASSES else "resource"
 
 
-def connection_lost(exc: psycopg.Error) -> bool:
-    state = exc.sqlstate
-    if state is None:
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-    return state[:2] in _CONNECTION_CLASSES and state != _QUERY_CANCELED
+def internal_error(exc: BaseException) -> str:
+    """The message of a bug's item failure: "internal error: <Type>: <msg>"."""
+    return _brief(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _brief(message: str) -> str:
+    message = message.strip()
+    return message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + "..."
+
+
+def _item_failure(exc: BaseException) -> ItemFailed:
+    """The failure of one item's write, for an exception that is not an outage."""
+    if isinstance(exc, ItemFailed):
+        return exc
+    match classify(exc, conn_ok=True):
+        case "data":
+            return ItemFailed(FailureKind.PERMANENT, Reason.VALIDATION, _brief(str(exc)))
+        case "bug":
+            return ItemFailed(FailureKind.TRANSIENT, Reason.HANDLER_ERROR, internal_error(exc))
+        case _:
+            return ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, _brief(str(exc)))
+
+
+def _prepare_failure(tenant: str, exc: BaseException) -> ItemFailed:
+    """A tenant whose schema or tables cannot be made: transient, its items fail."""
+    if classify(exc, conn_ok=True) == "bug":
+        return ItemFailed(FailureKind.TRANSIENT, Reason.HANDLER_ERROR, internal_error(exc))
+    schema = "daisi_" + tenant.lower()
+    return ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, _brief(f"preparing {schema}: {exc}"))
+
+
+def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    return not conn.closed and not conn.broken and conn.info.status == ConnStatus.OK
+
+
+def _outage(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> bool:
+    return classify(exc, _usable(conn)) == "outage"
 
 
 def schema_name(tenant: str) -> str:
@@ -208,7 +281,7 @@ def _jsonb(rows: Sequence[bytes]) -> Jsonb:
     return Jsonb(payload(rows), dumps=_already_json)
 
 
-_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
 _PARTITION_INFO = """
 SELECT a.attname, dn.nspname, dc.relname
 FROM pg_partitioned_table p
@@ -219,22 +292,56 @@ LEFT JOIN pg_class dc ON dc.oid = p.partdefid
 LEFT JOIN pg_namespace dn ON dn.oid = dc.relnamespace
 WHERE n.nspname = %s AND c.relname = %s
 """
+# WhatsApp launched in 2009: no message is older, so no partition is either.
+_FIRST_MONTH = (2009, 1)
+# The last month whose end dt.date can represent: 9999-12 ends in year 10000.
+_LAST_INSTANT = dt.datetime(9999, 11, 30, tzinfo=dt.UTC).timestamp()
 
 
 def month_bounds(month: str) -> tuple[dt.date, dt.date] | None:
-    """[first day, first day of the next month) for "YYYY-MM", or None if malformed."""
-    match = _MONTH.match(month)
-    if not match:
+    """[first day, first day of the next month) for "YYYY-MM"; None for anything else.
+
+    Never raises: None also for a month whose end is not a date (9999-12).
+    """
+    match = _MONTH.fullmatch(month) if isinstance(month, str) else None
+    if match is None:
         return None
     year, mon = int(match.group(1)), int(match.group(2))
-    if not (1 <= year <= 9999 and 1 <= mon <= 12):
+    if not (1 <= year <= 9999 and 1 <= mon <= 12) or (year, mon) == (9999, 12):
         return None
     start = dt.date(year, mon, 1)
     end = dt.date(year + 1, 1, 1) if mon == 12 else dt.date(year, mon + 1, 1)
     return start, end
 
 
-_MAX_INDEXED_TEXT = 1024
+def _last_month(horizon: float) -> tuple[int, int]:
+    """(year, month) of now + horizon seconds, clamped to what dates can hold."""
+    instant = time.time() + horizon
+    if not 0.0 <= instant <= _LAST_INSTANT:  # also NaN
+        instant = 0.0 if instant < 0.0 else _LAST_INSTANT
+    last = dt.datetime.fromtimestamp(instant, dt.UTC)
+    return last.year, last.month
+
+
+class _PartitionBudget:
+    """What one write() may still do about partitions: how many to create, up to when."""
+
+    def __init__(self, left: int, last_month: tuple[int, int]) -> None:
+        self.left = left
+        self.last_month = last_month
+
+    def admits(self, start: dt.date) -> bool:
+        return _FIRST_MONTH <= (start.year, start.month) <= self.last_month
+
+
+# source_subject is indexed: an index entry must fit a third of a btree page
+# (~2.7 kB), and dlq_subject is held to the same limit.
+_MAX_SUBJECT_BYTES = 1024
+_MAX_COMPANY_BYTES = 256  # indexed too; a valid tenant has at most 57 characters
+_MAX_ERROR_BYTES = 16 * 1024
+_MINIMAL_SUBJECT_BYTES = 256
+_MINIMAL_REFUSED_CHARS = 500
+_INT4 = (-(2**31), 2**31 - 1)
 
 
 def _text(value: str) -> str:
@@ -242,6 +349,40 @@ def _text(value: str) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "\\u0000")
     return value.encode("utf-8", "replace").decode("utf-8")
+
+
+def _cut(value: str, limit: int) -> str:
+    """At most `limit` UTF-8 bytes of a _text() string, cut at a character boundary."""
+    data = value.encode("utf-8")
+    return value if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
+
+
+def _ascii(value: str, limit: int) -> str:
+    """Printable ASCII (Python escapes for the rest), at most `limit` bytes."""
+    return value.encode("unicode_escape")[:limit].decode("ascii")
+
+
+def _timestamp(value: str | None) -> dt.datetime | None:
+    """An ISO 8601 timestamp as an aware UTC datetime (naive means UTC).
+
+    None for anything else, including offsets PostgreSQL refuses (+20:00,
+    +05:30:15.123456: handled here instead) and instants that overflow once in
+    UTC. Every UTC datetime Python holds is within PostgreSQL's range. Only
+    printable ASCII can be ISO 8601; fromisoformat would read a NUL as the end.
+    """
+    if not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=dt.UTC)
+        return parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _int4(value: int) -> int:
+    return min(max(value, _INT4[0]), _INT4[1])
 
 
 _INSERT_EXHAUSTED = """
@@ -255,11 +396,98 @@ RETURNING id
 """
 
 
-class Store:
-    """One connection owned by the supervisor; reconnected when it breaks."""
+def _digest(row: ExhaustedRow) -> str:
+    # The idempotency key's body part: always the DLQ message body as received.
+    return hashlib.md5(row.raw, usedforsecurity=False).hexdigest()
 
-    def __init__(self, dsn: str, statement_timeout: float, tenant_ddl: Sequence[str]) -> None:
+
+def _full_row(
+    row: ExhaustedRow, dlq_payload: str, original: str | None, raw: bytes | None
+) -> tuple[Any, ...]:
+    """The parameters of _INSERT_EXHAUSTED for the full row, values normalised."""
+    return (
+        _cut(_text(row.company_id), _MAX_COMPANY_BYTES),
+        _cut(_text(row.source_subject), _MAX_SUBJECT_BYTES),
+        _cut(_text(row.last_error), _MAX_ERROR_BYTES),
+        _int4(row.retry_count),
+        _timestamp(row.event_timestamp),
+        dlq_payload,
+        original,
+        _text(row.reason),
+        row.dlq_stream,
+        row.dlq_sequence,
+        _cut(_text(row.dlq_subject), _MAX_SUBJECT_BYTES),
+        _digest(row),
+        raw,
+    )
+
+
+def _as_jsonb(row: ExhaustedRow, envelope: bytes) -> tuple[Any, ...]:
+    """The full row with the envelope and original payload as jsonb."""
+    original = row.original_json.decode() if row.original_json else None
+    return _full_row(row, envelope.decode(), original, row.original_raw)
+
+
+def _as_stand_in(row: ExhaustedRow) -> tuple[Any, ...]:
+    """The full row for a body jsonb cannot hold: its bytes, and a description."""
+    stand_in = {
+        "undecodable": True,
+        "dlq_subject": _cut(_text(row.dlq_subject), _MAX_SUBJECT_BYTES),
+        "error": _cut(_text(row.last_error), _MAX_ERROR_BYTES),
+        "size": len(row.raw),
+    }
+    raw = row.original_raw if row.original_raw is not None else row.raw
+    return _full_row(row, msgspec.json.encode(stand_in).decode(), None, raw)
+
+
+def _minimal_row(row: ExhaustedRow, refused: BaseException) -> tuple[Any, ...]:
+    """A row PostgreSQL always accepts, with the full row's key.
+
+    Short ASCII or tenant-shaped text, no timestamp, no original payload, a
+    small JSON dlq_payload; raw_payload is the DLQ message body as received,
+    the one complete record left (its md5 is payload_digest).
+    """
+    why = _text(f"{type(refused).__name__}: {refused}".strip())[:_MINIMAL_REFUSED_CHARS]
+    note = f"\n[dlqproc: the full exhausted row was refused ({why}); stored a minimal row]"
+    room = max(_MAX_ERROR_BYTES - len(note.encode("utf-8")), 0)
+    dlq_subject = _ascii(row.dlq_subject, _MINIMAL_SUBJECT_BYTES)
+    payload = {"minimal": True, "refused": why, "dlq_subject": dlq_subject, "size": len(row.raw)}
+    return (
+        row.company_id if valid_tenant(row.company_id) else "unknown",
+        _ascii(row.source_subject, _MINIMAL_SUBJECT_BYTES),
+        _cut(_text(row.last_error), room) + note,
+        _int4(row.retry_count),
+        None,
+        msgspec.json.encode(payload).decode(),
+        None,
+        _text(row.reason),
+        row.dlq_stream,
+        row.dlq_sequence,
+        dlq_subject,
+        _digest(row),
+        row.raw,
+    )
+
+
+class Store:
+    """One connection owned by the supervisor; reconnected when it breaks.
+
+    partition_horizon: how far ahead of now (seconds) a month may lie for its
+    partition to be created; max_new_partitions: how many one write() may create.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        statement_timeout: float,
+        tenant_ddl: Sequence[str],
+        *,
+        partition_horizon: float = 7 * 86400,
+        max_new_partitions: int = 12,
+    ) -> None:
         self._dsn = dsn
+        self._horizon = partition_horizon
+        self._max_new_partitions = max_new_partitions
         self._timeout_ms = int(statement_timeout * 1000)
         self._tenant_ddl = tuple(tenant_ddl)
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -285,7 +513,7 @@ class Store:
                 options=f"-c statement_timeout={self._timeout_ms}",
                 application_name="dlqproc",
             )
-        except psycopg.Error as exc:
+        except Exception as exc:
             self._conn = None
             raise StoreUnavailable(f"cannot connect to Postgres: {exc}") from exc
         return self._conn
@@ -350,17 +578,28 @@ class Store:
         self._tenants.add(schema)
 
     async def _ensure_partition(
-        self, conn: psycopg.AsyncConnection[Any], schema: str, table: str, month: str
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        table: str,
+        month: str,
+        budget: _PartitionBudget,
     ) -> None:
         """Create the month's partition of a range-partitioned table on first use.
 
-        Rows of that month already in the default partition move into the new
-        one in the same transaction, since PostgreSQL refuses to attach a
-        partition whose rows the default partition holds.
+        Only for a month from 2009-01 to the month of now + partition_horizon,
+        and while the write's budget lasts: a hostile timestamp must not create
+        partitions by the thousand (each costs locks in every later statement on
+        the table). Rows of other months land in the default partition, and
+        move out of it when their month's partition is created by a later write:
+        PostgreSQL refuses to attach a partition whose rows the default holds.
+        Never raises but for an outage; a failure leaves rows in the default.
         """
         key = (schema, table, month)
+        if key in self._partitions or budget.left <= 0:
+            return
         bounds = month_bounds(month)
-        if key in self._partitions or bounds is None:
+        if bounds is None or not budget.admits(bounds[0]):
             return
         start, end = bounds
         part = f"{table}_{start.year:04d}_{start.month:02d}"
@@ -378,14 +617,14 @@ class Store:
                     cur = await conn.execute(_PARTITION_INFO, (schema, table))
                     info = await cur.fetchone()
                     if info is not None:
+                        budget.left -= 1  # spent by the attempt: a failing one costs too
                         await self._create_partition(conn, schema, table, part, info, start, end)
-        except psycopg.Error as exc:
-            if connection_lost(exc):
+        except Exception as exc:
+            if _outage(exc, conn):
                 raise
-            # Rows still land in the default partition; retried on the next write.
             log.warning(
                 "could not create partition",
-                extra={"schema": schema, "partition": part, "error": str(exc).strip()},
+                extra={"schema": schema, "partition": part, "error": _brief(str(exc))},
             )
             return
         self._partitions.add(key)
@@ -430,34 +669,56 @@ class Store:
         The common case (nothing fails) costs one transaction without savepoints.
         When an item fails, the batch is rolled back and written again with a
         savepoint around each item, so only the failing items are left out.
-        Raises StoreUnavailable when the database itself fails.
+        Returns one Written per Write: an item's failure (data, resource or bug,
+        see `classify`) is in its `failure`. Raises StoreUnavailable for an
+        outage only: no connection, a broken one, or a transaction that failed
+        as a whole (its BEGIN or COMMIT).
         """
+        conn = await self._connection()
         try:
-            conn = await self._connection()
-            # A tenant whose schema cannot be prepared fails its own items only.
-            unready: dict[str, ItemFailed] = {}
-            for w in writes:
-                if w.rows and valid_tenant(w.tenant) and w.tenant not in unready:
-                    try:
-                        await self._prepare(conn, w)
-                    except ItemFailed as failed:
-                        unready[w.tenant] = failed
+            budget = _PartitionBudget(self._max_new_partitions, _last_month(self._horizon))
+            unready = await self._prepare_all(conn, writes, budget)
             fast = await self._write_pipelined(conn, writes, unready)
             if fast is not None:
                 return fast
-            results = []
             async with conn.transaction():
-                for w in writes:
-                    try:
-                        async with conn.transaction():
-                            results.append(await self._write_one(conn, w, unready))
-                    except ItemFailed as failed:
-                        results.append(Written(failure=failed))
-            return results
-        except psycopg.Error as exc:
-            # Not attributable to an item: the connection or the commit failed.
+                return [await self._write_isolated(conn, w, unready) for w in writes]
+        except Exception as exc:
+            # Item failures were all caught where they happened: what reaches
+            # here is an outage, or the transaction itself failing.
             await self._discard()
             raise StoreUnavailable(f"{type(exc).__name__}: {str(exc).strip()}") from exc
+
+    async def _prepare_all(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        writes: Sequence[Write],
+        budget: _PartitionBudget,
+    ) -> dict[str, ItemFailed]:
+        """Prepare every tenant the batch writes to; a failure fails that tenant's items only."""
+        unready: dict[str, ItemFailed] = {}
+        for w in writes:
+            if not w.rows or w.tenant in unready:
+                continue
+            try:
+                await self._prepare(conn, w, budget)
+            except ItemFailed as failed:
+                unready[w.tenant] = failed
+            except Exception as exc:
+                if _outage(exc, conn):
+                    raise
+                unready[w.tenant] = _prepare_failure(w.tenant, exc)
+        return unready
+
+    async def _prepare(
+        self, conn: psycopg.AsyncConnection[Any], w: Write, budget: _PartitionBudget
+    ) -> None:
+        """Create the tenant's schema, tables and partitions this write needs."""
+        schema = schema_name(w.tenant)
+        await self._ensure_tenant(conn, schema)
+        for block in w.rows:
+            for month in block.partitions:
+                await self._ensure_partition(conn, schema, block.table, month, budget)
 
     async def _write_pipelined(
         self,
@@ -467,162 +728,134 @@ class Store:
     ) -> list[Written] | None:
         """Every row of the batch in one transaction and one pipelined round trip.
 
-        None when an item failed in a way that needs a rollback: the caller
-        then writes item by item, to find out which. An item that is a single
-        update whose row is missing wrote nothing, so it fails alone and the
-        rest of the batch commits (updates that overtake their upserts are
-        common: rolling the batch back for each would write it twice).
+        None when an item failed in a way that needs a rollback, whatever the
+        exception (but an outage, which propagates): the caller then writes item
+        by item, to find out which. An item that is a single update whose row
+        is missing wrote nothing, so it fails alone and the rest of the batch
+        commits (updates that overtake their upserts are common: rolling the
+        batch back for each would write it twice).
         """
         if any(w.rows and w.tenant in unready for w in writes):
             return None
-        # One plan per tenant schema: a step writes into one schema's table.
-        by_schema: dict[str, list[tuple[Rows, ...]]] = {}
-        owner: dict[int, list[int]] = {}  # id(update block) -> the writes holding it
         try:
-            for i, w in enumerate(writes):
-                if w.rows:
-                    by_schema.setdefault(schema_name(w.tenant), []).append(w.rows)
-                    for b in w.rows:
-                        if b.op == "update":
-                            owner.setdefault(id(b), []).append(i)
-            async with conn.transaction():
-                updates: list[tuple[psycopg.AsyncCursor[Any], Rows]] = []
-                async with conn.pipeline():
-                    for schema, items in by_schema.items():
-                        for step in plan(items):
-                            stmt = _sql(schema, step.block)
-                            for rows in step.rounds:
-                                cur = conn.cursor()
-                                await cur.execute(stmt, (_jsonb(rows),))
-                                if step.block.op == "update":
-                                    updates.append((cur, step.block))
-                missing: dict[int, ItemFailed] = {}
-                for cur, block in updates:
-                    if cur.rowcount == 0:
-                        held_by = owner[id(block)]
-                        if len(held_by) > 1 or len(writes[held_by[0]].rows) > 1:
-                            raise _SomeItemFailed  # other rows of its item must not commit
-                        missing[held_by[0]] = _not_found(block)
-                results = []
-                for i, w in enumerate(writes):
-                    if i in missing:
-                        results.append(Written(failure=missing[i]))
-                    elif w.exhausted is not None:
-                        inserted = await self._insert_exhausted(conn, w.exhausted)
-                        results.append(Written(inserted=inserted))
-                    else:
-                        results.append(Written())
-                return results
-        except (_SomeItemFailed, ItemFailed):
-            return None
-        except psycopg.Error as exc:
-            if connection_lost(exc):
+            return await self._write_all(conn, writes)
+        except Exception as exc:
+            if _outage(exc, conn):
                 raise
             return None
 
-    async def _prepare(self, conn: psycopg.AsyncConnection[Any], w: Write) -> None:
-        """Create the tenant's schema, tables and partitions this write needs."""
-        schema = schema_name(w.tenant)
+    async def _write_all(
+        self, conn: psycopg.AsyncConnection[Any], writes: Sequence[Write]
+    ) -> list[Written]:
+        # One plan per tenant schema: a step writes into one schema's table.
+        by_schema: dict[str, list[tuple[Rows, ...]]] = {}
+        owner: dict[int, list[int]] = {}  # id(update block) -> the writes holding it
+        for i, w in enumerate(writes):
+            if w.rows:
+                by_schema.setdefault(schema_name(w.tenant), []).append(w.rows)
+                for b in w.rows:
+                    if b.op == "update":
+                        owner.setdefault(id(b), []).append(i)
+        async with conn.transaction():
+            updates: list[tuple[psycopg.AsyncCursor[Any], Rows]] = []
+            async with conn.pipeline():
+                for schema, items in by_schema.items():
+                    for step in plan(items):
+                        stmt = _sql(schema, step.block)
+                        for rows in step.rounds:
+                            cur = conn.cursor()
+                            await cur.execute(stmt, (_jsonb(rows),))
+                            if step.block.op == "update":
+                                updates.append((cur, step.block))
+            missing: dict[int, ItemFailed] = {}
+            for cur, block in updates:
+                if cur.rowcount == 0:
+                    held_by = owner[id(block)]
+                    if len(held_by) > 1 or len(writes[held_by[0]].rows) > 1:
+                        raise _SomeItemFailed  # other rows of its item must not commit
+                    missing[held_by[0]] = _not_found(block)
+            results = []
+            for i, w in enumerate(writes):
+                if i in missing:
+                    results.append(Written(failure=missing[i]))
+                elif w.exhausted is not None:
+                    inserted = await self._insert_exhausted(conn, w.exhausted)
+                    results.append(Written(inserted=inserted))
+                else:
+                    results.append(Written())
+            return results
+
+    async def _write_isolated(
+        self, conn: psycopg.AsyncConnection[Any], w: Write, unready: dict[str, ItemFailed]
+    ) -> Written:
+        """One item under its own savepoint: any exception but an outage is its failure."""
         try:
-            await self._ensure_tenant(conn, schema)
-            for block in w.rows:
-                for month in block.partitions:
-                    await self._ensure_partition(conn, schema, block.table, month)
-        except psycopg.Error as exc:
-            if connection_lost(exc):
+            async with conn.transaction():
+                return await self._write_one(conn, w, unready)
+        except Exception as exc:
+            if _outage(exc, conn):
                 raise
-            raise ItemFailed(
-                FailureKind.TRANSIENT, Reason.DATABASE, f"preparing {schema}: {exc}".strip()
-            ) from exc
+            return Written(failure=_item_failure(exc))
 
     async def _write_one(
         self, conn: psycopg.AsyncConnection[Any], w: Write, unready: dict[str, ItemFailed]
     ) -> Written:
         if w.tenant in unready and w.rows:
             raise unready[w.tenant]
-        try:
-            if w.exhausted is not None:
-                return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
-            schema = schema_name(w.tenant)
-            for block in w.rows:
-                stmt = _sql(schema, block)
-                for rows in rounds((block,)):
-                    cur = await conn.execute(stmt, (_jsonb(rows),))
-                    if block.op == "update" and cur.rowcount == 0:
-                        raise _not_found(block)
-            return Written()
-        except psycopg.Error as exc:
-            if connection_lost(exc):
-                raise
-            if data_problem(exc):
-                # The rows themselves are unacceptable: retrying cannot help.
-                raise ItemFailed(
-                    FailureKind.PERMANENT, Reason.VALIDATION, str(exc).strip()
-                ) from exc
-            raise ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, str(exc).strip()) from exc
+        if w.exhausted is not None:
+            return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
+        schema = schema_name(w.tenant)
+        for block in w.rows:
+            stmt = _sql(schema, block)
+            for rows in rounds((block,)):
+                cur = await conn.execute(stmt, (_jsonb(rows),))
+                if block.op == "update" and cur.rowcount == 0:
+                    raise _not_found(block)
+        return Written()
 
     async def _insert_exhausted(
         self, conn: psycopg.AsyncConnection[Any], row: ExhaustedRow
     ) -> bool:
-        # Text columns cannot hold NUL: the row must always be storable, or its
-        # message could never leave the stream. raw_payload keeps the exact bytes.
-        row = msgspec.structs.replace(
-            row,
-            company_id=_text(row.company_id),
-            source_subject=_text(row.source_subject),
-            last_error=_text(row.last_error),
-            reason=_text(row.reason),
-            dlq_subject=_text(row.dlq_subject),
-            event_timestamp=row.event_timestamp and _text(row.event_timestamp),
-        )
-        digest = hashlib.md5(row.raw, usedforsecurity=False).hexdigest()
+        """Store an exhausted row; True if inserted, False if the message's row was there.
 
-        async def insert(envelope: str, original: str | None, raw: bytes | None) -> bool:
-            cur = await conn.execute(
-                _INSERT_EXHAUSTED,
-                (
-                    row.company_id,
-                    # Indexed columns: an index entry must fit a btree page.
-                    row.source_subject[:_MAX_INDEXED_TEXT],
-                    row.last_error,
-                    row.retry_count,
-                    row.event_timestamp,
-                    envelope,
-                    original,
-                    row.reason,
-                    row.dlq_stream,
-                    row.dlq_sequence,
-                    row.dlq_subject,
-                    digest,
-                    raw,
-                ),
-            )
-            return cur.rowcount == 1
-
+        Its message cannot leave the stream until this succeeds, so it never
+        fails for an item reason. Tried in turn, each under its own savepoint:
+        the envelope as jsonb; a stand-in describing a body jsonb refuses (e.g.
+        \\u0000, too deep) with its bytes in raw_payload; a minimal row with the
+        same key. Only an outage propagates (or a minimal row refused, which
+        PostgreSQL's own limits cannot cause).
+        """
         if row.envelope_json is not None:
             try:
-                async with conn.transaction():
-                    return await insert(
-                        row.envelope_json.decode(),
-                        row.original_json.decode() if row.original_json else None,
-                        None,
-                    )
-            except (psycopg.errors.DataError, UnicodeDecodeError) as exc:
-                # JSON that jsonb refuses (e.g. \u0000, too deep): keep the raw bytes.
+                return await self._insert(conn, lambda: _as_jsonb(row, row.envelope_json or b""))
+            except Exception as exc:
+                if _outage(exc, conn):
+                    raise
                 log.warning(
-                    "exhausted payload not storable as jsonb, keeping raw bytes",
-                    extra={"error": str(exc).strip()[:200]},
+                    "exhausted row refused with its payload as jsonb, keeping raw bytes",
+                    extra={"error": _brief(str(exc))[:200]},
                 )
-        # The body is not storable as JSON: keep it byte for byte, and describe it.
-        stand_in = msgspec.json.encode(
-            {
-                "undecodable": True,
-                "dlq_subject": row.dlq_subject,
-                "error": row.last_error,
-                "size": len(row.raw),
-            }
-        ).decode()
-        return await insert(stand_in, None, row.raw)
+        try:
+            return await self._insert(conn, lambda: _as_stand_in(row))
+        except Exception as exc:
+            if _outage(exc, conn):
+                raise
+            refused = exc
+        log.warning(
+            "exhausted row refused, stored minimal row",
+            extra={"error": _brief(f"{type(refused).__name__}: {refused}")[:500]},
+        )
+        return await self._insert(conn, lambda: _minimal_row(row, refused))
+
+    @staticmethod
+    async def _insert(
+        conn: psycopg.AsyncConnection[Any], params: Callable[[], tuple[Any, ...]]
+    ) -> bool:
+        # params is built inside the savepoint's try, so that a value that
+        # cannot even be normalised falls back like a value PostgreSQL refuses.
+        async with conn.transaction():
+            cur = await conn.execute(_INSERT_EXHAUSTED, params())
+            return cur.rowcount == 1
 
     @_serialized
     async def exhausted_stats(self) -> dict[str, tuple[int, float]]:

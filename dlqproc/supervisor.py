@@ -23,12 +23,14 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from dlqproc.broker import Broker
+import msgspec
+
+from dlqproc.broker import Broker, Inbound
 from dlqproc.config import Config, MainConsumerConfig
 from dlqproc.envelope import valid_tenant
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason
-from dlqproc.policy import Action, Decision, RetryPolicy, decide
+from dlqproc.policy import Action, Budget, Decision, RetryPolicy, backoff, decide, plan_fetch
 from dlqproc.pool import Pool
 from dlqproc.reprocess import Limits, bare_stored
 from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
@@ -38,6 +40,19 @@ from dlqproc.store import ItemFailed, Store, StoreUnavailable
 log = logging.getLogger("dlq_worker")
 
 _COMMIT_GROUP = 2048  # messages merged into one transaction at most
+_ERROR_CHARS = 2000  # of an error text kept in a log line or a readiness problem
+
+
+class Parked:
+    """A message held on its last delivery until PostgreSQL answers again."""
+
+    __slots__ = ("out", "retrying", "since", "size")
+
+    def __init__(self, out: Outcome, size: int) -> None:
+        self.out = out
+        self.since = time.monotonic()
+        self.size = size
+        self.retrying = False  # handed back to the committer, result not yet known
 
 
 def internal_failure(delivery: Delivery, exc: Exception, limits: Limits) -> Outcome:
@@ -91,13 +106,21 @@ class Supervisor:
         self.settler = Settler(broker, metrics, cfg.nats.dlq_subject)
         self.stop_requested = asyncio.Event()
         self.store_ok = True
+        # Every message from fetch to settle, parked ones included (they get
+        # in-progress acks too); only the others count against the budget.
         self._held: dict[int, Held] = {}
-        self._held_bytes = 0
-        # Expected message size, to keep a fetch within the byte budget. Until a
-        # fetch shows the sizes, assume a quarter of the largest allowed body:
-        # a first fetch of heavy events must not take the whole budget many
-        # times over.
-        self._size_estimate = max(cfg.nats.dlq_max_payload_bytes / 4, 1024.0)
+        self._held_bytes = 0  # of the held messages that are not parked
+        self._budget = Budget(cfg.nats.dlq_max_in_flight, cfg.nats.dlq_max_in_flight_bytes)
+        self._parked: dict[int, Parked] = {}
+        self._parked_bytes = 0
+        # Lanes whose next message did not fit the room they asked for.
+        self._oversized: set[Lane] = set()
+        # Readiness: when each lane's fetch last returned, and the commit
+        # failure that keeps repeating, if any.
+        now = time.monotonic()
+        self.last_fetch: dict[str, float] = {lane.lane.value: now for lane in lanes}
+        self.commit_failures = 0
+        self.commit_error = ""
         self._queue: collections.deque[int] = collections.deque()
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
@@ -106,7 +129,6 @@ class Supervisor:
         self._batches: dict[asyncio.Task[None], list[int]] = {}
         self._done: asyncio.Queue[tuple[list[int], list[Outcome]] | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._parked: list[tuple[int, Outcome]] = []
         self._rng = random.Random()
 
     # ---------------------------------------------------------------- running
@@ -153,24 +175,28 @@ class Supervisor:
                 raise task.exception()  # type: ignore[misc]
 
     async def _fetch_loop(self, lane: LaneRuntime) -> None:
-        n = self.cfg.nats
         dlq = lane.lane is Lane.DLQ
         failures = 0
         while not self.stop_requested.is_set():
             if not self.store_ok:
                 await self._wait_for_store()
                 continue
-            free = n.dlq_max_in_flight - len(self._held)
-            room = n.dlq_max_in_flight_bytes - self._held_bytes
-            free = min(free, int(room // self._size_estimate))
-            if free <= 0:
+            plan = plan_fetch(
+                self._budget,
+                len(self._held) - len(self._parked),
+                self._held_bytes,
+                lane.fetch_batch,
+                oversized=lane.lane in self._oversized,
+                lane_waiting=bool(self._oversized - {lane.lane}),
+            )
+            if plan.batch == 0:
                 self._room.clear()
                 await self._room.wait()
                 continue
             if dlq:
                 self.metrics.fetch_requests.inc()
             try:
-                msgs = await lane.puller.fetch(min(free, lane.fetch_batch), timeout=1.0)
+                msgs = await lane.puller.fetch(plan.batch, timeout=1.0, max_bytes=plan.max_bytes)
             except Exception as exc:
                 if dlq:
                     self.metrics.fetch_errors.inc()
@@ -184,22 +210,34 @@ class Supervisor:
                 await self._pause(min(0.1 * 2 ** min(failures, 6), 5.0))
                 continue
             failures = 0
-            for msg in msgs:
-                token = next(self._tokens)
-                self._held_bytes += len(msg.data)
-                event_type, _, tenant = msg.subject.rpartition(".")
-                # Label values come from untrusted subjects: bound their cardinality.
-                company = tenant if valid_tenant(tenant) else "invalid"
-                self._held[token] = Held(msg, lane, company, event_type)
-                self._queue.append(token)
-                if not dlq:
-                    self.metrics.events_received.labels(event_type, company, lane.lane.value).inc()
-            if msgs:
-                # Up at once when messages grow, down gradually when they shrink.
-                mean = sum(len(m.data) for m in msgs) / len(msgs)
-                self._size_estimate = max(mean, (self._size_estimate + mean) / 2)
-                self._gauges()
-                self._work.set()
+            self.last_fetch[lane.lane.value] = time.monotonic()
+            if lane.puller.size_limited and not msgs:
+                if lane.lane not in self._oversized:
+                    log.info(
+                        "next message exceeds the in-flight byte room; fetching it alone",
+                        extra={"lane": lane.lane.value, "room": plan.max_bytes},
+                    )
+                self._oversized.add(lane.lane)
+                continue
+            if lane.lane in self._oversized:
+                self._oversized.discard(lane.lane)
+                self._room.set()  # other lanes held back for this one
+            self._admit(lane, msgs)
+
+    def _admit(self, lane: LaneRuntime, msgs: Sequence[Inbound]) -> None:
+        for msg in msgs:
+            token = next(self._tokens)
+            self._held_bytes += len(msg.data)
+            event_type, _, tenant = msg.subject.rpartition(".")
+            # Label values come from untrusted subjects: bound their cardinality.
+            company = tenant if valid_tenant(tenant) else "invalid"
+            self._held[token] = Held(msg, lane, company, event_type)
+            self._queue.append(token)
+            if lane.lane is not Lane.DLQ:
+                self.metrics.events_received.labels(event_type, company, lane.lane.value).inc()
+        if msgs:
+            self._gauges()
+            self._work.set()
 
     async def _restore_topology(self, lane: LaneRuntime) -> None:
         """Fetches keep failing: the stream or consumer may have been deleted."""
@@ -293,7 +331,11 @@ class Supervisor:
             except Exception as exc:
                 # Never strand a batch: its messages fail transiently and are retried.
                 log.exception("worker pool failed a batch")
-                limits = Limits(self.cfg.nats.dlq_subject, self.cfg.nats.dlq_max_payload_bytes)
+                limits = Limits(
+                    self.cfg.nats.dlq_subject,
+                    self.cfg.nats.dlq_max_payload_bytes,
+                    timestamp_horizon=self.cfg.handlers.timestamp_horizon,
+                )
                 outcomes = [internal_failure(d, exc, limits) for d in deliveries]
             finally:
                 self.metrics.workers_active.dec()
@@ -322,12 +364,61 @@ class Supervisor:
                         )
 
     async def _unpark_loop(self) -> None:
-        """Retry the writes of held messages once Postgres answers again."""
+        """Retry held messages' writes once PostgreSQL answers; give up past the hold time."""
+        limit = self.cfg.nats.dlq_max_hold_time
         while True:
             await asyncio.sleep(1.0)
-            if self._parked and await self.store.ping():
-                parked, self._parked = self._parked, []
-                self._done.put_nowait(([t for t, _ in parked], [o for _, o in parked]))
+            now = time.monotonic()
+            for token, parked in list(self._parked.items()):
+                if now - parked.since > limit and not parked.retrying:
+                    await self._give_up(token, f"held longer than nats.dlqMaxHoldTime ({limit}s)")
+            waiting = [(t, p) for t, p in self._parked.items() if not p.retrying]
+            if waiting and await self.store.ping():
+                for _, parked in waiting:
+                    parked.retrying = True
+                self._done.put_nowait(([t for t, _ in waiting], [p.out for _, p in waiting]))
+
+    def _hold(self, token: int, v: Verdict) -> bool:
+        """Park a message on its last delivery; False when the park is full."""
+        parked = self._parked.get(token)
+        if parked is not None:  # its retry failed again: keep waiting, same clock
+            parked.retrying = False
+            return True
+        held = self._held[token]
+        size = len(held.msg.data)
+        n = self.cfg.nats
+        if len(self._parked) >= n.dlq_max_held or self._parked_bytes + size > n.dlq_max_held_bytes:
+            return False
+        self._parked[token] = Parked(v.out, size)
+        self._parked_bytes += size
+        self._held_bytes -= size  # parked messages must not stop fetching
+        log.error(
+            "store unavailable on the last delivery, holding the message",
+            extra={**fields(held.msg), "error": v.db_error[:_ERROR_CHARS]},
+        )
+        self._gauges()
+        return True
+
+    async def _give_up(self, token: int, why: str) -> None:
+        """A message that cannot be held: hand it back, loudly.
+
+        It stays in the stream; if this was JetStream's last delivery it gets
+        no further one, so the log line names its stream sequence for an
+        operator to find it.
+        """
+        held = self._release(token)
+        if held is None:
+            return
+        log.error(
+            "cannot hold the message any longer; NAKed back to JetStream",
+            extra={**fields(held.msg, held.company), "why": why},
+        )
+        try:
+            await held.msg.nak(backoff(held.msg.num_delivered, held.lane.policy, 0.0))
+        except Exception as exc:
+            log.warning("NAK failed", extra={**fields(held.msg), "error": str(exc)})
+        self._room.set()
+        self._gauges()
 
     # ------------------------------------------------------------- committing
 
@@ -349,12 +440,45 @@ class Supervisor:
             try:
                 await self._commit_and_settle(pairs)
             except Exception:
-                # A bug must not stop the service nor strand messages: hand
-                # whatever is still held back to JetStream.
-                log.exception("commit failed unexpectedly; NAKing its messages")
-                for token, _ in pairs:
-                    await self._nak_quietly(token, self.cfg.nats.dlq_shutdown_nak_delay)
-                self._room.set()
+                # A bug, not an outage (the store classifies those): find the
+                # messages it belongs to, so their neighbours are not retried
+                # with them, over and over.
+                log.exception("commit failed unexpectedly; retrying its messages one by one")
+                await self._isolate(pairs)
+            self._room.set()
+
+    async def _isolate(self, pairs: Sequence[tuple[int, Outcome]]) -> None:
+        """Commit and settle each message alone; one that still fails is an item failure.
+
+        Its failure spends its own retry budget (NAK with backoff, exhausted in
+        the end), so it can neither loop nor hold its neighbours back.
+        """
+        for token, out in pairs:
+            parked = self._parked.get(token)
+            if token not in self._held or (parked is not None and not parked.retrying):
+                continue  # already settled or parked before the failure
+            try:
+                await self._commit_and_settle([(token, out)])
+                continue
+            except Exception as exc:
+                failed = msgspec.structs.replace(
+                    out,
+                    ok=False,
+                    rows=(),
+                    kind=FailureKind.TRANSIENT,
+                    reason=Reason.HANDLER_ERROR,
+                    error=f"internal error: {type(exc).__name__}: {exc}"[:_ERROR_CHARS],
+                )
+            try:
+                await self._commit_and_settle([(token, failed)])
+            except Exception:
+                # The fallback that cannot fail: back to JetStream, which counts
+                # the delivery.
+                log.exception("settling a failed message failed; NAKing it")
+                held = self._held.get(token)
+                if held is not None:
+                    delay = backoff(held.msg.num_delivered, held.lane.policy, 0.0)
+                    await self._nak_quietly(token, delay)
 
     def _decide(
         self, held: Held, ok: bool, kind: FailureKind | None, reason: Reason | None
@@ -394,6 +518,7 @@ class Supervisor:
             try:
                 results = await self.store.write(list(writes.values()))
             except StoreUnavailable as exc:
+                self._commit_failed(str(exc))
                 self._store_failed(exc)
                 unavailable = ItemFailed(
                     FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, f"database unavailable: {exc}"
@@ -401,6 +526,7 @@ class Supervisor:
                 for token in writes:
                     self._redecide(token, verdicts[token], unavailable)
                 break
+            self.commit_failures, self.commit_error = 0, ""
             for token, result in zip(writes, results, strict=True):
                 v = verdicts[token]
                 v.inserted = result.inserted
@@ -412,11 +538,8 @@ class Supervisor:
             if v.decision.action is Action.HOLD:
                 # JetStream's last delivery: keep it alive and write it once the
                 # store answers again, rather than NAK it into oblivion.
-                self._parked.append((token, v.out))
-                log.error(
-                    "store unavailable on the last delivery, holding the message",
-                    extra={**fields(self._held[token].msg), "error": v.db_error},
-                )
+                if not self._hold(token, v):
+                    await self._give_up(token, "nats.dlqMaxHeld or nats.dlqMaxHeldBytes reached")
                 continue
             released = self._release(token)
             assert released is not None
@@ -443,6 +566,14 @@ class Supervisor:
         v.reason = failure.reason
         v.decision = self._decide(self._held[token], False, failure.kind, failure.reason)
         v.db_error = str(failure)
+
+    def _commit_failed(self, error: str) -> None:
+        """Count a failure that repeats word for word: /ready reports it."""
+        error = error[:_ERROR_CHARS]
+        if error == self.commit_error:
+            self.commit_failures += 1
+        else:
+            self.commit_failures, self.commit_error = 1, error
 
     def _store_failed(self, exc: Exception) -> None:
         if self.store_ok:
@@ -504,10 +635,21 @@ class Supervisor:
     def _release(self, token: int) -> Held | None:
         """Forget a message (settled, handed back, or expired) and its bytes."""
         held = self._held.pop(token, None)
-        if held is not None:
+        if held is None:
+            return None
+        parked = self._parked.pop(token, None)
+        if parked is not None:
+            self._parked_bytes -= parked.size
+        else:
             self._held_bytes -= len(held.msg.data)
         return held
+
+    def held_ages(self) -> list[float]:
+        """Seconds each parked message has been held, for /ready."""
+        now = time.monotonic()
+        return [now - p.since for p in self._parked.values()]
 
     def _gauges(self) -> None:
         self.metrics.queue_length.set(len(self._queue))
         self.metrics.in_flight.set(len(self._held))
+        self.metrics.held.set(len(self._parked))

@@ -183,3 +183,27 @@ def test_fetch_from_a_deleted_consumer_fails(nats_server: NatsServer) -> None:
             await broker.close()
 
     asyncio.run(main())
+
+
+def test_a_byte_limited_fetch_stops_before_the_message_that_does_not_fit(
+    nats_server: NatsServer,
+) -> None:
+    async def main() -> list[tuple[list[int], bool]]:
+        broker, puller, subject = await _puller(nats_server.url)
+        try:
+            for size in (100, 100, 50_000, 100):
+                await broker.publish(subject, b"x" * size)
+            steps = []
+            for max_bytes in (2_000, 2_000, 0, 2_000):
+                got = await puller.fetch(10, timeout=0.5, max_bytes=max_bytes)
+                steps.append(([len(m.data) for m in got], puller.size_limited))
+            return steps
+        finally:
+            await broker.close()
+
+    assert asyncio.run(main()) == [
+        ([100, 100], True),  # the third message would pass the limit
+        ([], True),  # nothing fits: the lane must wait, or fetch it alone
+        ([50_000, 100], False),  # no limit: the big one, and what follows
+        ([], False),  # nothing left
+    ]

@@ -273,7 +273,7 @@ def test_parse_duration(text: object, seconds: float) -> None:
     assert isinstance(parse_duration(text), Duration)
 
 
-@pytest.mark.parametrize("text", ["soon", "", "-5s", "5d", "s", "5 mins", True, -1, -0.5])
+@pytest.mark.parametrize("text", ["soon", "", "-5s", "5w", "s", "5 mins", True, -1, -0.5])
 def test_parse_duration_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -365,7 +365,7 @@ def test_file_missing(tmp_path: Path) -> None:
         ("POSTGRES_AUTOMIGRATE", "maybe", "postgres.autoMigrate", "maybe"),
         ("NATS_DLQACKWAIT", "soon", "nats.dlqAckWait", "soon"),
         ("NATS_DLQACKWAIT", "-5s", "nats.dlqAckWait", "-5s"),
-        ("NATS_DLQTASKTIMEOUT", "5d", "nats.dlqTaskTimeout", "5d"),
+        ("NATS_DLQTASKTIMEOUT", "5w", "nats.dlqTaskTimeout", "5w"),
         ("POSTGRES_STATEMENTTIMEOUT", "x", "postgres.statementTimeout", "x"),
         ("NATS_DLQMAXRETRIES", "10", "nats.dlqMaxRetries", 10),
         ("NATS_DLQMAXRETRIES", "11", "nats.dlqMaxRetries", 11),
@@ -436,7 +436,8 @@ INT_KEYS = [
     "nats.dlqFetchBatch",
     "nats.dlqWorkerBatch",
     "nats.dlqMaxInFlight",
-    "nats.dlqMaxPayloadBytes",
+    "nats.dlqMaxHeld",
+    "postgres.maxNewPartitions",
 ]
 
 
@@ -445,6 +446,39 @@ def test_valid_int_from_env_round_trips(key: str, value: int) -> None:
     cfg = load(None, environ={env_name(key): str(value)})
     assert _get(cfg, key) == value
     assert type(_get(cfg, key)) is int
+
+
+@given(
+    key=st.sampled_from(
+        ["nats.dlqMaxInFlightBytes", "nats.dlqWorkerBatchBytes", "nats.dlqMaxHeldBytes"]
+    ),
+    value=st.integers(min_value=1, max_value=2**40),
+)
+def test_byte_budgets_are_bounded(key: str, value: int) -> None:
+    env = {env_name(key): str(value)}
+    if value > 1 << 30:
+        assert _error(**env).key == key
+    else:
+        assert _get(load(None, environ=env), key) == value
+
+
+@given(value=st.integers(min_value=1, max_value=2**40))
+def test_max_payload_is_bounded_by_what_nats_can_carry(value: int) -> None:
+    env = {"NATS_DLQMAXPAYLOADBYTES": str(value)}
+    if value > 64 * 1024 * 1024:
+        err = _error(**env)
+        assert err.key == "nats.dlqMaxPayloadBytes"
+        assert str(64 * 1024 * 1024) in err.reason
+    else:
+        assert load(None, environ=env).nats.dlq_max_payload_bytes == value
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("7d", 7 * 86400), ("0.5d", 43200), ("12h", 43200), ("90", 90)]
+)
+def test_timestamp_horizon_takes_days(text: str, seconds: float) -> None:
+    cfg = load(None, environ={"HANDLERS_TIMESTAMPHORIZON": text})
+    assert cfg.handlers.timestamp_horizon == seconds
 
 
 @given(port=st.integers(min_value=0, max_value=65535))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -9,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlqproc.envelope import BadInput, decode, split_source, tenant_of_subject, valid_tenant
+from dlqproc.envelope import (
+    BadInput,
+    build,
+    classify_json,
+    decode,
+    is_json,
+    split_source,
+    tenant_of_subject,
+    unwrap_base64,
+    valid_tenant,
+)
 from dlqproc.model import Envelope, Reason
 
 MAX = 1 << 20
@@ -117,6 +128,15 @@ def test_not_json(data: bytes) -> None:
 )
 def test_bad_envelope(data: bytes) -> None:
     assert _reason(data) is Reason.BAD_ENVELOPE
+
+
+def test_invalid_utf8_inside_original_payload_is_not_json() -> None:
+    # msgspec leaves a Raw field's strings unchecked; the envelope must be UTF-8.
+    for bad in (b"\xff", b"\xed\xa0\x80", b"\xc3"):
+        data = b'{"source_subject":"a.acme","company":"acme","original_payload":"' + bad + b'"}'
+        with pytest.raises(BadInput, match="UTF-8") as info:
+            decode(data, MAX)
+        assert info.value.reason is Reason.NOT_JSON
 
 
 def test_too_big() -> None:
@@ -387,3 +407,233 @@ def test_split_source_total(subject: str, tenant: str) -> None:
         assert exc.reason is Reason.UNKNOWN_SUBJECT
     else:
         assert base and subject == f"{base}.{tenant}"
+
+
+# --- classify_json -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "reason", "text"),
+    [
+        (b"", Reason.NOT_JSON, "empty"),
+        (b" \n\t ", Reason.NOT_JSON, "empty"),
+        (b"NaN", Reason.NOT_JSON, "NaN at byte 0"),
+        (b'{"a": [1, NaN]}', Reason.NOT_JSON, "NaN at byte 10"),
+        (b"Infinity", Reason.NOT_JSON, "Infinity"),
+        (b'{"x": -Infinity}', Reason.NOT_JSON, "Infinity"),
+        (b"not json", Reason.NOT_JSON, "not JSON"),
+        (b'{"a": 1} x', Reason.NOT_JSON, "trailing"),
+        (b'{"a": 1}{"b": 2}', Reason.NOT_JSON, "trailing"),
+        (b'{"a": 1', Reason.NOT_JSON, "truncated"),
+        (b"\xef\xbb\xbf{}", Reason.NOT_JSON, "not JSON"),  # a BOM
+        (b'"\xff"', Reason.NOT_JSON, "invalid UTF-8 at byte 1"),
+        (b'{"a": "ok\xc3"}', Reason.NOT_JSON, "invalid UTF-8 at byte 9"),
+        (b'"\xed\xa0\x80"', Reason.NOT_JSON, "UTF-8"),  # a surrogate, UTF-8 encoded
+        (b'"\\ud800"', Reason.NOT_JSON, "lone UTF-16 surrogate escape \\ud800 at byte 1"),
+        (b'{"k": "a\\uDBFFb"}', Reason.NOT_JSON, "surrogate escape \\uDBFF at byte 8"),
+        (b'["\\udc00"]', Reason.NOT_JSON, "surrogate escape \\udc00"),
+        (b'"\\ud800\\u0041"', Reason.NOT_JSON, "surrogate escape \\ud800"),
+        (b'"\\ud800\\ud800"', Reason.NOT_JSON, "surrogate escape \\ud800 at byte 1"),
+        (b'"\\ude00\\ud83d"', Reason.NOT_JSON, "surrogate escape \\ude00 at byte 1"),
+        (b'{"\\ud800": 1}', Reason.NOT_JSON, "surrogate escape"),
+        (b'"\x00"', Reason.NOT_JSON, "not JSON"),
+        (b"[" * DEEP + b"]" * DEEP, Reason.TOO_DEEP, "nests too deeply"),
+        (b'{"a":' * DEEP + b"1" + b"}" * DEEP, Reason.TOO_DEEP, "nests too deeply"),
+        (b"[" * DEEP, Reason.TOO_DEEP, "nests too deeply"),
+    ],
+)
+def test_classify_json_names_each_hostile_case(data: bytes, reason: Reason, text: str) -> None:
+    bad = classify_json(data)
+    assert isinstance(bad, BadInput)
+    assert bad.reason is reason
+    assert text in str(bad)
+    assert not is_json(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"null",
+        b" {} \n",
+        b'"\\ud83d\\ude00"',  # a surrogate pair is one character
+        b'"\\uDBFF\\uDFFF"',
+        b'"\\\\ud800"',  # an escaped backslash, then the text "ud800"
+        b'"\\u0000"',  # JSON, though jsonb refuses it (the store copes)
+        '{"texto": "ação 😀"}'.encode(),
+        b"1e400",
+        b"1" * 5000,
+        b"[" * 200 + b"]" * 200,
+    ],
+)
+def test_classify_json_accepts_json(data: bytes) -> None:
+    assert classify_json(data) is None
+    assert is_json(data)
+
+
+def test_lone_surrogate_far_into_a_big_body_is_still_not_json() -> None:
+    data = b'["' + b"a" * (2 << 20) + b'\\ud800"]'
+    bad = classify_json(data)
+    assert bad is not None and bad.reason is Reason.NOT_JSON  # explained only in the first MiB
+
+
+def _lone_surrogate_text() -> st.SearchStrategy[str]:
+    lone = st.integers(0xD800, 0xDFFF).map(chr)
+    return st.tuples(st.text(max_size=20), lone, st.text(max_size=20)).map("".join)
+
+
+@given(data=st.binary(max_size=2000))
+def test_classify_json_arbitrary_bytes_only_bad_input(data: bytes) -> None:
+    bad = classify_json(data)
+    if bad is None:
+        json.loads(data)  # what classify_json accepts, a strict parser reads
+    else:
+        assert isinstance(bad, BadInput)
+        assert bad.reason in {Reason.NOT_JSON, Reason.TOO_DEEP}
+        assert str(bad)
+
+
+@given(value=json_values, ascii_only=st.booleans())
+def test_classify_json_accepts_any_json_value(value: Any, ascii_only: bool) -> None:
+    assert classify_json(json.dumps(value, ensure_ascii=ascii_only).encode()) is None
+
+
+@given(text=_lone_surrogate_text(), as_key=st.booleans())
+def test_lone_surrogate_escapes_are_not_json(text: str, as_key: bool) -> None:
+    # Python's json writes a lone surrogate as its \\uXXXX escape.
+    data = json.dumps({text: 1} if as_key else [text]).encode()
+    bad = classify_json(data)
+    assert bad is not None and bad.reason is Reason.NOT_JSON
+    assert "lone UTF-16 surrogate escape" in str(bad)
+
+
+INVALID_UTF8 = [
+    b"\xff",
+    b"\x80",
+    b"\xc3",  # a lead byte without its continuation
+    b"\xc0\xaf",  # overlong "/"
+    b"\xed\xa0\x80",  # a surrogate
+    b"\xf4\x90\x80\x80",  # past U+10FFFF
+]
+
+
+@given(value=json_values, text=st.text(max_size=20), junk=st.sampled_from(INVALID_UTF8))
+def test_invalid_utf8_inside_a_string_is_not_json(value: Any, text: str, junk: bytes) -> None:
+    # Inside a string is where msgspec's syntax pass does not look.
+    data = json.dumps({"v": value, "s": text}, ensure_ascii=False).encode()
+    at = data.rindex(b'"s": "') + len(b'"s": "')
+    bad = classify_json(data[:at] + junk + data[at:])
+    assert bad is not None and bad.reason is Reason.NOT_JSON
+    assert "invalid UTF-8" in str(bad)
+
+
+# --- build and unwrap_base64 ---------------------------------------------------------
+
+
+def _built(raw: bytes, original_json: bytes | None = None) -> dict[str, Any]:
+    body = build(
+        source_subject="v1.chats.upsert.acme",
+        company="acme",
+        original_json=original_json,
+        raw=raw,
+        error="boom",
+        fatal=True,
+        retry_count=1,
+        max_retry=5,
+        ts="2025-11-29T07:06:40+00:00",
+    )
+    assert classify_json(body) is None  # the DLQ message itself is always JSON
+    parsed: dict[str, Any] = json.loads(body)
+    assert decode(body, MAX).company == "acme"
+    return parsed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"NaN",
+        b'"\\ud800"',
+        b'{"a": "\xff"}',
+        b'"\xed\xa0\x80"',
+        b"[" * DEEP + b"]" * DEEP,
+        b'{"a": 1} trailing',
+        b"\x00\x01\x02",
+    ],
+)
+def test_build_wraps_what_is_not_json_in_base64(raw: bytes) -> None:
+    original = _built(raw)["original_payload"]
+    assert original == {"base64": base64.b64encode(raw).decode()}
+    assert unwrap_base64(json.dumps(original).encode()) == raw
+
+
+def test_build_wraps_raw_when_the_given_original_json_is_not_json() -> None:
+    raw = b'["\\ud800"]'
+    assert _built(raw, original_json=raw)["original_payload"] == {
+        "base64": base64.b64encode(raw).decode()
+    }
+
+
+def test_build_embeds_json_as_is() -> None:
+    assert _built(b'{"chat_id": "c1"}')["original_payload"] == {"chat_id": "c1"}
+    assert _built(b"x", original_json=b"[1]")["original_payload"] == [1]
+
+
+@given(raw=st.binary(max_size=500))
+def test_build_round_trips_any_body(raw: bytes) -> None:
+    original = _built(raw)["original_payload"]
+    if classify_json(raw) is None:
+        assert original == json.loads(raw)
+    else:
+        assert unwrap_base64(json.dumps(original).encode()) == raw
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        b"null",
+        b"[]",
+        b'"base64"',
+        b"{}",
+        b'{"base64": 1}',
+        b'{"base64": null}',
+        b'{"base64": "aGk=", "extra": 1}',
+        b'{"chat_id": "c1", "base64": "aGk="}',
+        b'{"Base64": "aGk="}',
+        b'{"base64": {"base64": "aGk="}}',
+        b'{"\\u0062ase64": "aGk="}',  # not how dlqproc writes its wrapper
+        b"[" * DEEP + b"]" * DEEP,
+    ],
+)
+def test_unwrap_base64_leaves_other_payloads(original: bytes) -> None:
+    assert unwrap_base64(original) is None
+
+
+@pytest.mark.parametrize(
+    ("original", "raw"),
+    [
+        (b'{"base64": "aGk="}', b"hi"),
+        (b'{"base64":""}', b""),
+        (b'{"base64" : "TmFO"}', b"NaN"),
+        (b'{\n  "base64": "TmFO"\n}', b"NaN"),
+    ],
+)
+def test_unwrap_base64(original: bytes, raw: bytes) -> None:
+    assert unwrap_base64(original) == raw
+
+
+@pytest.mark.parametrize(
+    "original", [b'{"base64": "a"}', b'{"base64": "!!!!"}', b'{"base64": "a\\u00e9bc"}']
+)
+def test_unwrap_base64_that_is_not_base64_is_a_bad_envelope(original: bytes) -> None:
+    with pytest.raises(BadInput) as info:
+        unwrap_base64(original)
+    assert info.value.reason is Reason.BAD_ENVELOPE
+    assert "base64" in str(info.value)
+
+
+@given(original=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_unwrap_base64_raises_only_bad_input(original: bytes) -> None:
+    try:
+        unwrap_base64(original)
+    except BadInput as exc:
+        assert exc.reason is Reason.BAD_ENVELOPE

@@ -1,4 +1,4 @@
-"""The retry policy: decide() over every outcome and delivery count, and backoff()."""
+"""The retry policy: decide() over every outcome and delivery count, backoff(), and fetch sizing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlqproc.model import FailureKind, Reason
-from dlqproc.policy import Action, Decision, RetryPolicy, backoff, decide
+from dlqproc.policy import Action, Budget, Decision, RetryPolicy, backoff, decide, plan_fetch
 
 POLICY = RetryPolicy(base_delay=10.0, max_delay=300.0, jitter=0.2, max_retries=5)
 
@@ -209,3 +209,52 @@ def test_backoff_huge_attempts_do_not_overflow(n: int, base: float) -> None:
 def test_backoff_non_positive_attempt_is_treated_as_first(n: int) -> None:
     policy = RetryPolicy(5.0, 300.0, 0.0, 5)
     assert backoff(n, policy, 0.0) == 5.0
+
+
+# --- fetch planning --------------------------------------------------------------------
+
+budgets = st.builds(Budget, st.integers(1, 5000), st.integers(1, 1 << 30))
+
+
+@given(
+    budget=budgets,
+    in_flight=st.integers(0, 6000),
+    in_flight_bytes=st.integers(0, 1 << 31),
+    fetch_batch=st.integers(1, 1000),
+    oversized=st.booleans(),
+    lane_waiting=st.booleans(),
+)
+def test_a_fetch_never_asks_past_the_budget(
+    budget: Budget,
+    in_flight: int,
+    in_flight_bytes: int,
+    fetch_batch: int,
+    oversized: bool,
+    lane_waiting: bool,
+) -> None:
+    plan = plan_fetch(budget, in_flight, in_flight_bytes, fetch_batch, oversized, lane_waiting)
+    assert 0 <= plan.batch <= fetch_batch
+    if plan.batch and plan.max_bytes == 0:
+        # Unlimited only for the one message bigger than the room, admitted alone.
+        assert (plan.batch, in_flight, oversized) == (1, 0, True)
+    if plan.batch and plan.max_bytes:
+        assert in_flight + plan.batch <= budget.messages
+        assert in_flight_bytes + plan.max_bytes <= budget.bytes
+
+
+@given(budget=budgets, fetch_batch=st.integers(1, 1000), oversized=st.booleans())
+def test_nothing_in_flight_always_allows_a_fetch(
+    budget: Budget, fetch_batch: int, oversized: bool
+) -> None:
+    # Whatever the sizes seen so far: no message size or setting starves a lane.
+    plan = plan_fetch(budget, 0, 0, fetch_batch, oversized, lane_waiting=False)
+    assert plan.batch >= 1
+
+
+@given(budget=budgets, in_flight=st.integers(1, 6000), in_flight_bytes=st.integers(0, 1 << 31))
+def test_an_oversized_lane_waits_for_the_budget_to_drain(
+    budget: Budget, in_flight: int, in_flight_bytes: int
+) -> None:
+    assert plan_fetch(budget, in_flight, in_flight_bytes, 64, True, False).batch == 0
+    # ...and the other lanes hold back meanwhile, so that the drain ends.
+    assert plan_fetch(budget, in_flight, in_flight_bytes, 64, False, True).batch == 0

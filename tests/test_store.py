@@ -14,7 +14,15 @@ import pytest
 from dlqproc.embedded import free_port
 from dlqproc.model import FailureKind, Reason, RowOp
 from dlqproc.rows import encode
-from dlqproc.store import ExhaustedRow, ItemFailed, Store, StoreUnavailable, Write, Written
+from dlqproc.store import (
+    ExhaustedRow,
+    ItemFailed,
+    Store,
+    StoreUnavailable,
+    Write,
+    Written,
+    _PartitionBudget,
+)
 from support.handlers import TENANT_DDL
 
 
@@ -309,8 +317,7 @@ def test_a_lone_missing_update_fails_alone_without_rewriting_the_batch(dsn: str)
             Write(tenant="acme", rows=encode((update("missing", 7),))),
             Write(tenant="acme", rows=encode((upsert("b", 2),))),
         ]
-        for w in writes:
-            await store._prepare(conn, w)
+        assert await store._prepare_all(conn, writes, _PartitionBudget(0, (2009, 1))) == {}
         return await store._write_pipelined(conn, writes, {})
 
     results = run(dsn, body)

@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 from test_whatsapp_handlers import event
 
+from dlqproc.handlers.payloads import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
 from dlqproc.model import FailureKind, Reason, RowOp
 from dlqproc.rows import encode
@@ -147,13 +148,15 @@ def snapshot(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
+# A base for conversation timestamps (2025-11-29T10:00:00Z): T + n orders like n.
+T = 1764410400
 CHAT = {
     "chat_id": "c1",
     "jid": "c1@s.whatsapp.net",
     "agent_id": "a1",
     "phone_number": "123",
     "unread_count": 1,
-    "conversation_timestamp": 100,
+    "conversation_timestamp": T + 100,
     "last_message": {"text": "hi"},
 }
 MESSAGE = {
@@ -191,7 +194,10 @@ def test_every_event_writes_and_replays_to_the_same_rows(dsn: str) -> None:
     chats = query(
         dsn, f"SELECT chat_id, unread_count, conversation_timestamp FROM {SCHEMA}.chats ORDER BY 1"
     )
-    assert chats == [("c1", 1, 100), ("c2", 0, 100)]  # unread_count absolute, not incremented
+    assert chats == [
+        ("c1", 1, T + 100),
+        ("c2", 0, T + 100),
+    ]  # unread_count absolute, not incremented
     (msg,) = query(
         dsn,
         f"SELECT key, message_date::text, status, is_deleted, campaign FROM {SCHEMA}.messages"
@@ -215,15 +221,12 @@ def test_every_event_writes_and_replays_to_the_same_rows(dsn: str) -> None:
 
 def test_conversation_timestamp_only_moves_forward(dsn: str) -> None:
     assert write(dsn, ("v1.chats.upsert", CHAT)) == [Written()]
-    write(
-        dsn, ("v1.chats.update", {"chat_id": "c1", "agent_id": "a1", "conversation_timestamp": 50})
-    )
-    write(dsn, ("v1.chats.upsert", {**CHAT, "conversation_timestamp": 70}))
-    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(100,)]
-    write(
-        dsn, ("v1.chats.update", {"chat_id": "c1", "agent_id": "a1", "conversation_timestamp": 200})
-    )
-    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(200,)]
+    update = {"chat_id": "c1", "agent_id": "a1"}
+    write(dsn, ("v1.chats.update", {**update, "conversation_timestamp": T + 50}))
+    write(dsn, ("v1.chats.upsert", {**CHAT, "conversation_timestamp": T + 70}))
+    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(T + 100,)]
+    write(dsn, ("v1.chats.update", {**update, "conversation_timestamp": T + 200}))
+    assert query(dsn, f"SELECT conversation_timestamp FROM {SCHEMA}.chats") == [(T + 200,)]
 
 
 def test_updates_of_missing_rows_are_transient_not_found(dsn: str) -> None:
@@ -241,3 +244,15 @@ def test_updates_of_missing_rows_are_transient_not_found(dsn: str) -> None:
             Reason.NOT_FOUND,
         )
     assert results[3] == Written()
+
+
+def test_messages_at_the_timestamp_bounds_are_stored(dsn: str) -> None:
+    # The latest timestamp's month ends on 9999-01-01: storage can hold it.
+    first = {**MESSAGE, "message_id": "first", "message_timestamp": EARLIEST_TIMESTAMP}
+    last = {**MESSAGE, "message_id": "last", "message_timestamp": LATEST_TIMESTAMP}
+    events = [("v1.messages.upsert", first), ("v1.messages.upsert", last)]
+    assert write(dsn, *events) == [Written()] * 2
+    assert write(dsn, *events) == [Written()] * 2
+    assert query(
+        dsn, f"SELECT message_id, message_date::text FROM {SCHEMA}.messages ORDER BY 2"
+    ) == [("first", "2009-01-01"), ("last", "9998-12-31")]

@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dlqproc.handlers import load
-from dlqproc.handlers.payloads import EVENT_TYPES, SCHEMA_DIR, json_schemas, render
+from dlqproc.handlers.payloads import (
+    EARLIEST_TIMESTAMP,
+    EVENT_TYPES,
+    LATEST_TIMESTAMP,
+    SCHEMA_DIR,
+    json_schemas,
+    render,
+)
 from dlqproc.handlers.whatsapp import HANDLERS
 from dlqproc.model import Event, HandlerError, Meta, PermanentError, Reason, RowOp
 
@@ -26,15 +33,23 @@ META = Meta(
 )
 
 
-def event(base: str, payload: Any, meta: Meta = META, tenant: str = "acme") -> Event:
+def event(
+    base: str, payload: Any, meta: Meta = META, tenant: str = "acme", not_after: int = 0
+) -> Event:
     body = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
     return Event(
-        subject=f"{base}.{tenant}", base=base, tenant=tenant, payload=body, attempt=1, meta=meta
+        subject=f"{base}.{tenant}",
+        base=base,
+        tenant=tenant,
+        payload=body,
+        attempt=1,
+        meta=meta,
+        not_after=not_after,
     )
 
 
-def handle(base: str, payload: Any, meta: Meta = META) -> list[RowOp]:
-    return list(HANDLERS[base](event(base, payload, meta)))
+def handle(base: str, payload: Any, meta: Meta = META, not_after: int = 0) -> list[RowOp]:
+    return list(HANDLERS[base](event(base, payload, meta, not_after=not_after)))
 
 
 def last_metadata(base: str) -> dict[str, Any]:
@@ -49,9 +64,11 @@ def last_metadata(base: str) -> dict[str, Any]:
     }
 
 
-def permanent(base: str, payload: Any, reason: Reason = Reason.VALIDATION) -> PermanentError:
+def permanent(
+    base: str, payload: Any, reason: Reason = Reason.VALIDATION, not_after: int = 0
+) -> PermanentError:
     with pytest.raises(PermanentError) as info:
-        handle(base, payload)
+        handle(base, payload, not_after=not_after)
     assert info.value.reason is reason, info.value
     return info.value
 
@@ -268,12 +285,12 @@ def test_messages_upsert() -> None:
 @pytest.mark.parametrize(
     ("timestamp", "date"),
     [
-        (0, "1970-01-01"),
-        (86399, "1970-01-01"),
-        (86400, "1970-01-02"),
+        (1230768000, "2009-01-01"),
+        (1230854399, "2009-01-01"),
+        (1230854400, "2009-01-02"),
         (1767225599, "2025-12-31"),  # 23:59:59Z: the UTC date, whatever the local zone
         (1767225600, "2026-01-01"),
-        (253402300799, "9999-12-31"),
+        (253370764799, "9998-12-31"),  # the latest: its partition ends on 9999-01-01
     ],
 )
 def test_message_date_is_the_utc_date_of_the_timestamp(timestamp: int, date: str) -> None:
@@ -442,7 +459,10 @@ def test_missing_required_field_of_a_history_item_is_permanent(base: str, field:
         ("v1.messages.upsert", {"flow": "in"}),
         ("v1.messages.upsert", {"message_timestamp": -1}),
         ("v1.messages.upsert", {"message_timestamp": 253402300800}),  # year 10000
+        ("v1.messages.upsert", {"message_timestamp": 253402300799}),  # December 9999
         ("v1.messages.upsert", {"message_timestamp": 1764410400000}),  # milliseconds
+        ("v1.messages.upsert", {"message_timestamp": 0}),
+        ("v1.chats.upsert", {"conversation_timestamp": 1764410400000}),
         ("v1.messages.upsert", {"message_text": "x" * 65537}),
         ("v1.messages.upsert", {"key": {"id": ""}}),
         ("v1.messages.upsert", {"key": "MSG1"}),
@@ -476,6 +496,131 @@ def test_not_an_object_is_permanent(base: str, body: bytes) -> None:
 def test_unknown_fields_are_ignored() -> None:
     for base, payload in VALID.items():
         assert handle(base, {**payload, "added_by_producer": {"x": 1}}) == handle(base, payload)
+
+
+# Timestamps -----------------------------------------------------------------
+
+# (base, timestamp field, the history list holding it or "")
+TIMESTAMPED = [
+    ("v1.chats.upsert", "conversation_timestamp", ""),
+    ("v1.chats.update", "conversation_timestamp", ""),
+    ("v1.history.chats", "conversation_timestamp", "chats"),
+    ("v1.messages.upsert", "message_timestamp", ""),
+    ("v1.history.messages", "message_timestamp", "messages"),
+]
+NOW = 1764410400  # the fixtures' timestamps; not_after is a week later
+WEEK = NOW + 7 * 86400
+
+
+def with_timestamp(
+    base: str, field: str, items: str, value: int, every_item: bool = False
+) -> dict[str, Any]:
+    """VALID[base] with `field` set to `value`: in a history batch's second item (or all)."""
+    if not items:
+        return {**VALID[base], field: value}
+    first, second = VALID[base][items][:2]
+    first = {**first, field: value} if every_item else first
+    return {**VALID[base], items: [first, {**second, field: value}]}
+
+
+def written(field: str, ops: list[RowOp]) -> list[Any]:
+    return [op.values.get(field) for op in ops]
+
+
+def test_every_timestamp_field_is_covered() -> None:
+    fields = {"conversation_timestamp", "message_timestamp"}
+    schemas = json.dumps(json_schemas())
+    assert schemas.count('"minimum": 1230768000') == len(TIMESTAMPED)
+    for base, field, items in TIMESTAMPED:
+        assert field in fields
+        assert field in json.dumps(VALID[base])
+        assert not items or items in VALID[base]
+
+
+@pytest.mark.parametrize(("base", "field", "items"), TIMESTAMPED)
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (EARLIEST_TIMESTAMP, True),  # 2009-01-01T00:00:00Z
+        (EARLIEST_TIMESTAMP - 1, False),
+        (0, False),
+        (-1, False),
+        (LATEST_TIMESTAMP, True),  # 9998-12-31T23:59:59Z
+        (LATEST_TIMESTAMP + 1, False),
+        (253402300799, False),  # 9999-12-31T23:59:59Z: its next month is year 10000
+        (1764400000000, False),  # milliseconds
+        (2**63, False),
+    ],
+)
+def test_timestamp_type_bounds(base: str, field: str, items: str, value: int, ok: bool) -> None:
+    payload = with_timestamp(base, field, items, value)
+    if ok:
+        ops = handle(base, payload)  # not_after 0: no moving bound
+        assert written(field, ops)[-1] == value
+    else:
+        error = str(permanent(base, payload))
+        assert field in error
+        assert not items or f"{items}[1]" in error
+
+
+@pytest.mark.parametrize(("base", "field", "items"), TIMESTAMPED)
+def test_timestamp_past_not_after_is_permanent_validation(
+    base: str, field: str, items: str
+) -> None:
+    ops = handle(base, with_timestamp(base, field, items, WEEK), not_after=WEEK)
+    assert written(field, ops)[-1] == WEEK  # at the bound: accepted
+    error = str(permanent(base, with_timestamp(base, field, items, WEEK + 1), not_after=WEEK))
+    assert field in error
+    assert f"{WEEK + 1}" in error and f"{WEEK}" in error
+    assert not items or f"{items}[1]" in error
+    # The hard bound still applies when the moving one is further away.
+    permanent(base, with_timestamp(base, field, items, LATEST_TIMESTAMP + 1), not_after=2**62)
+
+
+@pytest.mark.parametrize(("base", "field", "items"), TIMESTAMPED)
+def test_absent_timestamp_is_never_past_not_after(base: str, field: str, items: str) -> None:
+    payload = with_timestamp(base, field, items, NOW)
+    if items:
+        payload[items] = [{k: v for k, v in i.items() if k != field} for i in payload[items]]
+    else:
+        del payload[field]
+    assert handle(base, payload, not_after=EARLIEST_TIMESTAMP)
+
+
+def test_message_without_timestamp_keeps_the_epoch_date_under_a_horizon() -> None:
+    payload = {k: v for k, v in MESSAGE.items() if k != "message_timestamp"}
+    (op,) = handle("v1.messages.upsert", payload, not_after=WEEK)
+    assert (op.values["message_date"], op.partition) == ("1970-01-01", "1970-01")
+
+
+@settings(max_examples=300)
+@given(
+    case=st.sampled_from(TIMESTAMPED),
+    value=st.integers(min_value=-(2**40), max_value=2**40)
+    | st.sampled_from([EARLIEST_TIMESTAMP, LATEST_TIMESTAMP, NOW, WEEK]).flatmap(
+        lambda t: st.integers(t - 2, t + 2)
+    ),
+    not_after=st.just(0) | st.integers(min_value=EARLIEST_TIMESTAMP, max_value=2**40),
+)
+def test_a_timestamp_is_accepted_exactly_within_its_bounds(
+    case: tuple[str, str, str], value: int, not_after: int
+) -> None:
+    base, field, items = case
+    within = EARLIEST_TIMESTAMP <= value <= LATEST_TIMESTAMP and (
+        not not_after or value <= not_after
+    )
+    try:
+        payload = with_timestamp(base, field, items, value, every_item=True)
+        ops = handle(base, payload, not_after=not_after)
+    except PermanentError as exc:
+        assert not within
+        assert exc.reason is Reason.VALIDATION and field in str(exc)
+    else:
+        assert within
+        for op in ops:
+            if op.partition:  # its month and the next one are dates storage can hold
+                year, month = map(int, op.partition.split("-"))
+                assert 2009 <= year <= 9998 and 1 <= month <= 12
 
 
 # Tenants --------------------------------------------------------------------

@@ -9,6 +9,14 @@ Bounds are part of the types (msgspec.Meta), so decoding is validation and the
 JSON Schemas under schema/events/ say the same thing. Regenerate them with
 
     python -m dlqproc.handlers.payloads
+
+Timestamps (`conversation_timestamp`, `message_timestamp`) are unix seconds in
+[2009-01-01T00:00:00Z, 9998-12-31T23:59:59Z] = [1230768000, 253370764799]:
+nothing WhatsApp sent predates 2009, and the upper bound keeps the month after
+a message's month (its partition's end) within year 9999, so a millisecond
+timestamp fails here instead of in storage. The handlers also refuse one later
+than the worker's clock plus a horizon (Event.not_after), which no static
+schema can say.
 """
 
 from __future__ import annotations
@@ -24,11 +32,20 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
 # Message text, QR codes, URLs.
 Text = Annotated[str, msgspec.Meta(max_length=65536)]
-# Unix seconds (a bigint column).
-Timestamp = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-# Unix seconds whose UTC date is representable (up to 9999-12-31T23:59:59Z):
-# message_timestamp decides the row's message_date and partition.
-MessageTimestamp = Annotated[int, msgspec.Meta(ge=0, le=253402300799)]
+# Unix seconds, bounds as in the module docstring.
+EARLIEST_TIMESTAMP = 1230768000  # 2009-01-01T00:00:00Z
+LATEST_TIMESTAMP = 253370764799  # 9998-12-31T23:59:59Z
+Timestamp = Annotated[
+    int,
+    msgspec.Meta(
+        ge=EARLIEST_TIMESTAMP,
+        le=LATEST_TIMESTAMP,
+        description="Unix seconds from 2009-01-01T00:00:00Z, at most a horizon"
+        " (default 7 days) after the time the event is processed",
+    ),
+]
+# message_timestamp also decides the row's message_date and monthly partition.
+MessageTimestamp = Timestamp
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Flow = Literal["IN", "OUT"]
 Tags = Annotated[list[Short], msgspec.Meta(max_length=1000)]

@@ -9,8 +9,12 @@ payload (or null) are not written, so a partial event never clears a column.
 
 Failures:
 - a payload that does not decode or breaks a bound: PermanentError(VALIDATION);
+- a timestamp later than `event.not_after` (the worker's clock plus a horizon):
+  PermanentError(VALIDATION) naming the field, the history item, value and bound;
 - a `company_id` that differs from the subject's tenant: PermanentError(INVALID_TENANT).
 
+Timestamps are unix seconds from 2009-01-01T00:00:00Z (1230768000) to the
+earlier of `event.not_after` and 9998-12-31T23:59:59Z (see payloads).
 messages.upsert without `message_timestamp` is dated 1970-01-01: `message_date`
 is part of the row's key, so it must come from the event itself for a replay to
 land on the same row. The columns a messages.update owns (status, message_url)
@@ -60,6 +64,16 @@ def _decode(event: Event, t: type[T]) -> T:
         raise PermanentError(f"invalid {event.base} payload: {exc}", Reason.VALIDATION) from None
 
 
+def _not_after(event: Event, field: str, value: int | None, where: str = "") -> None:
+    """Refuse a timestamp past the event's horizon (payload types bound the rest)."""
+    if value is not None and event.not_after and value > event.not_after:
+        raise PermanentError(
+            f"invalid {event.base} payload{where}: {field} {value} is later than"
+            f" {event.not_after} (now + horizon)",
+            Reason.VALIDATION,
+        )
+
+
 def _company(event: Event, company_id: str | None, where: str = "") -> str:
     """The payload's company_id checked against the subject's tenant, or the tenant."""
     if company_id is None:
@@ -95,6 +109,7 @@ def _present(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _chat_upsert(event: Event, chat: ChatUpsert, meta: dict[str, Any], where: str = "") -> RowOp:
+    _not_after(event, "conversation_timestamp", chat.conversation_timestamp, where)
     values = _present(
         {
             "chat_id": chat.chat_id,
@@ -129,6 +144,7 @@ def handle_chats_upsert(event: Event) -> Sequence[RowOp]:
 
 def handle_chats_update(event: Event) -> Sequence[RowOp]:
     chat = _decode(event, ChatUpdate)
+    _not_after(event, "conversation_timestamp", chat.conversation_timestamp)
     values = _present(
         {
             "chat_id": chat.chat_id,
@@ -165,7 +181,8 @@ _EPOCH = dt.date(1970, 1, 1)
 
 
 def _message_date(timestamp: int | None) -> dt.date:
-    # Bounded by the payload type to dates up to 9999-12-31.
+    # Bounded by the payload type to dates up to 9998-12-31, so the store's
+    # partition bound (the first day of the next month) exists too.
     return _EPOCH + dt.timedelta(days=(timestamp or 0) // 86400)
 
 
@@ -176,6 +193,7 @@ def _message_upsert(
     meta: dict[str, Any],
     where: str = "",
 ) -> RowOp:
+    _not_after(event, "message_timestamp", msg.message_timestamp, where)
     date = _message_date(msg.message_timestamp)
     values = _present(
         {

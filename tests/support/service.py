@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +31,28 @@ from dlqproc.embedded import free_port
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 _ids = itertools.count(1)
+
+# The main consumers' streams and durables (no COMPANY_ID), by lane.
+MAIN_CONSUMERS = {
+    "realtime": ("wa_events_stream", "wa_events_realtime_consumer"),
+    "historical": ("wa_history_events_stream", "wa_history_events_historical_consumer"),
+}
+DLQ_STREAM = "dlq_stream"
+
+# The whole pipeline: both main consumers, the WhatsApp handlers, the DLQ on
+# v1.dlq.<tenant>, short NAK delays. The events streams' subjects are fixed, so
+# a service started with it needs a nats-server of its own.
+PIPELINE_ENV = {
+    "NATS_REALTIME_ENABLED": "true",
+    "NATS_HISTORICAL_ENABLED": "true",
+    "HANDLERS_MODULE": "dlqproc.handlers.whatsapp",
+    "NATS_DLQSUBJECT": "v1.dlq",
+    "NATS_DLQSTREAM": DLQ_STREAM,
+    "NATS_REALTIME_NAKBASEDELAY": "100ms",
+    "NATS_REALTIME_NAKMAXDELAY": "400ms",
+    "NATS_HISTORICAL_NAKBASEDELAY": "100ms",
+    "NATS_HISTORICAL_NAKMAXDELAY": "400ms",
+}
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
@@ -288,6 +313,147 @@ class Service:
             cur = conn.execute("SELECT * FROM exhausted_events ORDER BY id")
             names = [d.name for d in cur.description or ()]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    # -- the whole pipeline (PIPELINE_ENV)
+
+    def publish_each(self, items: Iterable[tuple[str, bytes]]) -> list[int]:
+        """Publish (subject, body) pairs in order on one connection; their stream sequences."""
+
+        async def go() -> list[int]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                return [(await js.publish(s, b, timeout=30)).seq for s, b in items]
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def consumers(self) -> dict[str, dict[str, int]]:
+        """pending / ack_pending of every consumer the service runs, the DLQ's last.
+
+        Main consumers are read first: one that dead-letters an event publishes
+        it to the DLQ before its ACK, so a DLQ read after theirs sees it.
+        """
+        lanes = [
+            (lane, *MAIN_CONSUMERS[lane])
+            for lane in ("realtime", "historical")
+            if self.env.get(f"NATS_{lane.upper()}_ENABLED", "true") == "true"
+        ]
+        lanes.append(("dlq", self.stream, self.durable))
+
+        async def go() -> dict[str, dict[str, int]]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                out = {}
+                for lane, stream, durable in lanes:
+                    try:
+                        info = await js.consumer_info(stream, durable)
+                    except nats.js.errors.NotFoundError:
+                        out[lane] = {"pending": -1, "ack_pending": -1}
+                        continue
+                    out[lane] = {
+                        "pending": int(info.num_pending or 0),
+                        "ack_pending": int(info.num_ack_pending or 0),
+                    }
+                return out
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def wait_drained(self, timeout: float = 30.0) -> None:
+        """Every consumer has nothing pending and nothing unacknowledged (seen twice)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            states = self.consumers()
+            drained = all(s["pending"] == 0 and s["ack_pending"] == 0 for s in states.values())
+            seen = seen + 1 if drained else 0
+            if seen == 2:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"consumers not drained within {timeout}s: {states}")
+            time.sleep(0.2)
+
+    def dead_letters(self) -> dict[str, dict[str, Any]]:
+        """The DLQ messages a main consumer published, by their Nats-Msg-Id.
+
+        Each is its decoded envelope (or {} when it is not JSON) with "_seq",
+        "_subject" and "_headers".
+        """
+
+        async def go() -> dict[str, dict[str, Any]]:
+            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            try:
+                js = nc.jetstream()
+                info = await js.stream_info(self.stream)
+                out: dict[str, dict[str, Any]] = {}
+                if not info.state.messages:
+                    return out
+                for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                    try:
+                        raw = await js.get_msg(self.stream, seq)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    headers = dict(raw.headers or {})
+                    msg_id = headers.get("Nats-Msg-Id", "")
+                    if not msg_id.startswith("dlq-"):
+                        continue
+                    try:
+                        body = json.loads((raw.data or b"null").decode("utf-8", "replace"))
+                    except (ValueError, RecursionError):
+                        body = {}
+                    body = body if isinstance(body, dict) else {}
+                    out[msg_id] = {
+                        **body,
+                        "_seq": seq,
+                        "_subject": raw.subject,
+                        "_headers": headers,
+                    }
+                return out
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def exhausted_of(self, stream: str, seq: int) -> dict[str, Any] | None:
+        """The exhausted row of a message: stored directly, or through the DLQ message
+        a main consumer made of it (then with that message under "_dead_letter")."""
+        rows = {(r["dlq_stream"], r["dlq_sequence"]): r for r in self.exhausted()}
+        if (stream, seq) in rows:
+            return rows[(stream, seq)]
+        if stream == self.stream:
+            return None
+        dead = self.dead_letters().get(f"dlq-{stream}-{seq}")
+        if dead is None or (self.stream, dead["_seq"]) not in rows:
+            return None
+        return {**rows[(self.stream, dead["_seq"])], "_dead_letter": dead}
+
+    def ready(self) -> tuple[int, Any]:
+        """GET /ready: the status and the decoded body."""
+        url = f"http://127.0.0.1:{self.port}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+        except (OSError, ValueError) as exc:
+            return 0, str(exc)
+
+    def repeats(self, msg: str, limit: int) -> dict[tuple[str, int], int]:
+        """(subject, stream_seq) pairs logged with `msg` more than `limit` times."""
+        seen = Counter(
+            (str(e.get("subject")), int(e.get("stream_seq") or 0))
+            for e in self.logs()
+            if e.get("msg") == msg
+        )
+        return {k: n for k, n in seen.items() if n > limit}
+
+    def find_containing(self, text: str) -> list[dict[str, Any]]:
+        """Log entries whose message contains `text`."""
+        return [e for e in self.logs() if text in str(e.get("msg", ""))]
 
 
 def _cmdline(pid: int) -> bytes:
