@@ -10,13 +10,14 @@ JSON Schemas under schema/events/ say the same thing. Regenerate them with
 
     python -m dlqproc.handlers.payloads
 
-Timestamps (`conversation_timestamp`, `message_timestamp`) are unix seconds in
-[2009-01-01T00:00:00Z, 9998-12-31T23:59:59Z] = [1230768000, 253370764799]:
-nothing WhatsApp sent predates 2009, and the upper bound keeps the month after
-a message's month (its partition's end) within year 9999, so a millisecond
-timestamp fails here instead of in storage. The handlers also refuse one later
-than the worker's clock plus a horizon (Event.not_after), which no static
-schema can say.
+Timestamps (`conversation_timestamp`, `message_timestamp`) are unix seconds:
+0 (unset: Go producers send zero values) or within [2009-01-01T00:00:00Z,
+9998-12-31T23:59:59Z] = [1230768000, 253370764799]. Nothing WhatsApp sent
+predates 2009, and the upper bound keeps the month after a message's month (its
+partition's end) within year 9999, so a millisecond timestamp fails here
+instead of in storage. The types bound 0..9998; the handlers refuse 1..2008 and
+anything later than the worker's clock plus a horizon (Event.not_after), which
+no static schema can say.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ LATEST_TIMESTAMP = 253370764799  # 9998-12-31T23:59:59Z
 Timestamp = Annotated[
     int,
     msgspec.Meta(
-        ge=EARLIEST_TIMESTAMP,
+        ge=0,
         le=LATEST_TIMESTAMP,
-        description="Unix seconds from 2009-01-01T00:00:00Z, at most a horizon"
-        " (default 7 days) after the time the event is processed",
+        description="Unix seconds: 0 (unset, as the old service's producers send it)"
+        " or from 2009-01-01T00:00:00Z to a horizon (default 7 days) after the time"
+        " the event is processed",
     ),
 ]
 # message_timestamp also decides the row's message_date and monthly partition.

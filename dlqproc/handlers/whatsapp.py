@@ -9,13 +9,14 @@ payload (or null) are not written, so a partial event never clears a column.
 
 Failures:
 - a payload that does not decode or breaks a bound: PermanentError(VALIDATION);
-- a timestamp later than `event.not_after` (the worker's clock plus a horizon):
-  PermanentError(VALIDATION) naming the field, the history item, value and bound;
+- a timestamp before 2009 (other than 0, unset) or later than `event.not_after`
+  (the worker's clock plus a horizon): PermanentError(VALIDATION) naming the
+  field, the history item, value and bound;
 - a `company_id` that differs from the subject's tenant: PermanentError(INVALID_TENANT).
 
 Timestamps are unix seconds from 2009-01-01T00:00:00Z (1230768000) to the
-earlier of `event.not_after` and 9998-12-31T23:59:59Z (see payloads).
-messages.upsert without `message_timestamp` is dated 1970-01-01: `message_date`
+earlier of `event.not_after` and 9998-12-31T23:59:59Z (see payloads), or 0.
+messages.upsert without `message_timestamp` (or with 0) is dated 1970-01-01: `message_date`
 is part of the row's key, so it must come from the event itself for a replay to
 land on the same row. The columns a messages.update owns (status, message_url)
 are written by an upsert only when it inserts the row, so a replayed upsert
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from dlqproc.handlers.payloads import (
+    EARLIEST_TIMESTAMP,
     ChatUpdate,
     ChatUpsert,
     ConnectionUpdate,
@@ -65,8 +67,16 @@ def _decode(event: Event, t: type[T]) -> T:
 
 
 def _not_after(event: Event, field: str, value: int | None, where: str = "") -> None:
-    """Refuse a timestamp past the event's horizon (payload types bound the rest)."""
-    if value is not None and event.not_after and value > event.not_after:
+    """Refuse a timestamp outside [2009, now + horizon]; 0 means unset."""
+    if not value:
+        return
+    if value < EARLIEST_TIMESTAMP:
+        raise PermanentError(
+            f"invalid {event.base} payload{where}: {field} {value} is before"
+            f" {EARLIEST_TIMESTAMP} (2009-01-01)",
+            Reason.VALIDATION,
+        )
+    if event.not_after and value > event.not_after:
         raise PermanentError(
             f"invalid {event.base} payload{where}: {field} {value} is later than"
             f" {event.not_after} (now + horizon)",
