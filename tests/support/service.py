@@ -442,6 +442,19 @@ class Service:
         except (OSError, ValueError) as exc:
             return 0, str(exc)
 
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """/ready answers 200 within `timeout` seconds, or fail with what it said last."""
+        last: list[tuple[int, Any]] = []
+
+        def ready() -> bool:
+            last[:] = [self.ready()]
+            return last[0][0] == 200
+
+        try:
+            wait_until(ready, timeout=timeout, interval=0.25)
+        except AssertionError:
+            raise AssertionError(f"/ready answers {last[0]} after {timeout}s") from None
+
     def repeats(self, msg: str, limit: int) -> dict[tuple[str, int], int]:
         """(subject, stream_seq) pairs logged with `msg` more than `limit` times."""
         seen = Counter(
