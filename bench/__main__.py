@@ -1,4 +1,8 @@
-"""python -m bench [--quick] [options]: run the benchmark and write its report."""
+"""python -m bench [--quick] [options]: run the benchmark and write its report.
+
+python -m bench metrics [options]: /metrics render time, size and RSS by tenant count
+(bench/metrics.py).
+"""
 
 from __future__ import annotations
 
@@ -117,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["metrics"]:
+        from bench import metrics
+
+        return metrics.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.

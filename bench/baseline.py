@@ -37,6 +37,7 @@ from psycopg.types.json import Jsonb
 from bench.procs import READY_LINE
 from dlqproc import config, topology
 from dlqproc.broker import Broker
+from dlqproc.envelope import tenant_schema
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
 from dlqproc.model import Envelope, Event, HandlerError, Meta, PermanentError, RowOp
 from dlqproc.store import migrations
@@ -95,7 +96,7 @@ def _params(op: RowOp) -> list[object]:
 
 
 def _write(conn: psycopg.Connection[Any], tenant: str, rows: Any) -> None:
-    schema = "daisi_" + tenant.lower()
+    schema = tenant_schema(tenant)
     groups: list[tuple[bytes, RowOp, list[list[object]]]] = []
     for op in rows:
         stmt = _sql(op.op, schema, op.table, tuple(op.values), op.key)
@@ -116,7 +117,7 @@ def _write(conn: psycopg.Connection[Any], tenant: str, rows: Any) -> None:
 def _ensure_tenant(conn: psycopg.Connection[Any], tenant: str, seen: set[str]) -> None:
     if tenant in seen:
         return
-    ident = sql.Identifier("daisi_" + tenant.lower())
+    ident = sql.Identifier(tenant_schema(tenant))
     with conn.transaction():
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
         for ddl in TENANT_DDL:

@@ -14,9 +14,9 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
-from dlqproc import topology
-from dlqproc.broker import Broker
-from dlqproc.config import Config, redact_dsn, redact_url
+from dlqproc import redact, topology
+from dlqproc.broker import Broker, ConnectRefused
+from dlqproc.config import Config
 from dlqproc.handlers import RegistryError, load
 from dlqproc.health import HealthServer
 from dlqproc.metrics import Metrics, MetricsDir
@@ -136,14 +136,14 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> int:
 async def _serve(
     cfg: Config, tenant_ddl: tuple[str, ...], metrics_dir: MetricsDir, ready: asyncio.Event | None
 ) -> int:
-    metrics = Metrics()
+    metrics = Metrics(cfg.server.metrics_max_tenants)
     # Listening from the start: alive while starting up, not yet ready.
     health = HealthServer(
         cfg.server.host,
         cfg.server.port,
         alive=lambda: True,
         problems=lambda: ["starting"],
-        render=metrics_dir.render,
+        render=lambda: metrics_dir.render(metrics.registry),
     )
     try:
         await health.start()
@@ -170,10 +170,21 @@ async def _run(
         tenant_ddl,
         partition_horizon=cfg.handlers.timestamp_horizon,
         max_new_partitions=cfg.postgres.max_new_partitions,
+        allow=cfg.tenants.allowed,
+        max_new_tenants_per_hour=cfg.tenants.max_new_per_hour,
     )
+    problem = redact.dsn_problem(cfg.postgres.dsn)
+    if problem is not None:
+        # A configuration error, not an outage; libpq's reason comes scrubbed.
+        log.error("cannot start: postgres.dsn does not parse", extra={"error": problem})
+        return EXIT_CONFIG
+    # Where, never how: no connection string, no credentials.
     log.info(
         "connecting",
-        extra={"postgres": redact_dsn(cfg.postgres.dsn), "nats": redact_url(cfg.nats.url)},
+        extra={
+            "postgres": redact.postgres_target(cfg.postgres.dsn),
+            "nats": redact.nats_targets(cfg.nats.url),
+        },
     )
     try:
         if cfg.postgres.auto_migrate:
@@ -186,9 +197,11 @@ async def _run(
         log.error("cannot start: Postgres unavailable", extra={"error": str(exc)})
         return EXIT_ERROR
     try:
-        broker = await asyncio.wait_for(Broker.connect(cfg.nats.url), 30)
+        broker = await Broker.connect(cfg.nats.url, timeout=30)
     except Exception as exc:
-        log.error("cannot start: NATS unavailable", extra={"error": str(exc)})
+        # Refused credentials end the wait at once, and say so.
+        what = "refused the credentials" if isinstance(exc, ConnectRefused) else "unavailable"
+        log.error(f"cannot start: NATS {what}", extra={"error": str(exc) or type(exc).__name__})
         await store.close()
         return EXIT_ERROR
 
@@ -203,6 +216,7 @@ async def _run(
         cfg.nats.dlq_subject,
         cfg.nats.dlq_max_payload_bytes,
         timestamp_horizon=cfg.handlers.timestamp_horizon,
+        allow=cfg.tenants.allowed,
     )
     pool: Pool = (
         WorkerPool(

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
+from urllib.parse import ParseResult
 
 import msgspec
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -236,6 +237,43 @@ class PublishFailed(Exception):
     """JetStream did not acknowledge a publish."""
 
 
+class ConnectFailed(ConnectionError):
+    """No NATS server accepted the connection within the time allowed."""
+
+
+class ConnectRefused(ConnectFailed):
+    """A NATS server refused the credentials (or their absence): retrying cannot help."""
+
+
+def server_list(url: str) -> list[str]:
+    """The servers of a comma-separated nats.url, as Broker.connect hands them to nats-py."""
+    return [u.strip() for u in url.split(",")]
+
+
+def parse_server(server: str) -> ParseResult | None:
+    """One server as nats-py itself reads it (scheme and port defaults, userinfo), or
+    None when nats-py refuses it. Redaction uses this, so that what it hides is
+    exactly what the client would send as user, password or token."""
+    try:
+        return Client._parse_server_uri(server)
+    except Exception:
+        return None
+
+
+def _refusal(exc: Exception) -> bool:
+    """Whether a connect error is the server refusing the credentials.
+
+    nats-py raises a plain Error("nats: 'Authorization Violation'") for it on the
+    first connection (its AuthorizationError only once connected); the server
+    also ends a connection with 'Authentication Timeout' or an expired or
+    revoked user. None of them heals by reconnecting.
+    """
+    text = str(exc).lower()
+    return type(exc).__name__ == "AuthorizationError" or any(
+        word in text for word in ("authorization violation", "authentication")
+    )
+
+
 class Broker:
     """Owns the NATS connection, the streams and consumers dlqproc uses."""
 
@@ -245,8 +283,17 @@ class Broker:
         self._state = state  # shared with the connection callbacks
 
     @classmethod
-    async def connect(cls, url: str, name: str = "dlqproc") -> Broker:
+    async def connect(cls, url: str, name: str = "dlqproc", timeout: float = 30.0) -> Broker:
+        """Connect to the first server of `url` that accepts; keep reconnecting once connected.
+
+        Raises ConnectRefused as soon as a server refuses the credentials (nats-py
+        alone would retry them forever), and ConnectFailed naming the last error
+        when nothing accepted within `timeout` seconds.
+        """
         state = {"closing": False}
+        nc = Client()
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        last_error = ""
 
         async def on_disconnect() -> None:
             if not state["closing"]:
@@ -256,19 +303,44 @@ class Broker:
             log.info("NATS reconnected")
 
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS error", extra={"error": str(exc)})
+            nonlocal last_error
+            last_error = str(exc) or type(exc).__name__
+            if not refused.done() and _refusal(exc):
+                refused.set_result(last_error)
+            log.warning("NATS error", extra={"error": last_error})
 
-        nc: Client = await nats.connect(
-            servers=[u.strip() for u in url.split(",")],
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=5,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            error_cb=on_error,
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                servers=server_list(url),
+                name=name,
+                max_reconnect_attempts=-1,
+                # nats-py annotates it int; it takes seconds as a float.
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                connect_timeout=5,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            )
         )
-        return cls(nc, state)
+        try:
+            either: set[asyncio.Future[Any]] = {connecting, refused}
+            await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not connecting.done():
+                # Refused, timed out, or this task cancelled: stop nats-py's retry loop.
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                await nc.close()
+        if not connecting.cancelled() and connecting.exception() is None:
+            return cls(nc, state)
+        if refused.done():
+            raise ConnectRefused(f"NATS refused the credentials: {refused.result()}")
+        if not connecting.cancelled() and (exc := connecting.exception()) is not None:
+            raise ConnectFailed(f"NATS connect failed: {exc or type(exc).__name__}") from exc
+        raise ConnectFailed(
+            f"no NATS server accepted a connection within {timeout:g} s"
+            + (f" (last error: {last_error})" if last_error else "")
+        )
 
     @property
     def max_payload(self) -> int:

@@ -1,17 +1,22 @@
-"""The `dlqproc` command: run, migrate, config, demo, publish, --version."""
+"""The `dlqproc` command: run, migrate, config, demo, publish, --version.
+
+Every line it prints on stderr, and every log line, is scrubbed of the
+config's secrets (redact.Secrets); `config` prints them masked.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import yaml
 
-from dlqproc import __version__, logs
+from dlqproc import __version__, logs, redact
 from dlqproc.config import Config, ConfigError, load, redacted
 
 
@@ -113,14 +118,14 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _publish(args: argparse.Namespace, cfg: Config) -> int:
+def _publish(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> int:
     import time
 
     from dlqproc import generate, publish
     from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 
     def fail(message: str) -> int:
-        print(f"dlqproc publish: {message}", file=sys.stderr)
+        print(f"dlqproc publish: {secrets.scrub(message)}", file=sys.stderr)
         return 2
 
     url = args.url or cfg.nats.url
@@ -189,11 +194,17 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        print(f"dlqproc publish: cannot publish to {url}: {exc}", file=sys.stderr)
+        where = redact.display_url(url)
+        print(
+            f"dlqproc publish: cannot publish to {where}: {secrets.scrub(str(exc))}",
+            file=sys.stderr,
+        )
         return 1
     print(report.summary())
     if report.first_error:
-        print(f"dlqproc publish: first failure: {report.first_error}", file=sys.stderr)
+        print(
+            f"dlqproc publish: first failure: {secrets.scrub(report.first_error)}", file=sys.stderr
+        )
     return 0 if report.ok else 1
 
 
@@ -223,11 +234,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(yaml.safe_dump(data, sort_keys=False), end="")
         return 0
-    logs.setup(cfg.log.level)
+    secrets = redact.secrets_of(cfg)
+    if args.command == "publish" and args.url:
+        secrets |= redact.Secrets(redact.nats_secrets(args.url))
+    logs.setup(cfg.log.level, secrets)
+    try:
+        return _command(args, cfg, secrets)
+    except Exception:
+        # Whatever escaped (a driver's error included) is printed scrubbed.
+        print(f"dlqproc: {secrets.scrub(traceback.format_exc())}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> int:
     if args.command == "publish":
-        return _publish(args, cfg)
+        return _publish(args, cfg, secrets)
     if args.command == "migrate":
         from dlqproc.store import Store, StoreUnavailable
+
+        problem = redact.dsn_problem(cfg.postgres.dsn)
+        if problem is not None:
+            print(f"dlqproc: invalid config postgres.dsn: {problem}", file=sys.stderr)
+            return 2
 
         async def migrate() -> list[str]:
             store = Store(cfg.postgres.dsn, cfg.postgres.statement_timeout, ())
@@ -239,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             applied = asyncio.run(migrate())
         except StoreUnavailable as exc:
-            print(f"dlqproc: {exc}", file=sys.stderr)
+            print(f"dlqproc: {secrets.scrub(str(exc))}", file=sys.stderr)
             return 1
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
         return 0

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from dlqproc import redact
 from dlqproc.envelope import valid_tenant
 
 
@@ -139,6 +140,9 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="ca
     # /ready turns 503 when a lane has not fetched for this long while its
     # consumer has pending messages, or a message has been held this long.
     ready_stall_after: Duration = Duration(30)
+    # Tenants with a company_id label value of their own on /metrics (the
+    # first ones seen); the others are counted under "_other".
+    metrics_max_tenants: int = 500
 
 
 class LogConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
@@ -149,6 +153,27 @@ class CompanyConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="c
     id: str = ""
 
 
+class TenantsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    """Which tenants may get a schema, and how fast new ones may appear."""
+
+    # Comma-separated tenant ids; empty: any valid tenant. Others are exhausted
+    # as tenant_refused and get no schema.
+    allow: str = ""
+    # New tenants admitted per hour across replicas (0: no limit); past it an
+    # event fails as tenant_limit (retried, exhausted in the end).
+    max_new_per_hour: int = 100
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """tenants.allow as a set (validate() has checked every entry)."""
+        return frozenset(allow_entries(self.allow))
+
+
+def allow_entries(text: str) -> list[str]:
+    """The entries of a comma-separated tenants.allow, stripped; [] when it is blank."""
+    return [entry.strip() for entry in text.split(",")] if text.strip() else []
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     nats: NatsConfig = NatsConfig()
     postgres: PostgresConfig = PostgresConfig()
@@ -156,6 +181,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     company: CompanyConfig = CompanyConfig()
+    tenants: TenantsConfig = TenantsConfig()
 
     @property
     def dlq_durable(self) -> str:
@@ -333,6 +359,7 @@ def validate(cfg: Config) -> None:
         "postgres.maxNewPartitions": cfg.postgres.max_new_partitions,
         "handlers.timestampHorizon": cfg.handlers.timestamp_horizon,
         "server.readyStallAfter": cfg.server.ready_stall_after,
+        "server.metricsMaxTenants": cfg.server.metrics_max_tenants,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -400,28 +427,44 @@ def validate(cfg: Config) -> None:
         raise ConfigError("nats.dlqConsumer", n.dlq_consumer, "not a valid durable name")
     if cfg.company.id and not valid_tenant(cfg.company.id):
         raise ConfigError("company.id", cfg.company.id, "not a valid tenant id")
+    _validate_tenants(cfg)
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError("server.port", cfg.server.port, "not a TCP port")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log.level", cfg.log.level, "expected DEBUG, INFO, WARNING or ERROR")
 
 
+def _validate_tenants(cfg: Config) -> None:
+    """Every tenants.allow entry is a tenant id; the cap is not negative.
+
+    An empty entry ("acme,,globex", ",") is refused rather than skipped: a
+    list that parsed to nothing would silently admit every tenant.
+    """
+    t = cfg.tenants
+    for entry in allow_entries(t.allow):
+        if not valid_tenant(entry):
+            raise ConfigError("tenants.allow", entry, "not a valid tenant id")
+    if cfg.company.id and t.allowed and cfg.company.id not in t.allowed:
+        raise ConfigError("company.id", cfg.company.id, "is not in tenants.allow")
+    if t.max_new_per_hour < 0:
+        raise ConfigError("tenants.maxNewPerHour", t.max_new_per_hour, "cannot be negative")
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, for logs and `dlqproc config`."""
-    if "://" in dsn:
-        # user:password@ in the authority (also multi-host URIs), then ?password=
-        dsn = re.sub(r"(://[^:/@?#\s]*):[^@/?#\s]*@", r"\1:***@", dsn)
-        return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    """The DSN as it may be printed: libpq's parameters, passwords masked (see redact)."""
+    return redact.display_dsn(dsn)
 
 
 def redact_url(url: str) -> str:
-    """A NATS URL list with any user:password credentials replaced."""
-    return re.sub(r"://[^@/\s,]*@", "://***@", url)
+    """nats.url as it may be printed: each server as nats-py reads it, credentials masked."""
+    return redact.display_url(url)
 
 
 def redacted(cfg: Config) -> dict[str, Any]:
+    """The config as `dlqproc config` prints it: the DSN and URL rebuilt with their
+    secrets masked, and every other string scrubbed of those secrets too."""
     data = as_dict(cfg)
     data["postgres"]["dsn"] = redact_dsn(cfg.postgres.dsn)
     data["nats"]["url"] = redact_url(cfg.nats.url)
-    return data
+    scrubbed: dict[str, Any] = redact.secrets_of(cfg).scrub_tree(data)
+    return scrubbed

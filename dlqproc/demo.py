@@ -22,6 +22,7 @@ from dlqproc import app, logs, topology
 from dlqproc.broker import Broker
 from dlqproc.config import Config, ConfigError, load
 from dlqproc.embedded import NatsServer, PostgresServer, free_port
+from dlqproc.envelope import tenant_schema
 from dlqproc.generate import Generator
 from dlqproc.publish import publish
 
@@ -68,6 +69,7 @@ async def _settled(broker: Broker, cfg: Config, timeout: float) -> bool:
 
 async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
     import psycopg
+    from psycopg import sql
 
     async with await psycopg.AsyncConnection.connect(cfg.postgres.dsn) as conn:
         print(f"\npublished {published} events ({invalid} invalid on purpose)")
@@ -78,7 +80,8 @@ async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
             counts = []
             for table in TABLES:
                 try:
-                    cur = await conn.execute(f"SELECT count(*) FROM daisi_{tenant}.{table}")
+                    target = sql.Identifier(tenant_schema(tenant), table)
+                    cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
                     counts.append((await cur.fetchone() or (0,))[0])
                 except psycopg.errors.UndefinedTable:
                     await conn.rollback()

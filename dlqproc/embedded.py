@@ -151,7 +151,9 @@ class NatsServer(_Managed):
     ``max_payload`` (bytes) raises or lowers the largest message the server
     accepts (nats-server's default is 1 MiB, its hard limit 64 MiB). nats-server
     has no command-line flag for it, so it goes into a configuration file in
-    ``state_dir``; without it no configuration file is written or read.
+    ``state_dir``, as does ``config`` (more configuration text, e.g. an
+    ``authorization`` block); without either no configuration file is written
+    or read.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class NatsServer(_Managed):
         port: int | None = None,
         host: str = "127.0.0.1",
         max_payload: int | None = None,
+        config: str = "",
     ) -> None:
         if max_payload is not None and not 0 < max_payload <= _NATS_MAX_PAYLOAD_LIMIT:
             raise ValueError(
@@ -170,6 +173,7 @@ class NatsServer(_Managed):
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.max_payload = max_payload
+        self.config = config
         self.store_dir = self.state_dir / "jetstream"
         self.log_path = self.state_dir / "nats.log"
         self.config_path = self.state_dir / "nats.conf"
@@ -191,8 +195,9 @@ class NatsServer(_Managed):
             "-a", self.host,
             "-p", str(self.port),
         ]  # fmt: skip
-        if self.max_payload is not None:
-            self.config_path.write_text(f"max_payload: {self.max_payload}\n", encoding="utf-8")
+        if self.max_payload is not None or self.config:
+            text = "" if self.max_payload is None else f"max_payload: {self.max_payload}\n"
+            self.config_path.write_text(text + self.config + "\n", encoding="utf-8")
             cmd += ["-c", str(self.config_path)]
         with _open_log(self.log_path) as log:
             self._proc = subprocess.Popen(

@@ -21,11 +21,16 @@ import msgspec
 
 from dlqproc.model import Envelope, Reason
 
-# A tenant id becomes part of a schema name (daisi_<lower(tenant)>), so it is
-# held to a strict pattern: ASCII letters, digits, "_" and "-" (UUIDs), starting
-# with a letter or digit, at most 57 characters so the schema name stays within
+# A tenant id becomes part of a schema name (tenant_schema), so it is held to a
+# strict pattern: ASCII letters, digits, "_" and "-" (UUIDs), starting with a
+# letter or digit, at most 57 characters so the schema name stays within
 # PostgreSQL's 63-byte identifier limit.
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,56}")
+SCHEMA_PREFIX = "daisi_"
+# The company_id (exhausted rows) and metrics label of a message whose tenant is
+# not valid, and the DLQ subject token it is dead-lettered on. A valid tenant
+# starts with a letter or digit, so no tenant can be mistaken for it.
+INVALID_TENANT_ID = "_invalid"
 
 _decoder = msgspec.json.Decoder(Envelope)
 
@@ -40,6 +45,30 @@ class BadInput(Exception):
 
 def valid_tenant(tenant: str) -> bool:
     return TENANT_PATTERN.fullmatch(tenant) is not None
+
+
+def tenant_schema(tenant: str) -> str:
+    """The schema of a valid tenant: "daisi_" + the tenant id, verbatim.
+
+    One-to-one: tenant ids differing only in case ("acme", "ACME") get schemas
+    of their own, because the name is always quoted (psycopg.sql.Identifier)
+    and PostgreSQL's quoted identifiers are case-sensitive. Lower-casing here
+    would let two tenants write into one schema. Operators must quote a
+    mixed-case name too: SELECT ... FROM "daisi_ACME".chats.
+    """
+    return SCHEMA_PREFIX + tenant
+
+
+def refusal(tenant: str, allow: frozenset[str]) -> str | None:
+    """Why tenants.allow refuses `tenant`, or None (an empty allow-list admits all)."""
+    if not allow or tenant in allow:
+        return None
+    return f"tenant {tenant[:80]!r} is not in tenants.allow"
+
+
+def tenant_or_invalid(tenant: str) -> str:
+    """The tenant itself when valid, else INVALID_TENANT_ID (for rows and labels)."""
+    return tenant if valid_tenant(tenant) else INVALID_TENANT_ID
 
 
 def tenant_of_subject(subject: str, prefix: str) -> str:

@@ -1,9 +1,30 @@
-"""The health port: /health, /ready and /metrics over a minimal HTTP/1.1 server.
+"""The health port: /health, /ready and /metrics on aiohttp's low-level server.
 
 /health answers whether the supervisor's loops are running (liveness);
 /ready whether NATS is connected, Postgres reachable and the pool at strength,
-with a JSON body naming what is wrong (readiness); /metrics the aggregated
-Prometheus exposition of the supervisor and every worker process.
+with a JSON body naming what is wrong (readiness); /metrics the exposition of
+the supervisor and every worker process (`dlqproc.metrics`).
+
+The only module that imports aiohttp. Probes are never queued behind scrapes:
+/health and /ready are answered on the event loop from state in memory and
+never wait for a scrape slot or a render. /metrics is bounded three ways:
+
+- at most `scrape_slots` scrapes are served at once, a slot held until the
+  body is written; a scrape that waits longer than `render_timeout` for one
+  gets 503, so slow or numerous scrapers cost memory for a few bodies at most;
+- the render runs in a thread, and one render serves every scrape that
+  arrives while it runs (and those within `reuse` seconds after it);
+- a render that overruns `render_timeout` answers 503; its thread finishes
+  in the background and no second render starts meanwhile.
+
+Connections: a request must arrive in full within REQUEST_TIMEOUT of the
+connection or of the previous response (aiohttp's keep-alive timer, armed
+when a connection opens), so a client sending a byte every few seconds is
+closed instead of holding anything; a request line over MAX_REQUEST_LINE
+bytes gets 414, a header line over MAX_HEADER_LINE or more than MAX_HEADERS
+headers 431; a body is never read (the response to a request carrying one
+closes the connection); a /metrics body not taken within `write_timeout`
+drops the connection and frees its slot.
 """
 
 from __future__ import annotations
@@ -11,22 +32,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, Final
 
 import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
 log = logging.getLogger("dlqproc.health")
 
-_MAX_REQUEST = 8192
-_MAX_CONNECTIONS = 32  # a scraper and a few probes; more is a misbehaving client
-_TIMEOUT = 5.0  # to read a request, and to write a response
-_REASONS = {
-    200: "OK",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+REQUEST_TIMEOUT: Final = 5.0  # seconds to send a whole request head (and idle keep-alive)
+WRITE_TIMEOUT: Final = 10.0  # seconds to take a /metrics body
+RENDER_TIMEOUT: Final = 5.0  # Prometheus' default scrape timeout is 10 s
+RENDER_REUSE: Final = 0.5  # seconds a finished render answers later scrapes
+SCRAPE_SLOTS: Final = 4
+# Different sizes, so a LineTooLong tells the request line (414) from a header (431).
+MAX_REQUEST_LINE: Final = 4096
+MAX_HEADER_LINE: Final = 8190
+MAX_HEADERS: Final = 64
+_ALLOW: Final = "GET, HEAD"
+_SERVER: Final = {"Server": "dlqproc"}  # not aiohttp's name and version
+
+Rendered = tuple[bytes, str]  # body, content type
 
 
 class HealthServer:
@@ -36,72 +66,67 @@ class HealthServer:
         port: int,
         alive: Callable[[], bool],
         problems: Callable[[], list[str]],
-        render: Callable[[], tuple[bytes, str]],
+        render: Callable[[], Rendered],
+        *,
+        render_timeout: float = RENDER_TIMEOUT,
+        reuse: float = RENDER_REUSE,
+        scrape_slots: int = SCRAPE_SLOTS,
+        write_timeout: float = WRITE_TIMEOUT,
     ) -> None:
         self.host, self.port = host, port
         self._alive = alive
         self._problems = problems
         self._render = render
-        self._server: asyncio.Server | None = None
-        self._open = 0
+        self._render_timeout = render_timeout
+        self._reuse = reuse
+        self._write_timeout = write_timeout
+        self._slots = asyncio.Semaphore(scrape_slots)
+        self._runner: web.ServerRunner | None = None
+        self._rendering: asyncio.Future[Rendered] | None = None
+        self._last: tuple[float, Rendered] | None = None  # when it finished, what it gave
+        self.renders = 0  # renders started
+        self.scrapes = 0  # /metrics requests being answered
 
     def set_checks(self, alive: Callable[[], bool], problems: Callable[[], list[str]]) -> None:
         self._alive, self._problems = alive, problems
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        server = _Server(
+            self._handle,
+            access_log=None,  # a probe a second would drown the service's own lines
+            keepalive_timeout=REQUEST_TIMEOUT,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_HEADER_LINE,
+            max_headers=MAX_HEADERS,
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError:
+            await self._runner.cleanup()
+            raise
+        self.port = self._runner.addresses[0][1]  # the one bound when port 0 was asked
         log.info("health server listening", extra={"host": self.host, "port": self.port})
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await self._runner.cleanup()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= _MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._open += 1
-        try:
-            await self._respond(reader, writer)
-        finally:
-            self._open -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), _TIMEOUT)
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._route(request)
+        if request.body_exists:
+            # Never read: closing is cheaper than draining it.
+            response.force_close()
+        return response
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
-            method, path, *_ = head[:_MAX_REQUEST].decode("latin-1").split(" ", 2)
-            status, body, ctype = await self._route(method, path.split("?", 1)[0])
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (body if method != "HEAD" else b"")
-            )
-            await asyncio.wait_for(writer.drain(), _TIMEOUT)
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ConnectionError,
-            ValueError,
-        ):
-            pass
-
-    async def _route(self, method: str, path: str) -> tuple[int, bytes, str]:
-        if method not in ("GET", "HEAD"):
-            return 405, b"", "text/plain"
-        if path == "/metrics":
-            # Reading every process's files is blocking work: off the event loop.
-            try:
-                body, ctype = await asyncio.to_thread(self._render)
-            except Exception:
-                log.exception("rendering /metrics failed")
-                return 500, b"metrics unavailable\n", "text/plain"
-            return 200, body, ctype
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.rel_url.path
+        if path not in ("/health", "/ready", "/metrics"):
+            return _text(404, "not found\n")
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, "method not allowed\n", Allow=_ALLOW)
         if path == "/health":
             ok = self._alive()
             return _json(200 if ok else 503, {"status": "ok" if ok else "down"})
@@ -110,8 +135,137 @@ class HealthServer:
             if problems:
                 return _json(503, {"status": "unavailable", "problems": problems})
             return _json(200, {"status": "ready"})
-        return 404, b"not found\n", "text/plain"
+        return await self._metrics(request)
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.scrapes += 1
+        try:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._render_timeout)
+            except TimeoutError:
+                return _text(503, "too many scrapes at once\n", **{"Retry-After": "1"})
+            try:
+                return await self._send_metrics(request)
+            finally:
+                self._slots.release()
+        finally:
+            self.scrapes -= 1
+
+    async def _send_metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            body, ctype = await self._rendered()
+        except TimeoutError:
+            log.warning("rendering /metrics timed out", extra={"timeout": self._render_timeout})
+            return _text(503, "metrics render timed out\n")
+        except Exception:
+            log.exception("rendering /metrics failed")
+            return _text(500, "metrics unavailable\n")
+        response = web.Response(body=body, headers={**_SERVER, "Content-Type": ctype})
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            # A client that does not read: drop it rather than hold a slot.
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            pass  # the client left; aiohttp closes the connection
+        return response
+
+    async def _rendered(self) -> Rendered:
+        """The latest render if recent, else the one in flight (started if none), bounded."""
+        if self._last is not None and time.monotonic() - self._last[0] < self._reuse:
+            return self._last[1]
+        if self._rendering is None:
+            self._rendering = self._start_render()
+        return await asyncio.wait_for(asyncio.shield(self._rendering), self._render_timeout)
+
+    def _start_render(self) -> asyncio.Future[Rendered]:
+        # A daemon thread of its own, not the loop's executor: a render that
+        # never returns holds neither an executor thread nor the process exit.
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Rendered] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        self.renders += 1
+
+        def work() -> None:
+            try:
+                result: Rendered | None = self._render()
+                error: BaseException | None = None
+            except BaseException as exc:  # handed to the scrapes waiting for it
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._render_done, future, result, error)
+
+        threading.Thread(target=work, name="dlqproc-metrics-render", daemon=True).start()
+        return future
+
+    def _render_done(
+        self, future: asyncio.Future[Rendered], result: Rendered | None, error: BaseException | None
+    ) -> None:
+        self._rendering = None
+        if error is not None or result is None:
+            future.set_exception(error or RuntimeError("render returned nothing"))
+            return
+        self._last = (time.monotonic(), result)
+        future.set_result(result)
 
 
-def _json(status: int, data: object) -> tuple[int, bytes, str]:
-    return status, msgspec.json.encode(data) + b"\n", "application/json"
+def _retrieve(future: asyncio.Future[Rendered]) -> None:
+    # Every waiter may have timed out: the outcome is consumed here regardless.
+    if not future.cancelled():
+        future.exception()
+
+
+def _text(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text, headers={**_SERVER, **headers})
+
+
+def _json(status: int, data: object) -> web.Response:
+    return web.Response(
+        status=status,
+        body=msgspec.json.encode(data) + b"\n",
+        headers={**_SERVER, "Content-Type": "application/json"},
+    )
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, answering malformed requests with their own status.
+
+    aiohttp answers every parse error 400 and logs it with a traceback; a
+    request line or header over its limit deserves 414 or 431, and a client's
+    malformed request is no error of the service (logged at DEBUG only).
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status = _client_error(exc)
+        log.debug("malformed request", extra={"status": status, "error": str(exc)[:200]})
+        response = _text(status, f"{HTTPStatus(status).phrase}\n")
+        response.force_close()
+        return response
+
+
+def _client_error(exc: HttpProcessingError) -> int:
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        return 414 if limit == MAX_REQUEST_LINE else 431
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message:
+        return 431
+    return 400
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making its connections with _Protocol."""
+
+    def __call__(self) -> web.RequestHandler:
+        kwargs: dict[str, Any] = self._kwargs
+        return _Protocol(self, loop=self._loop, **kwargs)

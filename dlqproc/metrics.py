@@ -1,12 +1,15 @@
-"""Prometheus metrics: the operator guide's names, multiprocess mode, and the exposition.
+"""Prometheus metrics: the operator guide's names, the workers' files, and the exposition.
 
-The only module that imports prometheus_client. The supervisor and every
-worker process write their series into one directory (prometheus-client's
-multiprocess mode); the supervisor aggregates them on /metrics. When a worker
-dies its counters and histograms are folded into an archive file and its own
-files removed, so worker churn neither resets a counter nor grows the
-directory. Per-tenant DLQ series carry the label `company_id`; process-level
-series (fetches, local queue, busy workers) have none.
+The only module that imports prometheus_client. The supervisor's series (every
+per-tenant one) live in its memory (`dlqproc.series`) and are written straight
+to text on /metrics; their `company_id` is bounded by `server.metricsMaxTenants`
+(the first N tenants keep their name, the rest are counted under `_other`).
+Worker processes record with prometheus_client in multiprocess mode: each
+writes its files into one directory, which the supervisor merges on /metrics.
+When a worker dies its counters and histograms are folded into an archive file
+and its own files removed, so worker churn neither resets a counter nor grows
+the directory. Process-level series (fetches, local queue, busy workers) have
+no tenant label.
 """
 
 from __future__ import annotations
@@ -22,31 +25,27 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    values,
-)
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess, values
+from prometheus_client import Histogram as ProcessHistogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
+from dlqproc.series import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, TenantLabels
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _ARCHIVE = "archive"
-_LIVE_GAUGE: Final = "livesum"  # supervisor gauges: only the live supervisor's value counts
+# server.metricsMaxTenants' default: ~40 series a tenant with both lanes busy,
+# so ~20,000 series and ~2.5 MB a scrape however many tenants there are.
+DEFAULT_MAX_TENANTS: Final = 500
 
 
 class MetricsDir:
     """The multiprocess directory: chosen or created, prepared, compacted, rendered."""
 
     def __init__(self, configured: str) -> None:
-        # The operator's directory is left in place (counters accumulate across
-        # restarts); our own is created fresh and removed on close.
+        # The operator's directory is left in place (the workers' counters
+        # accumulate across restarts); our own is created fresh and removed on close.
         self.owned = not configured
         self.path = Path(configured or tempfile.mkdtemp(prefix="dlqproc-metrics-"))
         self.path.mkdir(parents=True, exist_ok=True)
@@ -56,7 +55,8 @@ class MetricsDir:
                 f.unlink()
         else:
             self._drop_stale_gauges()
-        # Inherited by spawned workers, whose prometheus_client reads it on import.
+        # Inherited by spawned workers, whose prometheus_client reads it on
+        # import; in this process it serves the handlers of an InlinePool.
         os.environ[ENV] = str(self.path)
         values.ValueClass = values.MultiProcessValue()
 
@@ -94,12 +94,22 @@ class MetricsDir:
     def files(self) -> int:
         return len(list(self.path.glob("*.db")))
 
-    def render(self) -> tuple[bytes, str]:
-        """The aggregated exposition of every process (blocking: run it off the loop)."""
+    def render(self, own: Registry | None = None) -> tuple[bytes, str]:
+        """The exposition: the workers' merged files, then `own` (blocking: run it off the loop).
+
+        A family of `own` wins over one of the same name in the files (an old
+        version's supervisor file in an operator's directory): a scrape with
+        a family twice would be refused whole.
+        """
+        mine = own.names() if own is not None else set()
         with self._lock:
             registry = CollectorRegistry()
-            registry.register(_Files(self.path))
-            return generate_latest(registry), CONTENT_TYPE_LATEST
+            registry.register(_Files(self.path, skip=mine))
+            files = generate_latest(registry)
+        lines = own.expose() if own is not None else []
+        if lines:
+            lines.append("")
+        return files + "\n".join(lines).encode(), CONTENT_TYPE
 
     def close(self) -> None:
         if self.owned:
@@ -113,8 +123,9 @@ class _Files(Collector):
     its header; that file holds no sample yet and must not fail the scrape.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, skip: set[str]) -> None:
         self._path = path
+        self._skip = skip
 
     def collect(self) -> Iterable[Metric]:
         files = []
@@ -123,7 +134,7 @@ class _Files(Collector):
                 if f.stat().st_size >= _HEADER:
                     files.append(str(f))
         merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(files, accumulate=True)
-        return merged
+        return [m for m in merged if m.name not in self._skip]
 
 
 _HEADER = 8  # bytes: the used-size word and padding at the start of every file
@@ -143,12 +154,11 @@ _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 
 
 class Metrics:
-    """The supervisor's series. Create after MetricsDir so they go to its files."""
+    """The supervisor's series, in its memory; `registry` is what /metrics writes out."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        # In multiprocess mode the files are the registry; a private registry
-        # keeps these objects out of the global default one.
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, max_tenants: int = DEFAULT_MAX_TENANTS) -> None:
+        self.tenants = TenantLabels(max_tenants)
+        self.registry = Registry(self.tenants)
         r = self.registry
         self.fetch_requests = Counter(
             "dlq_fetch_requests", "Fetch requests made to the DLQ stream.", registry=r
@@ -160,7 +170,6 @@ class Metrics:
             "dlq_queue_length",
             "DLQ messages fetched and waiting for a worker.",
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.tasks_submitted = Counter(
             "dlq_tasks_submitted",
@@ -172,7 +181,6 @@ class Metrics:
             "dlq_workers_active",
             "Worker processes busy with a batch.",
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.processing_duration = Histogram(
             "dlq_processing_duration_seconds",
@@ -206,47 +214,45 @@ class Metrics:
             "dlq_messages_in_flight",
             "Messages held locally (queued, in workers, settling).",
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.held = Gauge(
             "dlq_messages_held",
             "Messages held on their last delivery until PostgreSQL answers again.",
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.workers_alive = Gauge(
             "dlq_workers_alive",
             "Worker processes running (the pool's strength).",
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.consumer_pending = Gauge(
             "dlq_consumer_pending",
             "Messages JetStream has not yet delivered to a consumer.",
             ["consumer"],
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.consumer_ack_pending = Gauge(
             "dlq_consumer_ack_pending",
             "Messages delivered to a consumer and not yet settled (incl. delayed NAKs).",
             ["consumer"],
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.exhausted_unresolved = Gauge(
             "dlq_exhausted_unresolved",
             "Unresolved rows in exhausted_events.",
             ["company_id"],
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
         )
         self.exhausted_oldest_age = Gauge(
             "dlq_exhausted_oldest_unresolved_age_seconds",
             "Age of the oldest unresolved row in exhausted_events.",
             ["company_id"],
             registry=r,
-            multiprocess_mode=_LIVE_GAUGE,
+        )
+        self.tenants_known = Gauge(
+            "dlq_tenants_known",
+            "Tenants recorded in public.dlqproc_tenants (admitted, or found existing).",
+            registry=r,
         )
         self.worker_restarts = Counter(
             "dlq_worker_restarts", "Worker processes replaced, by reason.", ["reason"], registry=r
@@ -285,12 +291,22 @@ class Metrics:
             registry=r,
         )
 
+    def set_exhausted(self, stats: dict[str, tuple[int, float]]) -> None:
+        """The operators' backlog from PostgreSQL: per tenant, unresolved rows and oldest age.
+
+        A whole snapshot: a tenant whose backlog was resolved drops to zero,
+        not out of sight; tenants under `_other` add their counts and keep the
+        oldest age.
+        """
+        self.exhausted_unresolved.replace({(t,): n for t, (n, _) in stats.items()})
+        self.exhausted_oldest_age.replace({(t,): age for t, (_, age) in stats.items()}, max)
+
 
 class WorkerMetrics:
-    """Series recorded inside the worker processes."""
+    """Series recorded inside the worker processes (prometheus_client, multiprocess files)."""
 
     def __init__(self) -> None:
-        self.handler_seconds = Histogram(
+        self.handler_seconds = ProcessHistogram(
             "dlq_handler_duration_seconds",
             "Time a handler took for one event, measured in the worker process.",
             ["event_type"],

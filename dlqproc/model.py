@@ -31,6 +31,8 @@ class Reason(enum.Enum):
     BAD_ENVELOPE = "bad_envelope"
     UNKNOWN_SUBJECT = "unknown_subject"
     INVALID_TENANT = "invalid_tenant"
+    # A valid tenant that tenants.allow does not list.
+    TENANT_REFUSED = "tenant_refused"
     VALIDATION = "validation"
     # Transient: may succeed on a later delivery.
     NOT_FOUND = "not_found"
@@ -39,6 +41,8 @@ class Reason(enum.Enum):
     TIMEOUT = "timeout"
     DATABASE = "database"  # one write failed (counts against the retry budget)
     STORE_UNAVAILABLE = "store_unavailable"  # the database as a whole (does not)
+    # A new tenant past tenants.maxNewPerHour: admitted once the hour's count drops.
+    TENANT_LIMIT = "tenant_limit"
     # Budget spent: a transient failure reached nats.dlqMaxRetries deliveries.
     RETRIES_EXHAUSTED = "retries_exhausted"
 

@@ -1,8 +1,9 @@
 """Periodic checks: readiness of the dependencies and of the flow, and gauges.
 
 Every second: Postgres answers, NATS is connected, the pool is at strength.
-Every few seconds: each consumer's pending counts (JetStream) and the
-unresolved exhausted events per tenant (Postgres), as gauges.
+Every few seconds: each consumer's pending counts (JetStream), the
+unresolved exhausted events per tenant and the tenants known (Postgres), as
+gauges.
 Readiness also asks the flow itself: a lane that has not fetched for a while
 although its consumer has messages pending, messages held on their last
 delivery for too long, and a commit failure that repeats word for word.
@@ -56,7 +57,6 @@ class Probes:
         self.flow = flow
         self.stall_after = stall_after
         self.postgres_ok = True
-        self._tenants: set[str] = set()
         self._pending: dict[str, int] = {}  # lane -> JetStream's pending count
 
     def problems(self) -> list[str]:
@@ -122,11 +122,8 @@ class Probes:
                 stats = await self.store.exhausted_stats()
             except StoreUnavailable:
                 return
-            # A tenant whose backlog was resolved drops to zero, not out of sight.
-            for tenant in self._tenants - stats.keys():
-                m.exhausted_unresolved.labels(tenant).set(0)
-                m.exhausted_oldest_age.labels(tenant).set(0)
-            for tenant, (count, age) in stats.items():
-                m.exhausted_unresolved.labels(tenant).set(count)
-                m.exhausted_oldest_age.labels(tenant).set(age)
-            self._tenants |= stats.keys()
+            m.set_exhausted(stats)
+            try:
+                m.tenants_known.set(await self.store.tenants_known())
+            except StoreUnavailable as exc:
+                log.debug("tenant count failed", extra={"error": str(exc)})

@@ -19,11 +19,14 @@ from datetime import UTC, datetime
 import msgspec
 
 from dlqproc.envelope import (
+    INVALID_TENANT_ID,
     BadInput,
     classify_json,
     decode,
+    refusal,
     split_source,
     tenant_of_subject,
+    tenant_or_invalid,
     unwrap_base64,
     valid_tenant,
 )
@@ -49,6 +52,9 @@ class Limits(msgspec.Struct, frozen=True):
     # Seconds past the worker's clock that an event's timestamps may lie
     # (Event.not_after); clocks drift, producers queue.
     timestamp_horizon: float = 7 * 86400
+    # tenants.allow (empty: every tenant). Checked here so a refused tenant
+    # costs no handler work; the store checks it again before any schema.
+    allow: frozenset[str] = frozenset()
 
 
 def not_after(limits: Limits) -> int:
@@ -89,7 +95,7 @@ def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> St
         tenant = delivery.subject.rpartition(".")[2]
         tenant = tenant if valid_tenant(tenant) else ""
     return Stored(
-        company_id=tenant or "unknown",
+        company_id=tenant or INVALID_TENANT_ID,
         source_subject=delivery.subject,
         event_timestamp=None,
         envelope_json=delivery.data if as_json else None,
@@ -170,6 +176,11 @@ def reprocess(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome
         base = split_source(envelope.source_subject, envelope.company)
     except BadInput as exc:
         return _failure(delivery, stored, FailureKind.PERMANENT, exc.reason, str(exc))
+    refused = refusal(envelope.company, limits.allow)
+    if refused is not None:
+        return _failure(
+            delivery, stored, FailureKind.PERMANENT, Reason.TENANT_REFUSED, refused, base
+        )
     stored, bad = _unwrap(envelope, stored)
     if bad is not None:
         return _failure(delivery, stored, FailureKind.PERMANENT, bad.reason, str(bad), base)
@@ -190,7 +201,7 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
     base, _, tenant = delivery.subject.rpartition(".")
     valid = valid_tenant(tenant)
     stored = Stored(
-        company_id=tenant if valid else "unknown",
+        company_id=tenant_or_invalid(tenant),
         source_subject=delivery.subject,
         event_timestamp=None,
         envelope_json=None,
@@ -214,6 +225,11 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
             f"invalid tenant {tenant[:80]!r}",
             base,
         )
+    refused = refusal(tenant, limits.allow)
+    if refused is not None:
+        return _failure(
+            delivery, stored, FailureKind.PERMANENT, Reason.TENANT_REFUSED, refused, base
+        )
     bad = classify_json(delivery.data)
     if bad is not None:
         # Before any handler, which would only see "invalid payload".
@@ -229,6 +245,18 @@ def process_event(delivery: Delivery, registry: Registry, limits: Limits) -> Out
         not_after=not_after(limits),
     )
     return _handle(delivery, registry, event, stored)
+
+
+def _foreign_company(rows: tuple[RowOp, ...], tenant: str) -> str | None:
+    """Why a row would carry another tenant's company_id into this tenant's schema."""
+    for row in rows:
+        company = row.values.get("company_id", tenant)
+        if company != tenant:
+            return (
+                f"{row.table} row has company_id {str(company)[:80]!r},"
+                f" not its schema's tenant {tenant!r}"
+            )
+    return None
 
 
 def _check_rows(rows: tuple[RowOp, ...]) -> None:
@@ -265,6 +293,7 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
     try:
         rows = tuple(handler(event))
         _check_rows(rows)
+        foreign = _foreign_company(rows, event.tenant)
     except HandlerError as exc:
         return _failure(delivery, stored, exc.kind, exc.reason, str(exc), base)
     except RecursionError:
@@ -284,6 +313,11 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
             Reason.HANDLER_ERROR,
             f"{type(exc).__name__}: {exc}",
             base,
+        )
+    if foreign is not None:
+        # Rows' company_id always equals their schema's tenant, whatever the handler.
+        return _failure(
+            delivery, stored, FailureKind.PERMANENT, Reason.INVALID_TENANT, foreign, base
         )
     try:
         blocks = encode(rows)

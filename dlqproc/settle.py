@@ -34,10 +34,13 @@ ERROR_TYPE = {
     Reason.TOO_BIG: "validation",
     Reason.UNKNOWN_SUBJECT: "validation",
     Reason.INVALID_TENANT: "validation",
+    Reason.TENANT_REFUSED: "validation",
     Reason.VALIDATION: "validation",
     Reason.NOT_FOUND: "not_found",
     Reason.DATABASE: "database",
     Reason.STORE_UNAVAILABLE: "database",
+    # Counted in PostgreSQL's tenant registry and retried like a refused write.
+    Reason.TENANT_LIMIT: "database",
     Reason.TIMEOUT: "timeout",
     Reason.WORKER_CRASHED: "panic",
     Reason.HANDLER_ERROR: "unknown",
@@ -278,8 +281,9 @@ class Settler:
         self, held: Held, v: Verdict, labels: tuple[str, str, str], error_type: str
     ) -> None:
         msg, lane = held.msg, held.lane
-        # An invalid tenant token may not even be a valid subject token.
-        token = v.out.stored.company_id if v.out.stored.company_id != "unknown" else "_invalid"
+        # company_id is a valid tenant or INVALID_TENANT_ID, both valid subject
+        # tokens; the invalid token itself may not even be one.
+        token = envelope.tenant_or_invalid(v.out.stored.company_id)
         body = v.envelope or self._envelope(held, v)
         headers = {
             # Deduplicated by JetStream: a retried publish never makes two DLQ messages.

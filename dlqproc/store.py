@@ -12,6 +12,14 @@ the others commit. An exhausted row never fails for an item reason: its values
 are normalised first, and a row PostgreSQL still refuses is replaced by a
 minimal one with the same key. Monthly partitions are created only inside a
 window of months and at most `max_new_partitions` per write.
+
+Tenancy: a tenant's schema is "daisi_" + its id verbatim (envelope.tenant_schema),
+always quoted, so "acme" and "ACME" never share one (operators quote mixed-case
+names: "daisi_ACME"). Before a schema is created the tenant is admitted
+(`_ensure_tenant`): tenants.allow, when set, must list it, and a tenant new to
+public.dlqproc_tenants is admitted only while fewer than
+tenants.maxNewPerHour were recorded in the last hour. The count lives in
+PostgreSQL, so every replica applies one limit.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from psycopg import sql
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 
-from dlqproc.envelope import valid_tenant
+from dlqproc.envelope import refusal, tenant_or_invalid, tenant_schema, valid_tenant
 from dlqproc.model import FailureKind, Reason, Rows
 from dlqproc.rows import Shape, payload, plan, rounds, shape
 
@@ -43,6 +51,8 @@ log = logging.getLogger("dlqproc.store")
 _MIGRATION_FILE = re.compile(r"^(\d+)_[a-z0-9_]+\.sql$")
 # Arbitrary constant: serialises migrations of concurrently starting replicas.
 _MIGRATION_LOCK = 0x646C7170
+# Another: serialises admitting new tenants across replicas, so the cap is exact.
+_NEW_TENANT_LOCK = 0x646C7174
 
 
 _P = ParamSpec("_P")
@@ -184,7 +194,7 @@ def _prepare_failure(tenant: str, exc: BaseException) -> ItemFailed:
     """A tenant whose schema or tables cannot be made: transient, its items fail."""
     if classify(exc, conn_ok=True) == "bug":
         return ItemFailed(FailureKind.TRANSIENT, Reason.HANDLER_ERROR, internal_error(exc))
-    schema = "daisi_" + tenant.lower()
+    schema = tenant_schema(tenant)
     return ItemFailed(FailureKind.TRANSIENT, Reason.DATABASE, _brief(f"preparing {schema}: {exc}"))
 
 
@@ -197,9 +207,10 @@ def _outage(exc: BaseException, conn: psycopg.AsyncConnection[Any]) -> bool:
 
 
 def schema_name(tenant: str) -> str:
+    """The tenant's schema (envelope.tenant_schema), or ItemFailed for an invalid tenant."""
     if not valid_tenant(tenant):
         raise ItemFailed(FailureKind.PERMANENT, Reason.INVALID_TENANT, f"invalid tenant {tenant!r}")
-    return "daisi_" + tenant.lower()
+    return tenant_schema(tenant)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -385,6 +396,14 @@ def _int4(value: int) -> int:
     return min(max(value, _INT4[0]), _INT4[1])
 
 
+_RECORD_TENANT = (
+    "INSERT INTO public.dlqproc_tenants (tenant, created_at) VALUES (%s, %s::timestamptz)"
+    " ON CONFLICT (tenant) DO NOTHING"
+)
+_RECENT_TENANTS = (
+    "SELECT count(*) FROM public.dlqproc_tenants WHERE created_at > now() - interval '1 hour'"
+)
+
 _INSERT_EXHAUSTED = """
 INSERT INTO public.exhausted_events (
     company_id, source_subject, last_error, retry_count, event_timestamp,
@@ -453,7 +472,7 @@ def _minimal_row(row: ExhaustedRow, refused: BaseException) -> tuple[Any, ...]:
     dlq_subject = _ascii(row.dlq_subject, _MINIMAL_SUBJECT_BYTES)
     payload = {"minimal": True, "refused": why, "dlq_subject": dlq_subject, "size": len(row.raw)}
     return (
-        row.company_id if valid_tenant(row.company_id) else "unknown",
+        tenant_or_invalid(row.company_id),
         _ascii(row.source_subject, _MINIMAL_SUBJECT_BYTES),
         _cut(_text(row.last_error), room) + note,
         _int4(row.retry_count),
@@ -474,6 +493,8 @@ class Store:
 
     partition_horizon: how far ahead of now (seconds) a month may lie for its
     partition to be created; max_new_partitions: how many one write() may create.
+    allow: the tenants that may be written (empty: any); max_new_tenants_per_hour:
+    new tenants admitted per hour across replicas (0: no limit).
     """
 
     def __init__(
@@ -484,8 +505,12 @@ class Store:
         *,
         partition_horizon: float = 7 * 86400,
         max_new_partitions: int = 12,
+        allow: frozenset[str] = frozenset(),
+        max_new_tenants_per_hour: int = 0,
     ) -> None:
         self._dsn = dsn
+        self._allow = allow
+        self._max_new_tenants = max_new_tenants_per_hour
         self._horizon = partition_horizon
         self._max_new_partitions = max_new_partitions
         self._timeout_ms = int(statement_timeout * 1000)
@@ -565,17 +590,76 @@ class Store:
                 applied.append(name)
         return applied
 
-    async def _ensure_tenant(self, conn: psycopg.AsyncConnection[Any], schema: str) -> None:
+    async def _ensure_tenant(self, conn: psycopg.AsyncConnection[Any], tenant: str) -> None:
+        """Admit the tenant, then create its schema and tables on first use.
+
+        ItemFailed PERMANENT tenant_refused when tenants.allow does not list it
+        (checked on every write: the allow-list is the last word); TRANSIENT
+        tenant_limit when it is new and the hour's cap is reached (see
+        _record_tenant). Nothing is created for a tenant that is not admitted.
+        """
+        schema = schema_name(tenant)  # an invalid tenant fails as such first
+        refused = refusal(tenant, self._allow)
+        if refused is not None:
+            raise ItemFailed(FailureKind.PERMANENT, Reason.TENANT_REFUSED, refused)
         if schema in self._tenants:
             return
         async with conn.transaction():
             # Concurrent replicas may create the same schema; the lock orders them.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema,))
+            await self._record_tenant(conn, tenant, schema)
             ident = sql.Identifier(schema)
             await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
             for ddl in self._tenant_ddl:
                 await conn.execute(sql.SQL(ddl).format(schema=ident))
         self._tenants.add(schema)
+
+    async def _record_tenant(
+        self, conn: psycopg.AsyncConnection[Any], tenant: str, schema: str
+    ) -> None:
+        """Record the tenant in public.dlqproc_tenants, or refuse it for now.
+
+        A schema that exists already (made by an older dlqproc or an operator)
+        is recorded with created_at -infinity: it costs nothing new, so it is
+        never counted against the cap. A new one takes a lock shared by every
+        replica, so two replicas cannot both admit the cap's last tenant.
+        """
+        cur = await conn.execute(
+            "SELECT 1 FROM public.dlqproc_tenants WHERE tenant = %s", (tenant,)
+        )
+        if await cur.fetchone() is not None:
+            return
+        cur = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        if await cur.fetchone() is not None:
+            await conn.execute(_RECORD_TENANT, (tenant, "-infinity"))
+            return
+        cap = self._max_new_tenants
+        if cap > 0:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_NEW_TENANT_LOCK,))
+            cur = await conn.execute(_RECENT_TENANTS)
+            row = await cur.fetchone()
+            recent = int(row[0]) if row else 0
+            if recent >= cap:
+                raise ItemFailed(
+                    FailureKind.TRANSIENT,
+                    Reason.TENANT_LIMIT,
+                    f"new tenant {tenant!r} not admitted yet: {recent} tenants were created"
+                    f" in the last hour, tenants.maxNewPerHour is {cap}",
+                )
+        await conn.execute(_RECORD_TENANT, (tenant, "now"))
+
+    @_serialized
+    async def tenants_known(self) -> int:
+        """How many tenants public.dlqproc_tenants records (admitted, or found existing)."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                cur = await conn.execute("SELECT count(*) FROM public.dlqproc_tenants")
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
+        except psycopg.Error as exc:
+            await self._discard()
+            raise StoreUnavailable(str(exc).strip()) from exc
 
     async def _ensure_partition(
         self,
@@ -714,8 +798,8 @@ class Store:
         self, conn: psycopg.AsyncConnection[Any], w: Write, budget: _PartitionBudget
     ) -> None:
         """Create the tenant's schema, tables and partitions this write needs."""
+        await self._ensure_tenant(conn, w.tenant)
         schema = schema_name(w.tenant)
-        await self._ensure_tenant(conn, schema)
         for block in w.rows:
             for month in block.partitions:
                 await self._ensure_partition(conn, schema, block.table, month, budget)

@@ -27,7 +27,7 @@ import msgspec
 
 from dlqproc.broker import Broker, Inbound
 from dlqproc.config import Config, MainConsumerConfig
-from dlqproc.envelope import valid_tenant
+from dlqproc.envelope import tenant_or_invalid
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, FailureKind, Lane, Meta, Outcome, Reason
 from dlqproc.policy import Action, Budget, Decision, RetryPolicy, backoff, decide, plan_fetch
@@ -230,7 +230,7 @@ class Supervisor:
             self._held_bytes += len(msg.data)
             event_type, _, tenant = msg.subject.rpartition(".")
             # Label values come from untrusted subjects: bound their cardinality.
-            company = tenant if valid_tenant(tenant) else "invalid"
+            company = tenant_or_invalid(tenant)
             self._held[token] = Held(msg, lane, company, event_type)
             self._queue.append(token)
             if lane.lane is not Lane.DLQ:

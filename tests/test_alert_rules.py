@@ -51,6 +51,7 @@ KNOWN_METRICS = {
     "dlq_worker_restarts_total",
     "dlq_exhausted_unresolved",
     "dlq_exhausted_oldest_unresolved_age_seconds",
+    "dlq_tenants_known",
     "dlq_consumer_pending",
     "dlq_consumer_ack_pending",
     "message_event_service_event_processing_actions_total",
@@ -71,6 +72,7 @@ EXPECTED_ALERTS = {
     "DLQPublishFailures",
     "DLQNotProcessing",
     "DLQProcessorDown",
+    "DLQNewTenantsBurst",
 }
 
 # An identifier that starts like one of the service's metric names.

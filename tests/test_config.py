@@ -596,10 +596,11 @@ def test_redact_dsn_hides_the_password(dsn: str) -> None:
 
 def test_redact_dsn_keeps_the_rest() -> None:
     assert redact_dsn("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
-    assert redact_dsn("host=h password=secret user=u") == "host=h password=*** user=u"
+    # Rebuilt from libpq's parse, so in libpq's order of parameters.
+    assert redact_dsn("host=h password=secret user=u") == "user=u password=*** host=h"
     no_password = "postgresql://postgres@127.0.0.1:5432/postgres"
     assert redact_dsn(no_password) == no_password
-    assert redact_dsn("host=h user=u") == "host=h user=u"
+    assert redact_dsn("host=h user=u") == "user=u host=h"
 
 
 @pytest.mark.parametrize(
@@ -645,7 +646,8 @@ def test_redact_url_hides_credentials(url: str) -> None:
 
 
 def test_redact_url_keeps_plain_urls() -> None:
-    assert redact_url("nats://user:pw@host:4222") == "nats://***@host:4222"
+    assert redact_url("nats://user:pw@host:4222") == "nats://user:***@host:4222"
+    assert redact_url("nats://token@host:4222") == "nats://***@host:4222"
     assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
 
 
@@ -661,7 +663,7 @@ def test_redacted_config_hides_secrets() -> None:
     assert "secret" not in json.dumps(data)
     assert "secret" not in yaml.safe_dump(data)
     assert data["postgres"]["dsn"] == "postgresql://u:***@h:5432/db"
-    assert data["nats"]["url"] == "nats://***@host:4222"
+    assert data["nats"]["url"] == "nats://user:***@host:4222"
     # the config itself is untouched
     assert cfg.postgres.dsn == "postgresql://u:secret@h:5432/db"
     assert set(leaf_keys(data)) == set(leaf_keys(as_dict(cfg)))

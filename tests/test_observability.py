@@ -103,6 +103,23 @@ def test_health_ready_and_metrics_endpoints(service: Make) -> None:
     )
 
 
+def test_tenants_past_server_metrics_max_tenants_are_counted_under_other(
+    service: Make,
+) -> None:
+    svc = service(SERVER_METRICSMAXTENANTS="1")
+    mixed_workload(svc)
+    text = scrape(svc)
+    labelled = {
+        t for t in ("acme", "globex") if f'company_id="{t}"' in text
+    }  # whichever the service recorded first
+    assert len(labelled) == 1 and 'company_id="_other"' in text
+    # Nothing is lost: every count adds up over the label values.
+    for name, want in EXPECTED.items():
+        assert value(text, name) == want, name
+    dropped_other = value(text, "dlq_tasks_dropped_total", company_id="_other")
+    assert dropped_other == {"acme": 4, "globex": 5}[labelled.pop()]
+
+
 @needs_prometheus
 def test_promtool_accepts_the_exposition(service: Make, tmp_path: Path) -> None:
     svc = service()

@@ -254,6 +254,9 @@ def test_bad_tenant_tokens_are_rejected_and_create_nothing(pipeline: Make, tenan
     wait_until(svc.exhausted, timeout=30)
     [row] = svc.exhausted()
     assert row["reason"] == "invalid_tenant"
+    # A value no valid tenant can have (those start with a letter or digit).
+    assert row["company_id"] == "_invalid"
+    assert row["dlq_subject"] == "v1.dlq._invalid"
     assert schemas(svc) - before == set()
 
 

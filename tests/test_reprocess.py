@@ -145,8 +145,8 @@ def test_unknown_subject_base() -> None:
     [
         ("v1.dlq.acme", "acme"),
         ("v1.dlq.Other-1", "Other-1"),
-        ("weird", "unknown"),
-        ("v1.dlq.a.b", "unknown"),
+        ("weird", "_invalid"),
+        ("v1.dlq.a.b", "_invalid"),
     ],
 )
 @pytest.mark.parametrize("data", [b"\xffgarbage", b"not json", b"", b"{"])

@@ -107,10 +107,11 @@ def test_migrate_applies_once(dsn: str) -> None:
         return await store.migrate(), await store.migrate()
 
     first, second = run(dsn, body, migrate=False)
-    assert first == ["001_exhausted_events.sql"]
+    assert first == ["001_exhausted_events.sql", "002_tenants.sql"]
     assert second == []
-    assert query(dsn, "SELECT version, name FROM public.dlqproc_migrations") == [
-        (1, "001_exhausted_events.sql")
+    assert query(dsn, "SELECT version, name FROM public.dlqproc_migrations ORDER BY 1") == [
+        (1, "001_exhausted_events.sql"),
+        (2, "002_tenants.sql"),
     ]
     assert query(dsn, "SELECT count(*) FROM public.exhausted_events") == [(0,)]
     # A new Store on the same database finds nothing left to apply.
@@ -243,14 +244,14 @@ def test_upsert_creates_schema_and_is_idempotent(dsn: str) -> None:
     assert rows(dsn) == {"a": ("acme", 1)}
 
 
-def test_mixed_case_tenant_maps_to_lower_case_schema(dsn: str) -> None:
+def test_mixed_case_tenant_keeps_its_case_in_its_schema(dsn: str) -> None:
     before = schemas(dsn)
     results = run(
         dsn, lambda s: s.write([Write(tenant="AcMe", rows=encode((upsert("m", tenant="AcMe"),)))])
     )
     assert results == [Written()]
-    assert schemas(dsn) - before == {"daisi_acme"}
-    assert rows(dsn, "daisi_acme") == {"m": ("AcMe", 1)}
+    assert schemas(dsn) - before == {"daisi_AcMe"}
+    assert rows(dsn, "daisi_AcMe") == {"m": ("AcMe", 1)}
 
 
 # 5. one failing item never fails the others
@@ -433,7 +434,7 @@ def test_longest_valid_tenant_fits_identifier_limit(dsn: str) -> None:
         dsn, lambda s: s.write([Write(tenant=tenant, rows=encode((upsert("l", tenant=tenant),)))])
     )
     assert results == [Written()]
-    assert rows(dsn, "daisi_" + "t" * 57) == {"l": (tenant, 1)}
+    assert rows(dsn, "daisi_" + "T" * 57) == {"l": (tenant, 1)}
 
 
 # 9. database unavailable

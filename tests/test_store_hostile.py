@@ -511,7 +511,7 @@ def test_a_refused_full_row_is_stored_minimal_once(
     assert "refuse_full" in minimal["dlq_payload"]["refused"]
     assert minimal["dlq_payload"]["size"] == len(raw)
     assert minimal["dlq_payload"]["dlq_subject"].startswith("v1.dlq.\\x00\\U0001f")
-    assert minimal["company_id"] == "unknown"
+    assert minimal["company_id"] == "_invalid"
     assert minimal["source_subject"].isascii() and minimal["subject_bytes"] <= 256
     assert minimal["source_subject"].startswith("\\U0001f")
     assert minimal["last_error"].startswith("boom\n[dlqproc: the full exhausted row was refused")

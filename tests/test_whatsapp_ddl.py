@@ -114,6 +114,7 @@ def write(dsn: str, *events: tuple[str, dict[str, Any]]) -> list[Written]:
     async def main() -> list[Written]:
         store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL)
         try:
+            await store.migrate()  # tenants are recorded in a table of the migrations
             return await store.write(
                 [
                     Write(tenant="acme", rows=encode(rows_of(base, payload)))
