@@ -8,10 +8,12 @@ are closed in reverse order of start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 from dlqproc import redact, topology
@@ -37,8 +39,30 @@ EXIT_WORKERS = 3  # worker processes cannot start: respawning would only loop
 EXIT_FORCED = 130  # a second signal: exit at once
 
 
-async def build_lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
-    """Create or reconcile every stream and consumer, and bind a puller to each."""
+async def _retrying(call: Callable[[], Awaitable[list[str]]], deadline: float) -> list[str]:
+    """`call` until it succeeds, backing off from 0.1 s to 2 s; past `deadline`, its error."""
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "NATS topology not ready, retrying",
+                extra={"error": str(exc) or type(exc).__name__, "retry_in": delay},
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def build_lanes(
+    cfg: Config, broker: Broker, startup_timeout: float = 0.0
+) -> list[LaneRuntime]:
+    """Create or reconcile every stream and consumer, and bind a puller to each.
+
+    Failing JetStream API requests are retried for `startup_timeout` seconds.
+    """
     n = cfg.nats
     plan = [
         (
@@ -59,7 +83,7 @@ async def build_lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
             plan.append(
                 (
                     lane,
-                    topology.events_stream(main, historical),
+                    topology.events_stream(main, historical, n.stream_replicas),
                     # The producers' streams: created when missing, never altered.
                     False,
                     topology.events_consumer(cfg, main, historical),
@@ -68,12 +92,20 @@ async def build_lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
                     main.max_deliver,
                 )
             )
-    lanes = []
-    for lane, stream, reconcile, consumer, policy, fetch_batch, max_deliver in plan:
-        changes = await broker.ensure_stream(stream, reconcile=reconcile)
-        changes += await broker.ensure_consumer(consumer)
+    # Every stream and consumer first, with retries: a JetStream API request
+    # may go unanswered for a while (a leader election, a consumer another
+    # replica has just created); a start-up that gives up at once would only
+    # crash-loop the pod.
+    deadline = time.monotonic() + max(0.0, startup_timeout)
+    for _, stream, reconcile, consumer, *_ in plan:
+        changes = await _retrying(
+            functools.partial(broker.ensure_stream, stream, reconcile=reconcile), deadline
+        )
+        changes += await _retrying(functools.partial(broker.ensure_consumer, consumer), deadline)
         for change in changes:
             log.info("NATS topology reconciled", extra={"change": change})
+    lanes = []
+    for lane, stream, reconcile, consumer, policy, fetch_batch, max_deliver in plan:
         lanes.append(
             LaneRuntime(
                 lane=lane,
@@ -197,7 +229,10 @@ async def _run(
         log.error("cannot start: Postgres unavailable", extra={"error": str(exc)})
         return EXIT_ERROR
     try:
-        broker = await Broker.connect(cfg.nats.url, timeout=30)
+        # Every server of nats.url is tried (nats-py's server list), until one accepts.
+        broker = await Broker.connect(
+            cfg.nats.url, timeout=cfg.nats.startup_timeout, api_timeout=cfg.nats.api_timeout
+        )
     except Exception as exc:
         # Refused credentials end the wait at once, and say so.
         what = "refused the credentials" if isinstance(exc, ConnectRefused) else "unavailable"
@@ -230,7 +265,7 @@ async def _run(
         else InlinePool(cfg.handlers.module, limits)
     )
     try:
-        lanes = await build_lanes(cfg, broker)
+        lanes = await build_lanes(cfg, broker, cfg.nats.startup_timeout)
         await pool.start()
     except WorkerStartError as exc:
         log.error("cannot start: worker processes do not start", extra={"error": str(exc)})
@@ -238,7 +273,13 @@ async def _run(
         await store.close()
         return EXIT_WORKERS
     except Exception as exc:
-        log.error("cannot start: NATS topology", extra={"error": str(exc)})
+        log.error(
+            "cannot start: NATS topology",
+            extra={
+                "error": str(exc) or type(exc).__name__,
+                "gave_up_after": cfg.nats.startup_timeout,
+            },
+        )
         pool.close()
         await broker.close()
         await store.close()

@@ -29,6 +29,8 @@ class StreamSpec(msgspec.Struct, frozen=True):
     subjects: tuple[str, ...]
     max_age_days: float
     retention: str = "limits"  # or "interest"
+    # For a stream dlqproc creates; an existing stream is only ever raised to it.
+    replicas: int = 1
 
 
 class ConsumerSpec(msgspec.Struct, frozen=True):
@@ -132,11 +134,19 @@ class Puller:
     at thousands of messages a second that was most of the supervisor's fetch
     cost. Here a subscription callback collects what requests deliver, and
     the end of the current one (its batch filled, its first message for a long
-    poll, or a status message) wakes the fetch once. Each request has its own
-    reply subject, so a late status of an earlier request cannot end the
-    current one; a message that arrives while no fetch waits is kept for the
-    next.
+    poll, or a status message) wakes the fetch once.
+
+    At most one request is open on the server per puller: a long poll that
+    returned with its first message stays open until it is filled, answered
+    with a status or expires (`timeout`, short), and the next fetch waits on
+    it instead of sending another. Replicas on one durable then each hold one
+    request sized to their free room, so JetStream shares the messages out in
+    proportion to it; and a request sent to a leader that died is given up
+    after `timeout` plus a small margin. What arrives while no fetch waits is
+    kept for the next (never more than the open request asked for).
     """
+
+    MARGIN = 0.25  # seconds past a request's expiry before it counts as lost
 
     def __init__(self, nc: Client, spec: ConsumerSpec) -> None:
         self._nc = nc
@@ -149,12 +159,27 @@ class Puller:
         self._first_wakes = False  # a long poll returns with its first message
         self._wake: asyncio.Future[None] | None = None
         self._error: FetchFailed | None = None
-        self._got: list[Msg] = []
+        self._got: list[Inbound] = []
+        # The long poll still open on the server: its reply subject, the
+        # messages it may still deliver, and when it is over at the latest.
+        self._open = ""
+        self._open_left = 0
+        self._open_until = 0.0
         # The last request ended at a message larger than its byte limit.
         self.size_limited = False
 
     async def subscribe(self) -> None:
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
+
+    @property
+    def open_request(self) -> bool:
+        """A long poll of this puller may still deliver messages."""
+        return bool(self._open) and time.monotonic() < self._open_until
+
+    def drain(self) -> list[Inbound]:
+        """Messages delivered but not yet fetched (to hand back at shutdown)."""
+        got, self._got = self._got, []
+        return got
 
     async def fetch(self, batch: int, timeout: float, max_bytes: int = 0) -> list[Inbound]:
         """Up to `batch` messages of at most `max_bytes` in all (0: no byte limit).
@@ -166,15 +191,24 @@ class Puller:
         """
         self.size_limited = False
         if not self._got:
-            # What is there now, at once; then, if nothing, wait for the first.
-            await self._request(batch, timeout, max_bytes, long_poll=False)
-            if not self._got and not self.size_limited:
-                await self._request(batch, timeout, max_bytes, long_poll=True)
+            if self.open_request:
+                # Wait on the request already open rather than add another.
+                await self._wait(self._open, self._open_until - time.monotonic(), True)
+            else:
+                # What is there now, at once; then, if nothing, wait for the first.
+                # A request nobody answered (a leader that just died) is not
+                # followed by a long poll that would be waited out as well.
+                answered = await self._request(batch, timeout, max_bytes, long_poll=False)
+                if answered and not self._got and not self.size_limited:
+                    await self._request(batch, timeout, max_bytes, long_poll=True)
         got, self._got = self._got[:batch], self._got[batch:]
-        return [Inbound(m) for m in got]
+        return got
 
-    async def _request(self, batch: int, timeout: float, max_bytes: int, long_poll: bool) -> None:
-        """One pull request, made when nothing is kept; returns once it has ended."""
+    async def _request(self, batch: int, timeout: float, max_bytes: int, long_poll: bool) -> bool:
+        """One pull request; returns once it has ended (a long poll: or delivered).
+
+        False when nothing at all answered it in time.
+        """
         body: dict[str, object] = {"batch": batch}
         if max_bytes > 0:
             # JetStream stops before the message that would pass the limit.
@@ -184,45 +218,65 @@ class Puller:
         else:
             body["no_wait"] = True
         self._requests += 1
-        self._current = f"{self._inbox}.{self._requests}"
+        reply = f"{self._inbox}.{self._requests}"
+        if long_poll:
+            self._open, self._open_left = reply, batch
+            self._open_until = time.monotonic() + timeout + self.MARGIN
         self._want = batch
-        self._first_wakes = long_poll
+        await self._nc.publish(self._next, msgspec.json.encode(body), reply=reply)
+        return await self._wait(reply, timeout + self.MARGIN, long_poll)
+
+    async def _wait(self, reply: str, timeout: float, first_wakes: bool) -> bool:
+        self._current = reply
+        self._first_wakes = first_wakes
         self._error = None
         wake = self._wake = asyncio.get_running_loop().create_future()
-        await self._nc.publish(self._next, msgspec.json.encode(body), reply=self._current)
         try:
             # JetStream ends an expiring request itself; the margin covers the trip.
-            await asyncio.wait_for(wake, timeout + 1.0)
+            await asyncio.wait_for(wake, max(timeout, 0.0))
         except TimeoutError:
-            pass
+            return False
         finally:
             self._current = ""
         if self._error is not None:
+            self._open = ""
             raise self._error
+        return True
 
     async def _on_message(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
-            # Whichever request delivered it: an earlier long poll stays open on
-            # the server and takes new messages before the current one does.
-            self._got.append(msg)
+            # Received now: its ack-wait clock runs from here, fetched or not.
+            self._got.append(Inbound(msg))
+            if self._open:
+                self._open_left -= 1
+                if self._open_left <= 0:
+                    self._open = ""  # filled: JetStream has closed it
             if self._current and (self._first_wakes or len(self._got) >= self._want):
                 self._end()
             return
-        if msg.subject != self._current or status == "100":  # stale, or a heartbeat
+        if status == "100":  # a heartbeat
+            return
+        if msg.subject == self._open:
+            self._open = ""  # whatever the status, that request is over
+        if msg.subject != self._current:  # stale
             return
         # 404 no messages, 408 expired, 409 too many waiting requests or the
         # next message is over the byte limit: the request is simply over.
         # Anything else is an error: 503 when no consumer answers (it or its
-        # stream was deleted), other 409s for a deleted consumer or limits the
-        # request breaks.
+        # stream was deleted, or its leader is gone), other 409s for a deleted
+        # consumer or limits the request breaks.
         description = (msg.headers or {}).get("Description", "")
         if status == "409" and description.startswith("Message Size Exceeds MaxBytes"):
             self.size_limited = True
         over = (
             status in ("404", "408")
             or self.size_limited
-            or (status == "409" and description.startswith("Exceeded MaxWaiting"))
+            or (
+                status == "409"
+                # The request filled (newer servers say so), or too many wait.
+                and description.startswith(("Exceeded MaxWaiting", "Batch Completed"))
+            )
         )
         if not over:
             self._error = FetchFailed(f"{status} {description}".strip())
@@ -231,6 +285,72 @@ class Puller:
     def _end(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+
+def _stream_config(want: StreamSpec) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=want.name,
+        subjects=list(want.subjects),
+        retention=(
+            api.RetentionPolicy.INTEREST
+            if want.retention == "interest"
+            else api.RetentionPolicy.LIMITS
+        ),
+        storage=api.StorageType.FILE,
+        max_age=want.max_age_days * DAY,
+        num_replicas=want.replicas,
+    )
+
+
+Change = tuple[str, object, object]  # setting, have, want (the server's JSON values)
+
+
+def plan_stream(
+    have: dict[str, Any], want: StreamSpec
+) -> tuple[list[Change], list[tuple[str, object, object, str]]]:
+    """(settings to raise, differences to leave alone with why) for an existing stream.
+
+    Pure. Values are in the server's JSON form: max_age in nanoseconds, 0 for
+    no limit.
+    """
+    raised: list[Change] = []
+    kept: list[tuple[str, object, object, str]] = []
+    subjects = list(have.get("subjects") or [])
+    missing = [s for s in want.subjects if s not in subjects]
+    if missing:
+        raised.append(("subjects", subjects, subjects + missing))
+    extra = [s for s in subjects if s not in want.subjects]
+    if extra:
+        kept.append(("subjects", subjects, list(want.subjects), "also binds other subjects"))
+    have_age = int(have.get("max_age") or 0)
+    want_age = int(want.max_age_days * DAY * 1e9)
+    if have_age != 0 and abs(have_age - want_age) > 1e9:
+        if want_age > have_age:
+            raised.append(("max_age", have_age, want_age))
+        else:
+            kept.append(("max_age", have_age, want_age, "lowering it would drop messages"))
+    elif have_age == 0 and want_age != 0:
+        kept.append(("max_age", 0, want_age, "no age limit; a limit would drop messages"))
+    have_replicas = int(have.get("num_replicas") or 1)
+    if want.replicas > have_replicas:
+        raised.append(("num_replicas", have_replicas, want.replicas))
+    elif want.replicas < have_replicas:
+        kept.append(("num_replicas", have_replicas, want.replicas, "never lowered"))
+    for setting, wanted in (("retention", want.retention), ("storage", "file")):
+        if have.get(setting, wanted) != wanted:
+            kept.append((setting, have.get(setting), wanted, "JetStream cannot change it"))
+    return raised, kept
+
+
+def _show(value: object) -> str:
+    """A stream setting for a log line: max ages in seconds."""
+    if isinstance(value, int) and value >= 10**9:
+        return f"{value / 1e9:g}s"
+    return str(value)
+
+
+class ApiError(Exception):
+    """A JetStream API request failed or was refused."""
 
 
 class PublishFailed(Exception):
@@ -277,13 +397,18 @@ def _refusal(exc: Exception) -> bool:
 class Broker:
     """Owns the NATS connection, the streams and consumers dlqproc uses."""
 
-    def __init__(self, nc: Client, state: dict[str, bool]) -> None:
+    def __init__(self, nc: Client, state: dict[str, bool], api_timeout: float = 5.0) -> None:
         self._nc = nc
-        self._js = nc.jetstream()
+        # Short: a request to a JetStream leader that just died is given up
+        # soon, and retried, rather than waited out (nats-py's default is 5 s).
+        self.api_timeout = api_timeout
+        self._js = nc.jetstream(timeout=api_timeout)
         self._state = state  # shared with the connection callbacks
 
     @classmethod
-    async def connect(cls, url: str, name: str = "dlqproc", timeout: float = 30.0) -> Broker:
+    async def connect(
+        cls, url: str, name: str = "dlqproc", timeout: float = 30.0, api_timeout: float = 5.0
+    ) -> Broker:
         """Connect to the first server of `url` that accepts; keep reconnecting once connected.
 
         Raises ConnectRefused as soon as a server refuses the credentials (nats-py
@@ -332,7 +457,7 @@ class Broker:
                 await asyncio.gather(connecting, return_exceptions=True)
                 await nc.close()
         if not connecting.cancelled() and connecting.exception() is None:
-            return cls(nc, state)
+            return cls(nc, state, api_timeout)
         if refused.done():
             raise ConnectRefused(f"NATS refused the credentials: {refused.result()}")
         if not connecting.cancelled() and (exc := connecting.exception()) is not None:
@@ -352,37 +477,71 @@ class Broker:
         return bool(self._nc.is_connected)
 
     async def ensure_stream(self, want: StreamSpec, reconcile: bool) -> list[str]:
-        """Create the stream if missing; with `reconcile`, align subjects and max age."""
-        retention = (
-            api.RetentionPolicy.INTEREST
-            if want.retention == "interest"
-            else api.RetentionPolicy.LIMITS
-        )
-        config = api.StreamConfig(
-            name=want.name,
-            subjects=list(want.subjects),
-            retention=retention,
-            storage=api.StorageType.FILE,
-            max_age=want.max_age_days * DAY,
-        )
+        """Create the stream if missing; with `reconcile`, raise what dlqproc needs of it.
+
+        Only what dlqproc sets is looked at (subjects, max age, replicas) and
+        only ever raised: subjects it needs are added, a shorter max age or
+        fewer replicas are raised. Nothing is lowered and nothing else is
+        touched (limits, duplicate window, description...): the update sends
+        the stream's own configuration back with just those changes. Every
+        difference left alone is logged as a warning, one line each.
+        """
         try:
-            info = await self._js.stream_info(want.name)
+            have = await self._stream_config(want.name)
         except NotFoundError:
-            await self._js.add_stream(config)
+            await self._js.add_stream(_stream_config(want))
             return [f"created stream {want.name}"]
-        have = info.config
-        diffs = []
-        if sorted(have.subjects or []) != sorted(want.subjects):
-            diffs.append(f"subjects {have.subjects} -> {list(want.subjects)}")
-        if abs((have.max_age or 0) - want.max_age_days * DAY) > 1:
-            diffs.append(f"max_age {have.max_age}s -> {want.max_age_days * DAY}s")
-        if not diffs:
-            return []
+        raised, kept = plan_stream(have, want)
         if not reconcile:
             # Another service owns this stream: report, never change it.
-            return [f"stream {want.name} differs (left as is): " + ", ".join(diffs)]
-        await self._js.update_stream(config)
-        return [f"updated stream {want.name}: " + ", ".join(diffs)]
+            kept = [(f, old, new, "not dlqproc's stream") for f, old, new in raised] + kept
+            raised = []
+        for setting, old, new, why in kept:
+            log.warning(
+                "NATS stream setting left as is",
+                extra={
+                    "stream": want.name,
+                    "setting": setting,
+                    "have": old,
+                    "want": new,
+                    "why": why,
+                },
+            )
+        if not raised:
+            return []
+        update = dict(have)
+        for setting, _, new in raised:
+            update[setting] = new
+        await self._api(f"STREAM.UPDATE.{want.name}", update)
+        return [
+            f"updated stream {want.name}: "
+            + ", ".join(f"{setting} {_show(old)} -> {_show(new)}" for setting, old, new in raised)
+        ]
+
+    async def _stream_config(self, name: str) -> dict[str, Any]:
+        """The stream's configuration as the server keeps it, every field included."""
+        info = await self._api(f"STREAM.INFO.{name}", None)
+        config: dict[str, Any] = info["config"]
+        return config
+
+    async def _api(self, subject: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """One JetStream API request with raw JSON, so no field is lost on the way.
+
+        nats-py's typed StreamConfig drops fields it does not know; an update
+        built from it would reset them.
+        """
+        payload = b"" if body is None else msgspec.json.encode(body)
+        try:
+            reply = await self._nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
+        except Exception as exc:
+            raise ApiError(f"{subject}: {type(exc).__name__}: {exc}") from exc
+        answer: dict[str, Any] = msgspec.json.decode(reply.data)
+        error = answer.get("error")
+        if error:
+            if error.get("err_code") == 10059:  # stream not found
+                raise NotFoundError(code=error.get("code"), err_code=10059)
+            raise ApiError(f"{subject}: {error.get('code')} {error.get('description')}")
+        return answer
 
     async def ensure_consumer(self, want: ConsumerSpec) -> list[str]:
         """Create or reconcile a durable pull consumer; return what changed."""

@@ -80,6 +80,14 @@ class MainConsumerConfig(_Section, frozen=True, forbid_unknown_fields=True, rena
 
 class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     url: str = "nats://127.0.0.1:4222"
+    # Replicas of the streams dlqproc creates (its consumers follow their
+    # stream); an existing stream of dlqproc's is raised to it, never lowered.
+    stream_replicas: int = 1
+    # How long start-up keeps retrying NATS (connect and topology) before exit 1.
+    startup_timeout: Duration = Duration(60)
+    # Per-request timeout of JetStream API calls, short so that a request to a
+    # leader that died is retried on the new one rather than waited out.
+    api_timeout: Duration = Duration(1)
     realtime: MainConsumerConfig = MainConsumerConfig()
     historical: MainConsumerConfig = MainConsumerConfig(
         stream="wa_history_events_stream",
@@ -110,11 +118,6 @@ class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="came
     dlq_max_payload_bytes: int = 4 * 1024 * 1024
     dlq_shutdown_nak_delay: Duration = Duration(1)
     shutdown_grace: Duration = Duration(20)
-    # Messages kept on JetStream's last delivery while PostgreSQL is down
-    # (held instead of NAKed into oblivion): bounded in count, bytes and time.
-    dlq_max_held: int = 256
-    dlq_max_held_bytes: int = 64 * 1024 * 1024
-    dlq_max_hold_time: Duration = Duration(3600)
 
 
 class PostgresConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
@@ -138,7 +141,7 @@ class ServerConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="ca
     # prometheus-client's multiprocess directory; also PROMETHEUS_MULTIPROC_DIR.
     metrics_dir: str = ""
     # /ready turns 503 when a lane has not fetched for this long while its
-    # consumer has pending messages, or a message has been held this long.
+    # consumer has pending messages.
     ready_stall_after: Duration = Duration(30)
     # Tenants with a company_id label value of their own on /metrics (the
     # first ones seen); the others are counted under "_other".
@@ -353,9 +356,8 @@ def validate(cfg: Config) -> None:
         "nats.dlqAckWait": n.dlq_ack_wait,
         "nats.dlqTaskTimeout": n.dlq_task_timeout,
         "nats.dlqMaxAgeDays": n.dlq_max_age_days,
-        "nats.dlqMaxHeld": n.dlq_max_held,
-        "nats.dlqMaxHeldBytes": n.dlq_max_held_bytes,
-        "nats.dlqMaxHoldTime": n.dlq_max_hold_time,
+        "nats.startupTimeout": n.startup_timeout,
+        "nats.apiTimeout": n.api_timeout,
         "postgres.maxNewPartitions": cfg.postgres.max_new_partitions,
         "handlers.timestampHorizon": cfg.handlers.timestamp_horizon,
         "server.readyStallAfter": cfg.server.ready_stall_after,
@@ -374,6 +376,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "nats.dlqMaxDelayMinutes", n.dlq_max_delay_minutes, "is below nats.dlqBaseDelayMinutes"
         )
+    if not 1 <= n.stream_replicas <= 5:
+        # JetStream's own bound on a stream's replicas.
+        raise ConfigError("nats.streamReplicas", n.stream_replicas, "must be between 1 and 5")
     if n.dlq_workers < 0:
         raise ConfigError("nats.dlqWorkers", n.dlq_workers, "cannot be negative (0: in-process)")
     if not 0 <= n.dlq_jitter < 1:
@@ -382,8 +387,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "nats.dlqMaxRetries",
             n.dlq_max_retries,
-            f"must be below nats.dlqMaxDeliver ({n.dlq_max_deliver}) so JetStream never "
-            "abandons a message dlqproc has not stored",
+            f"must be below nats.dlqMaxDeliver ({n.dlq_max_deliver}), as the operator"
+            " guide has it (JetStream itself is told to redeliver without limit)",
         )
     for name, main in (("realtime", n.realtime), ("historical", n.historical)):
         for field, value in (
@@ -411,7 +416,6 @@ def validate(cfg: Config) -> None:
     for key, value in {
         "nats.dlqMaxInFlightBytes": n.dlq_max_in_flight_bytes,
         "nats.dlqWorkerBatchBytes": n.dlq_worker_batch_bytes,
-        "nats.dlqMaxHeldBytes": n.dlq_max_held_bytes,
     }.items():
         if value > _MAX_BYTE_BUDGET:
             raise ConfigError(key, value, f"must be at most {_MAX_BYTE_BUDGET} bytes")

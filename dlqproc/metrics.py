@@ -15,8 +15,10 @@ no tenant label.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -34,6 +36,11 @@ from prometheus_client.registry import Collector
 from dlqproc.series import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, TenantLabels
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A private directory is named after its owner's pid and holds a lock file its
+# owner keeps locked for life, so a later start can tell a SIGKILLed
+# replica's leftovers from a running one's (even across pid namespaces).
+_PRIVATE = re.compile(r"dlqproc-metrics-(\d+)-[^/]+")
+_OWNER = ".owner"
 _ARCHIVE = "archive"
 # server.metricsMaxTenants' default: ~40 series a tenant with both lanes busy,
 # so ~20,000 series and ~2.5 MB a scrape however many tenants there are.
@@ -47,7 +54,13 @@ class MetricsDir:
         # The operator's directory is left in place (the workers' counters
         # accumulate across restarts); our own is created fresh and removed on close.
         self.owned = not configured
-        self.path = Path(configured or tempfile.mkdtemp(prefix="dlqproc-metrics-"))
+        self._owner: int | None = None
+        if self.owned:
+            remove_stale_private_dirs(Path(tempfile.gettempdir()))
+            self.path = Path(tempfile.mkdtemp(prefix=f"dlqproc-metrics-{os.getpid()}-"))
+            self._owner = _hold_lock(self.path / _OWNER)
+        else:
+            self.path = Path(configured)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # scrape vs. compaction: never both at once
         if self.owned:
@@ -114,6 +127,58 @@ class MetricsDir:
     def close(self) -> None:
         if self.owned:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+
+
+def _hold_lock(path: Path) -> int:
+    """An open descriptor holding an exclusive lock on `path` (released when we die).
+
+    Not inherited by the spawned workers (O_CLOEXEC and spawn), so an orphaned
+    worker never keeps a dead replica's directory looking alive.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale_private_dirs(tmp: Path) -> list[Path]:
+    """Remove private metrics directories of dlqproc processes that are gone.
+
+    Only directories named as MetricsDir names them, owned by this user, whose
+    owner no longer holds its lock (or, with no lock file, whose pid is dead):
+    never another running replica's, never anything else in the temp dir.
+    """
+    removed = []
+    for path in tmp.glob("dlqproc-metrics-*"):
+        if _stale(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _stale(path: Path) -> bool:
+    found = _PRIVATE.fullmatch(path.name)
+    if found is None or path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        if path.stat().st_uid != os.getuid():
+            return False
+        fd = os.open(path / _OWNER, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Being created right now, or left without its lock: trust the pid.
+        pid = int(found.group(1))
+        return pid == os.getpid() or not _alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its owner is alive and holds it
+    finally:
+        os.close(fd)
+    return True
 
 
 class _Files(Collector):
@@ -215,9 +280,10 @@ class Metrics:
             "Messages held locally (queued, in workers, settling).",
             registry=r,
         )
-        self.held = Gauge(
-            "dlq_messages_held",
-            "Messages held on their last delivery until PostgreSQL answers again.",
+        self.fetch_failing_seconds = Gauge(
+            "dlq_fetch_failing_seconds",
+            "Seconds since a lane last fetched, while its fetches fail (0: they succeed).",
+            ["lane"],
             registry=r,
         )
         self.workers_alive = Gauge(

@@ -17,7 +17,6 @@ class Action(enum.Enum):
     ACK = "ack"  # commit the rows, then ACK
     NAK = "nak"  # NAK with a delay; nothing is written
     EXHAUST = "exhaust"  # insert into exhausted_events, then TERM (main lanes: dead-letter)
-    HOLD = "hold"  # keep the message (in-progress acks) and retry its write later
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -25,9 +24,6 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     max_delay: float  # seconds, cap
     jitter: float  # fraction of each delay drawn at random, in [0, 1)
     max_retries: int  # deliveries after which a transient failure is exhausted
-    # JetStream's max deliver for this consumer (-1: unlimited). A NAK on the
-    # last delivery would abandon the message, so that NAK becomes a HOLD.
-    max_deliver: int = -1
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -66,15 +62,12 @@ def decide(
     - transient failure at or past the budget: EXHAUST, reason retries_exhausted;
     - the store itself unavailable (reason store_unavailable, also when the
       exhausted row could not be written): NAK, never EXHAUST, since the
-      message is not at fault (each NAK still counts as a JetStream delivery);
-      but never NAK on JetStream's last delivery, where that would abandon
-      it: HOLD it instead.
+      message is not at fault. Every consumer dlqproc reads redelivers without
+      limit, so that NAK can never make JetStream abandon the message.
     """
     if ok:
         return Decision(Action.ACK)
     if reason is Reason.STORE_UNAVAILABLE:
-        if 0 < policy.max_deliver <= num_delivered + 1:
-            return Decision(Action.HOLD, reason=reason)
         return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))
     if kind is FailureKind.PERMANENT:
         return Decision(Action.EXHAUST, reason=reason)
@@ -107,8 +100,7 @@ def plan_fetch(
 ) -> FetchPlan:
     """How much one lane may ask JetStream for now.
 
-    in_flight, in_flight_bytes: messages held locally (held-for-PostgreSQL
-    ones excluded: they never stop fetching). oversized: this lane's last
+    in_flight, in_flight_bytes: messages held locally. oversized: this lane's last
     request found its next message larger than the room it asked for.
     lane_waiting: some other lane is waiting to be admitted that way.
 

@@ -31,7 +31,11 @@ _outcomes = msgspec.msgpack.Decoder(list[Outcome])
 _hello = msgspec.msgpack.Decoder(worker.Hello)
 
 
-_START_ATTEMPTS = 3
+# A worker that died while starting (a signal, the OOM killer) is retried
+# after a pause that doubles up to this cap; only one that says its handlers
+# do not load (worker.EXIT_CANNOT_START) is given up on.
+_START_BACKOFF = 0.2
+_START_BACKOFF_MAX = 5.0
 
 
 class WorkerStartError(Exception):
@@ -64,12 +68,15 @@ class _Worker:
             daemon=True,
         )
         self.process.start()
+        # Kept: the process handle refuses every question once closed.
+        self._pid = self.process.pid
         child.close()
         self.index = index
         self.sock = parent
         self.dead = False
         self.ready = False  # said hello: its handlers loaded
         self.closing = False  # the pool is stopping it on purpose
+        self.closed = False  # its process handle is released: never touch it again
         self.lost_reason = "crash"
         self._on_lost = on_lost
         self._writer: asyncio.StreamWriter | None = None
@@ -79,7 +86,7 @@ class _Worker:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid
+        return self._pid
 
     async def _read_frames(self) -> None:
         """Deliver each reply to whoever waits for it; EOF means the worker is gone."""
@@ -104,6 +111,8 @@ class _Worker:
             self.loop.remove_reader(self.process.sentinel)
         if not self._waiter.done():
             self._waiter.set_exception(WorkerLost(self.lost_reason))
+            # Nobody may be waiting (the worker died idle): not an unhandled error.
+            self._waiter.exception()
         if self.ready and not self.closing:
             self._on_lost(self)
 
@@ -112,7 +121,7 @@ class _Worker:
             _hello.decode(await asyncio.wait_for(self._waiter, timeout))
         except (WorkerLost, TimeoutError, msgspec.DecodeError) as exc:
             self.closing = True
-            self.kill()
+            self.kill("timeout" if isinstance(exc, TimeoutError) else "crash")
             self.process.join(1)
             code = self.process.exitcode
             raise WorkerStartError(
@@ -132,7 +141,11 @@ class _Worker:
         except TimeoutError:
             self.kill("timeout")
             raise WorkerLost("timeout") from None
-        except (ConnectionError, OSError):
+        except WorkerLost:
+            raise
+        except Exception:
+            # Whatever broke the exchange (a write to a dead peer, a reply
+            # that is not a frame), the batch must be retried one by one.
             self.kill()
             raise WorkerLost(self.lost_reason) from None
 
@@ -144,13 +157,17 @@ class _Worker:
         return await asyncio.shield(waiter)
 
     def kill(self, reason: str = "crash") -> None:
-        self.lost_reason = reason
-        if self.process.is_alive():
+        if not self.dead:
+            self.lost_reason = reason
+        # Closed by the pool's replacement already: the process is gone.
+        if not self.closed and self.process.is_alive():
             self.process.kill()
         self._exited()
 
     def close(self, timeout: float) -> None:
         """Ask the worker to exit by closing its socket; kill it if it lingers."""
+        if self.closed:
+            return
         self.closing = True
         self._exited()
         self._reading.cancel()
@@ -164,6 +181,7 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout)
+        self.closed = True
         self.process.close()
 
 
@@ -194,10 +212,15 @@ class WorkerPool:
 
     @property
     def alive(self) -> int:
-        return sum(1 for w in self._workers.values() if not w.dead)
+        """Workers that have said hello and not died: a spawned one does not count yet."""
+        return sum(1 for w in self._workers.values() if w.ready and not w.dead)
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self._workers.values() if w.pid is not None and not w.dead]
+        return [
+            w.pid
+            for w in self._workers.values()
+            if w.pid is not None and not w.dead and not w.closed
+        ]
 
     async def start(self) -> None:
         """Start every worker and wait until each has loaded its handlers."""
@@ -211,49 +234,54 @@ class WorkerPool:
             self._idle.put_nowait(w)
 
     async def _start_one(self, index: int) -> _Worker:
-        """A ready worker in slot `index`.
+        """A ready worker in slot `index`, however many tries it takes.
 
         A worker whose handlers do not load (its own exit code) will never
-        start: give up at once. One that died otherwise while starting (killed,
-        out of memory) gets a few more tries before the service gives up.
+        start: give up at once. One that died otherwise while starting (a
+        signal, the OOM killer) or never said hello is a restart like any
+        other: counted, and tried again after a growing pause.
         """
-        for attempt in range(1, _START_ATTEMPTS + 1):
+        pause = _START_BACKOFF
+        while True:
             w = self._spawn(index)
             try:
                 await w.hello(self._start_timeout)
                 return w
             except WorkerStartError:
-                if w.process.exitcode == worker.EXIT_CANNOT_START or attempt == _START_ATTEMPTS:
+                code = w.process.exitcode
+                if code == worker.EXIT_CANNOT_START:
                     raise
-                log.warning(
-                    "worker died while starting, trying again",
-                    extra={"worker": index, "exitcode": w.process.exitcode},
-                )
+                self._restarted(w, "died while starting, trying again")
                 w.close(timeout=5)
-                await asyncio.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _START_BACKOFF_MAX)
 
     def _spawn(self, index: int) -> _Worker:
         w = _Worker(self._ctx, index, self._module, self._limits, self._lost)
         self._workers[index] = w
         return w
 
+    def _restarted(self, lost: _Worker, what: str) -> None:
+        """Count and log a worker that has to be started again (its files are folded)."""
+        if self._on_restart is not None:
+            # A worker records metrics only after its hello: one that never
+            # said it left no files to fold.
+            self._on_restart(lost.lost_reason, lost.pid if lost.ready else None)
+        log.warning(
+            f"worker {what}",
+            extra={
+                "worker": lost.index,
+                "pid": lost.pid,
+                "reason": lost.lost_reason,
+                "exitcode": None if lost.closed else lost.process.exitcode,
+            },
+        )
+
     def _lost(self, lost: _Worker) -> None:
         """A ready worker died or was killed, busy or idle: replace it, exactly once."""
         if self._closing:
             return
-        reason = lost.lost_reason
-        if self._on_restart is not None:
-            self._on_restart(reason, lost.pid)
-        log.warning(
-            "worker lost, replacing it",
-            extra={
-                "worker": lost.index,
-                "pid": lost.pid,
-                "reason": reason,
-                "exitcode": lost.process.exitcode,
-            },
-        )
+        self._restarted(lost, "lost, replacing it")
         task = asyncio.create_task(self._replace(lost))
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)

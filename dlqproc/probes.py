@@ -5,8 +5,8 @@ Every few seconds: each consumer's pending counts (JetStream), the
 unresolved exhausted events per tenant and the tenants known (Postgres), as
 gauges.
 Readiness also asks the flow itself: a lane that has not fetched for a while
-although its consumer has messages pending, messages held on their last
-delivery for too long, and a commit failure that repeats word for word.
+although its consumer has messages pending, and a commit failure that repeats
+word for word.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ class Flow(Protocol):
     last_fetch: dict[str, float]  # lane -> monotonic time its fetch last returned
     commit_failures: int  # consecutive commit failures with the same error
     commit_error: str
-
-    def held_ages(self) -> list[float]: ...
+    fetch_failing: set[str]  # lanes whose last fetch failed
 
 
 class Probes:
@@ -83,9 +82,6 @@ class Probes:
                     f"fetch: {lane} has not fetched for {now - last:.0f}s"
                     f" with {pending} messages pending"
                 )
-        old = sum(1 for age in flow.held_ages() if age > limit)
-        if old:
-            found.append(f"held: {old} messages held on their last delivery for over {limit:g}s")
         if flow.commit_failures >= REPEATED_COMMIT_FAILURES:
             found.append(
                 f"commit: the same failure {flow.commit_failures} times in a row:"
@@ -98,11 +94,20 @@ class Probes:
         while True:
             self.postgres_ok = await self.store.ping()
             self.metrics.workers_alive.set(self.pool.alive)
+            if self.flow is not None:
+                self._fetch_gauges(self.flow)
             now = time.monotonic()
             if now - last_gauges >= GAUGES_EVERY:
                 last_gauges = now
                 await self._gauges()
             await asyncio.sleep(READY_EVERY)
+
+    def _fetch_gauges(self, flow: Flow) -> None:
+        """How long each lane's fetches have been failing, for the DLQFetchStalled alert."""
+        now = time.monotonic()
+        for lane, last in flow.last_fetch.items():
+            failing = lane in flow.fetch_failing
+            self.metrics.fetch_failing_seconds.labels(lane).set(now - last if failing else 0.0)
 
     async def _gauges(self) -> None:
         m = self.metrics

@@ -41,18 +41,10 @@ log = logging.getLogger("dlq_worker")
 
 _COMMIT_GROUP = 2048  # messages merged into one transaction at most
 _ERROR_CHARS = 2000  # of an error text kept in a log line or a readiness problem
-
-
-class Parked:
-    """A message held on its last delivery until PostgreSQL answers again."""
-
-    __slots__ = ("out", "retrying", "since", "size")
-
-    def __init__(self, out: Outcome, size: int) -> None:
-        self.out = out
-        self.since = time.monotonic()
-        self.size = size
-        self.retrying = False  # handed back to the committer, result not yet known
+# Seconds a pull request waits for messages: short, so one sent to a JetStream
+# leader that died is given up soon, and so an idle replica's request does not
+# sit on the server taking messages it could not work on sooner than another.
+_LONG_POLL = 0.5
 
 
 def internal_failure(delivery: Delivery, exc: Exception, limits: Limits) -> Outcome:
@@ -73,7 +65,6 @@ def dlq_policy(cfg: Config) -> RetryPolicy:
         max_delay=cfg.nats.dlq_max_delay_minutes * 60,
         jitter=cfg.nats.dlq_jitter,
         max_retries=cfg.nats.dlq_max_retries,
-        max_deliver=cfg.nats.dlq_max_deliver,
     )
 
 
@@ -106,13 +97,9 @@ class Supervisor:
         self.settler = Settler(broker, metrics, cfg.nats.dlq_subject)
         self.stop_requested = asyncio.Event()
         self.store_ok = True
-        # Every message from fetch to settle, parked ones included (they get
-        # in-progress acks too); only the others count against the budget.
-        self._held: dict[int, Held] = {}
-        self._held_bytes = 0  # of the held messages that are not parked
+        self._held: dict[int, Held] = {}  # every message from fetch to settle
+        self._held_bytes = 0
         self._budget = Budget(cfg.nats.dlq_max_in_flight, cfg.nats.dlq_max_in_flight_bytes)
-        self._parked: dict[int, Parked] = {}
-        self._parked_bytes = 0
         # Lanes whose next message did not fit the room they asked for.
         self._oversized: set[Lane] = set()
         # Readiness: when each lane's fetch last returned, and the commit
@@ -121,6 +108,9 @@ class Supervisor:
         self.last_fetch: dict[str, float] = {lane.lane.value: now for lane in lanes}
         self.commit_failures = 0
         self.commit_error = ""
+        # Lanes whose last fetch failed (since last_fetch), and their restores.
+        self.fetch_failing: set[str] = set()
+        self._restoring: dict[Lane, asyncio.Task[None]] = {}
         self._queue: collections.deque[int] = collections.deque()
         self._tokens = itertools.count(1)
         self._work = asyncio.Event()  # the queue gained messages
@@ -157,13 +147,11 @@ class Supervisor:
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatch")
         self._committer = asyncio.create_task(self._commit_loop(), name="commit")
         self._heart = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        self._unpark = asyncio.create_task(self._unpark_loop(), name="unpark")
         self._tasks = [
             *self._fetchers,
             self._dispatcher,
             self._committer,
             self._heart,
-            self._unpark,
         ]
         assert self.pool.failed is not None
         stop = asyncio.create_task(self.stop_requested.wait())
@@ -183,7 +171,7 @@ class Supervisor:
                 continue
             plan = plan_fetch(
                 self._budget,
-                len(self._held) - len(self._parked),
+                len(self._held),
                 self._held_bytes,
                 lane.fetch_batch,
                 oversized=lane.lane in self._oversized,
@@ -196,7 +184,9 @@ class Supervisor:
             if dlq:
                 self.metrics.fetch_requests.inc()
             try:
-                msgs = await lane.puller.fetch(plan.batch, timeout=1.0, max_bytes=plan.max_bytes)
+                msgs = await lane.puller.fetch(
+                    plan.batch, timeout=_LONG_POLL, max_bytes=plan.max_bytes
+                )
             except Exception as exc:
                 if dlq:
                     self.metrics.fetch_errors.inc()
@@ -205,11 +195,16 @@ class Supervisor:
                     "fetch failed",
                     extra={"lane": lane.lane.value, "error": str(exc), "failures": failures},
                 )
+                self.fetch_failing.add(lane.lane.value)
                 if failures == 3 or failures % 10 == 0:
-                    await self._restore_topology(lane)
-                await self._pause(min(0.1 * 2 ** min(failures, 6), 5.0))
+                    # In the background: its API calls must not hold up the
+                    # fetch that succeeds as soon as NATS has a new leader.
+                    self._restore_in_background(lane)
+                # From 50 ms up to 1 s: a failover is over within a second of the election.
+                await self._pause(min(0.05 * 2 ** min(failures - 1, 5), 1.0))
                 continue
             failures = 0
+            self.fetch_failing.discard(lane.lane.value)
             self.last_fetch[lane.lane.value] = time.monotonic()
             if lane.puller.size_limited and not msgs:
                 if lane.lane not in self._oversized:
@@ -239,6 +234,14 @@ class Supervisor:
             self._gauges()
             self._work.set()
 
+    def _restore_in_background(self, lane: LaneRuntime) -> None:
+        """Start a topology restore for the lane unless one is still running."""
+        running = self._restoring.get(lane.lane)
+        if running is None or running.done():
+            self._restoring[lane.lane] = asyncio.create_task(
+                self._restore_topology(lane), name=f"restore-{lane.lane.value}"
+            )
+
     async def _restore_topology(self, lane: LaneRuntime) -> None:
         """Fetches keep failing: the stream or consumer may have been deleted."""
         try:
@@ -259,10 +262,13 @@ class Supervisor:
 
     async def _wait_for_store(self) -> None:
         """Fetch nothing while Postgres is down: deliveries would only be burned."""
-        while not self.stop_requested.is_set():
+        # Every lane waits here; the first to see PostgreSQL answer ends the
+        # outage for all of them, and only it logs: one line per outage.
+        while not self.stop_requested.is_set() and not self.store_ok:
             if await self.store.ping():
-                log.info("Postgres reachable again, resuming fetch")
-                self.store_ok = True
+                if not self.store_ok:
+                    log.info("Postgres reachable again, resuming fetch")
+                    self.store_ok = True
                 return
             await self._pause(1.0)
 
@@ -363,63 +369,6 @@ class Supervisor:
                             "in-progress ack failed", extra={**fields(held.msg), "error": str(exc)}
                         )
 
-    async def _unpark_loop(self) -> None:
-        """Retry held messages' writes once PostgreSQL answers; give up past the hold time."""
-        limit = self.cfg.nats.dlq_max_hold_time
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for token, parked in list(self._parked.items()):
-                if now - parked.since > limit and not parked.retrying:
-                    await self._give_up(token, f"held longer than nats.dlqMaxHoldTime ({limit}s)")
-            waiting = [(t, p) for t, p in self._parked.items() if not p.retrying]
-            if waiting and await self.store.ping():
-                for _, parked in waiting:
-                    parked.retrying = True
-                self._done.put_nowait(([t for t, _ in waiting], [p.out for _, p in waiting]))
-
-    def _hold(self, token: int, v: Verdict) -> bool:
-        """Park a message on its last delivery; False when the park is full."""
-        parked = self._parked.get(token)
-        if parked is not None:  # its retry failed again: keep waiting, same clock
-            parked.retrying = False
-            return True
-        held = self._held[token]
-        size = len(held.msg.data)
-        n = self.cfg.nats
-        if len(self._parked) >= n.dlq_max_held or self._parked_bytes + size > n.dlq_max_held_bytes:
-            return False
-        self._parked[token] = Parked(v.out, size)
-        self._parked_bytes += size
-        self._held_bytes -= size  # parked messages must not stop fetching
-        log.error(
-            "store unavailable on the last delivery, holding the message",
-            extra={**fields(held.msg), "error": v.db_error[:_ERROR_CHARS]},
-        )
-        self._gauges()
-        return True
-
-    async def _give_up(self, token: int, why: str) -> None:
-        """A message that cannot be held: hand it back, loudly.
-
-        It stays in the stream; if this was JetStream's last delivery it gets
-        no further one, so the log line names its stream sequence for an
-        operator to find it.
-        """
-        held = self._release(token)
-        if held is None:
-            return
-        log.error(
-            "cannot hold the message any longer; NAKed back to JetStream",
-            extra={**fields(held.msg, held.company), "why": why},
-        )
-        try:
-            await held.msg.nak(backoff(held.msg.num_delivered, held.lane.policy, 0.0))
-        except Exception as exc:
-            log.warning("NAK failed", extra={**fields(held.msg), "error": str(exc)})
-        self._room.set()
-        self._gauges()
-
     # ------------------------------------------------------------- committing
 
     async def _commit_loop(self) -> None:
@@ -454,9 +403,8 @@ class Supervisor:
         the end), so it can neither loop nor hold its neighbours back.
         """
         for token, out in pairs:
-            parked = self._parked.get(token)
-            if token not in self._held or (parked is not None and not parked.retrying):
-                continue  # already settled or parked before the failure
+            if token not in self._held:
+                continue  # settled before the failure
             try:
                 await self._commit_and_settle([(token, out)])
                 continue
@@ -535,12 +483,6 @@ class Supervisor:
                     pending.append(token)
         publishing = []
         for token, v in verdicts.items():
-            if v.decision.action is Action.HOLD:
-                # JetStream's last delivery: keep it alive and write it once the
-                # store answers again, rather than NAK it into oblivion.
-                if not self._hold(token, v):
-                    await self._give_up(token, "nats.dlqMaxHeld or nats.dlqMaxHeldBytes reached")
-                continue
             released = self._release(token)
             assert released is not None
             if self.settler.publishes(released, v):
@@ -595,6 +537,11 @@ class Supervisor:
         if self._tasks:
             await asyncio.gather(*self._fetchers, return_exceptions=True)
             self._dispatcher.cancel()
+        for restoring in self._restoring.values():
+            restoring.cancel()
+        # Delivered to a puller but never fetched: back to JetStream like the queue.
+        for lane in self.lanes:
+            self._admit(lane, lane.puller.drain())
         # 2. Hand back what never reached a worker, with a short delay so another
         #    replica (or this one, restarted) takes it up soon.
         while self._queue:
@@ -613,10 +560,8 @@ class Supervisor:
             self._done.put_nowait(None)
             await asyncio.gather(self._committer, return_exceptions=True)
             self._heart.cancel()
-            self._unpark.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        # 6. Anything still held (a commit that failed, a held message) goes back
-        #    to the stream.
+        # 6. Anything still held (a commit that failed) goes back to the stream.
         for token in list(self._held):
             await self._nak_quietly(token, nak_delay)
         self._gauges()
@@ -635,21 +580,10 @@ class Supervisor:
     def _release(self, token: int) -> Held | None:
         """Forget a message (settled, handed back, or expired) and its bytes."""
         held = self._held.pop(token, None)
-        if held is None:
-            return None
-        parked = self._parked.pop(token, None)
-        if parked is not None:
-            self._parked_bytes -= parked.size
-        else:
+        if held is not None:
             self._held_bytes -= len(held.msg.data)
         return held
-
-    def held_ages(self) -> list[float]:
-        """Seconds each parked message has been held, for /ready."""
-        now = time.monotonic()
-        return [now - p.since for p in self._parked.values()]
 
     def _gauges(self) -> None:
         self.metrics.queue_length.set(len(self._queue))
         self.metrics.in_flight.set(len(self._held))
-        self.metrics.held.set(len(self._parked))

@@ -23,7 +23,9 @@ EVENTS_MAX_AGE_DAYS = 30.0
 
 def dlq_stream(cfg: Config) -> StreamSpec:
     n = cfg.nats
-    return StreamSpec(n.dlq_stream, (f"{n.dlq_subject}.>",), n.dlq_max_age_days, "limits")
+    return StreamSpec(
+        n.dlq_stream, (f"{n.dlq_subject}.>",), n.dlq_max_age_days, "limits", n.stream_replicas
+    )
 
 
 def dlq_consumer(cfg: Config) -> ConsumerSpec:
@@ -32,19 +34,25 @@ def dlq_consumer(cfg: Config) -> ConsumerSpec:
         stream=n.dlq_stream,
         durable=cfg.dlq_durable,
         filter_subjects=(cfg.dlq_filter_subject,),
-        max_deliver=n.dlq_max_deliver,
+        # JetStream never gives up on a DLQ message: dlqproc spends its own
+        # budget (nats.dlqMaxRetries) and stores it in exhausted_events, so a
+        # message whose write keeps failing while PostgreSQL is down is
+        # redelivered until it can be stored, across any number of restarts.
+        # nats.dlqMaxDeliver is accepted for the operator guide's sake.
+        max_deliver=-1,
         ack_wait=n.dlq_ack_wait,
         max_ack_pending=n.dlq_max_ack_pending,
     )
 
 
-def events_stream(main: MainConsumerConfig, historical: bool) -> StreamSpec:
+def events_stream(main: MainConsumerConfig, historical: bool, replicas: int = 1) -> StreamSpec:
     bases = HISTORY_BASES if historical else REALTIME_BASES
     return StreamSpec(
         name=main.stream,
         subjects=tuple(f"{b}.*" for b in bases),
         max_age_days=EVENTS_MAX_AGE_DAYS,
         retention="interest" if historical else "limits",
+        replicas=replicas,
     )
 
 

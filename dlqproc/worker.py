@@ -14,7 +14,7 @@ import sys
 
 import msgspec
 
-from dlqproc.handlers import RegistryError, load
+from dlqproc.handlers import Registry, RegistryError, load
 from dlqproc.metrics import WorkerMetrics
 from dlqproc.model import Delivery, FailureKind, Outcome, Reason
 from dlqproc.reprocess import Limits, handle
@@ -75,16 +75,22 @@ def main(sock: socket.socket, module: str, limits: Limits) -> None:
     except RegistryError as exc:
         print(f"dlqproc worker cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(EXIT_CANNOT_START)
+    try:
+        _serve(sock, registry, limits)
+    except (EOFError, OSError):
+        # The supervisor closed the socket or died (SIGKILL): an orphan has
+        # nobody to answer, and a traceback would only litter the service's log.
+        return
+
+
+def _serve(sock: socket.socket, registry: Registry, limits: Limits) -> None:
     # PROMETHEUS_MULTIPROC_DIR is inherited: these series go to this pid's files.
     handler_seconds = WorkerMetrics().handler_seconds
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(list[Delivery])
     send_frame(sock, encoder.encode(Hello(os.getpid())))
     while True:
-        try:
-            batch = decoder.decode(recv_frame(sock))
-        except (EOFError, OSError):
-            return  # the supervisor closed the socket or went away
+        batch = decoder.decode(recv_frame(sock))
         outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
         for o in outcomes:
             if o.ok:
@@ -93,7 +99,4 @@ def main(sock: socket.socket, module: str, limits: Limits) -> None:
             reply = encoder.encode(outcomes)
         except (TypeError, ValueError, OverflowError):
             reply = encoder.encode([_encodable(encoder, o) for o in outcomes])
-        try:
-            send_frame(sock, reply)
-        except OSError:
-            return
+        send_frame(sock, reply)

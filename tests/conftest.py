@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from dlqproc.embedded import NatsServer, PostgresServer
-from support.service import Service
+from support.service import PIPELINE_ENV, Service
 
 _db_ids = itertools.count(1)
 
@@ -80,3 +80,20 @@ def service(nats_server: NatsServer, dsn: str, tmp_path: Path) -> Iterator[Calla
     yield make
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own: the events streams' subjects are fixed."""
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def pipeline(service: Callable[..., Service], own_nats: NatsServer) -> Callable[..., Service]:
+    """Factory: the whole pipeline (main consumers, WhatsApp handlers, v1.dlq) on own_nats."""
+
+    def make(**settings: str) -> Service:
+        return service(nats_url=own_nats.url, **{**PIPELINE_ENV, **settings})
+
+    return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import nats
 import pytest
@@ -112,43 +113,68 @@ async def _puller(url: str) -> tuple[Broker, Puller, str]:
     return broker, await broker.puller(spec), subject
 
 
-def test_a_fetch_gets_what_arrives_while_an_earlier_long_poll_is_open(
-    nats_server: NatsServer,
-) -> None:
-    # JetStream gives a new message to the oldest waiting request: a long poll
-    # that returned with its first message is still open on the server.
-    async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
+def test_a_puller_keeps_at_most_one_pull_request_open(nats_server: NatsServer) -> None:
+    # A long poll that returned with its first message is still open on the
+    # server: the next fetch waits on it instead of adding a second request,
+    # so replicas on one durable each hold one request (a fair share).
+    async def main() -> tuple[list[bytes], list[bytes], list[int], list[bytes]]:
         broker, puller, subject = await _puller(nats_server.url)
+        nc = await nats.connect(nats_server.url)
         try:
-            nc = await nats.connect(nats_server.url)
             js = nc.jetstream()
+            spec = puller.spec
+            waiting: list[int] = []
 
-            async def publish_once_waiting(data: bytes, waiting: int) -> None:
+            async def publish_once_waiting(data: bytes) -> None:
                 # Publish only once the fetch's long poll is registered.
-                spec = puller.spec
-                while (await js.consumer_info(spec.stream, spec.durable)).num_waiting < waiting:
+                while (await js.consumer_info(spec.stream, spec.durable)).num_waiting < 1:
                     await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)  # time for a second request, were one sent
+                waiting.append((await js.consumer_info(spec.stream, spec.durable)).num_waiting)
                 await broker.publish(subject, data)
 
-            # Each fetch must return with the message, long before its own
-            # request would expire (an hour): the bound only keeps a broken
-            # fetch from hanging the suite.
-            first = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m1", 1))
+            # Each fetch must return with the message, long before its request
+            # would expire (an hour): the bound only keeps a broken fetch from
+            # hanging the suite.
+            first = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m1"))
             got1 = [m.data for m in (await asyncio.wait_for(first, 30))[0]]
-            # The first long poll is still open: two requests wait now.
-            second = asyncio.gather(
-                puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m2", 2)
-            )
+            assert puller.open_request
+            second = asyncio.gather(puller.fetch(10, timeout=3600.0), publish_once_waiting(b"m2"))
             got2 = [m.data for m in (await asyncio.wait_for(second, 30))[0]]
-            return got1, got2, [m.data for m in await puller.fetch(10, timeout=0.2)]
+            return got1, got2, waiting, [m.data for m in puller.drain()]
         finally:
             await nc.close()
             await broker.close()
 
-    got1, got2, rest = asyncio.run(main())
+    got1, got2, waiting, rest = asyncio.run(main())
     assert got1 == [b"m1"]
     assert got2 == [b"m2"]
+    assert waiting == [1, 1]
     assert rest == []
+
+
+def test_a_request_to_nowhere_is_given_up_after_its_expiry(nats_server: NatsServer) -> None:
+    # A pull request whose answer never comes (its leader died) costs at most
+    # its expiry and a small margin, and the next fetch sends a new one.
+    async def main() -> tuple[float, bool]:
+        broker, puller, _ = await _puller(nats_server.url)
+        try:
+            # Someone takes the request and never answers, as a leader that died
+            # after it received it.
+            nc = await nats.connect(nats_server.url)
+            await nc.subscribe("swallowed.>")
+            await nc.flush()
+            puller._next = "swallowed.request"
+            started = time.monotonic()
+            got = await puller.fetch(10, timeout=0.3)
+            return time.monotonic() - started, bool(got) or puller.open_request
+        finally:
+            await nc.close()
+            await broker.close()
+
+    took, still_open = asyncio.run(main())
+    assert took < 0.3 + Puller.MARGIN + 0.3
+    assert not still_open
 
 
 def test_fetch_returns_a_batch_and_keeps_late_messages_for_the_next(
@@ -207,3 +233,31 @@ def test_a_byte_limited_fetch_stops_before_the_message_that_does_not_fit(
         ([50_000, 100], False),  # no limit: the big one, and what follows
         ([], False),  # nothing left
     ]
+
+
+def test_reconciling_a_stream_only_raises_what_dlqproc_sets() -> None:
+    from dlqproc.broker import plan_stream
+
+    day = 86400 * 10**9
+    have = {
+        "subjects": ["v1.dlq.>", "ops.>"],
+        "max_age": 14 * day,
+        "num_replicas": 3,
+        "retention": "limits",
+        "storage": "file",
+        "duplicate_window": 600 * 10**9,
+        "max_bytes": 1 << 30,
+    }
+    raised, kept = plan_stream(have, StreamSpec("dlq", ("v1.dlq.>",), 7.0, replicas=1))
+    assert raised == []
+    assert {k[0] for k in kept} == {"subjects", "max_age", "num_replicas"}
+    raised, kept = plan_stream(
+        {**have, "subjects": [], "max_age": day, "num_replicas": 1},
+        StreamSpec("dlq", ("v1.dlq.>",), 7.0, replicas=3),
+    )
+    assert raised == [
+        ("subjects", [], ["v1.dlq.>"]),
+        ("max_age", day, 7 * day),
+        ("num_replicas", 1, 3),
+    ]
+    assert kept == []

@@ -436,7 +436,6 @@ INT_KEYS = [
     "nats.dlqFetchBatch",
     "nats.dlqWorkerBatch",
     "nats.dlqMaxInFlight",
-    "nats.dlqMaxHeld",
     "postgres.maxNewPartitions",
 ]
 
@@ -449,9 +448,7 @@ def test_valid_int_from_env_round_trips(key: str, value: int) -> None:
 
 
 @given(
-    key=st.sampled_from(
-        ["nats.dlqMaxInFlightBytes", "nats.dlqWorkerBatchBytes", "nats.dlqMaxHeldBytes"]
-    ),
+    key=st.sampled_from(["nats.dlqMaxInFlightBytes", "nats.dlqWorkerBatchBytes"]),
     value=st.integers(min_value=1, max_value=2**40),
 )
 def test_byte_budgets_are_bounded(key: str, value: int) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -81,32 +80,6 @@ EVENTS: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("v1.history.contacts", {"contacts": [{**CONTACT, "chat_id": "hc1"}]}, "contacts", "chat_id"),
 ]
-
-
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "nats") as server:
-        yield server
-
-
-@pytest.fixture
-def pipeline(service: Make, own_nats: NatsServer) -> Callable[..., Service]:
-    def make(**settings: str) -> Service:
-        env = {
-            "NATS_REALTIME_ENABLED": "true",
-            "NATS_HISTORICAL_ENABLED": "true",
-            "HANDLERS_MODULE": "dlqproc.handlers.whatsapp",
-            "NATS_DLQSUBJECT": "v1.dlq",
-            "NATS_DLQSTREAM": "dlq_stream",
-            "NATS_REALTIME_NAKBASEDELAY": "100ms",
-            "NATS_REALTIME_NAKMAXDELAY": "400ms",
-            "NATS_HISTORICAL_NAKBASEDELAY": "100ms",
-            "NATS_HISTORICAL_NAKMAXDELAY": "400ms",
-            **settings,
-        }
-        return service(nats_url=own_nats.url, **env)
-
-    return make
 
 
 def table(svc: Service, tenant: str, name: str) -> list[dict[str, Any]]:

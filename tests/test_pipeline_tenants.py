@@ -12,16 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
-import pytest
 from psycopg import sql
 
-from dlqproc.embedded import NatsServer
-from support.service import PIPELINE_ENV, Service, envelope, wait_until
+from support.service import Service, envelope, wait_until
 
 Make = Callable[..., Service]
 CHAT = {
@@ -33,20 +30,6 @@ CHAT = {
     "unread_count": 2,
     "conversation_timestamp": 1764400000,
 }
-
-
-@pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "nats") as server:
-        yield server
-
-
-@pytest.fixture
-def pipeline(service: Make, own_nats: NatsServer) -> Make:
-    def make(**settings: str) -> Service:
-        return service(nats_url=own_nats.url, **{**PIPELINE_ENV, **settings})
-
-    return make
 
 
 def chats(svc: Service, tenant: str) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,22 +64,11 @@ def test_transient_failure_naks_then_exhausts(n: int, reason: Reason, draw: floa
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("draw", DRAWS)
 def test_store_unavailable_never_exhausts_nor_acks(n: int, draw: float) -> None:
-    # Unlimited JetStream redelivery (max_deliver -1): always a NAK with backoff.
+    # JetStream redelivers without limit: always a NAK with backoff.
     decision = decide(False, FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, n, POLICY, draw)
     assert decision.action is Action.NAK
     assert decision.delay == backoff(n, POLICY, draw)
     assert decision.delay > 0
-
-
-@pytest.mark.parametrize("n", DELIVERIES)
-def test_store_unavailable_holds_instead_of_naking_the_last_delivery(n: int) -> None:
-    policy = msgspec.structs.replace(POLICY, max_deliver=10)
-    decision = decide(False, FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, n, policy, 0.5)
-    # A NAK after delivery 9 leads to delivery 10, the last; a NAK after 10 to nothing.
-    if n >= 9:
-        assert decision.action is Action.HOLD
-    else:
-        assert decision.action is Action.NAK and decision.delay > 0
 
 
 @pytest.mark.parametrize("n", DELIVERIES)

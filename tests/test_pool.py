@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import msgspec
 import uvloop
 
-from dlqproc.model import Delivery, Lane, Reason
+from dlqproc.model import Delivery, Lane, Outcome, Reason
 from dlqproc.pool import WorkerPool
 from dlqproc.reprocess import Limits
 
@@ -63,3 +69,47 @@ def test_a_hung_handler_times_out_and_the_pool_recovers() -> None:
     first, second = run([hung, after], timeout=1.0)
     assert first[0].reason is Reason.TIMEOUT
     assert second[0].ok
+
+
+def _dead(pid: int) -> bool:
+    """The process has exited (a zombie until its parent reaps it), probed without the loop."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_worker_killed_while_idle_costs_its_next_batch_nothing() -> None:
+    # Killed while idle, then handed a batch before the loop has noticed the
+    # death: the batch is retried one message at a time on the replacement.
+    batch = [Delivery(i, "v1.dlq.acme", env("t.ok", {"id": str(i)}), 1, Lane.DLQ) for i in (1, 2)]
+
+    async def main() -> list[Outcome]:
+        pool = WorkerPool(1, "support.handlers", LIMITS, 10.0)
+        await pool.start()
+        try:
+            [pid] = pool.pids()
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            # Deliberately blocking: the loop must not run until the batch is handed over.
+            while not _dead(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _dead(pid)
+            outcomes = await pool.run(batch)
+            assert pool.alive == 1 and pool.pids() != [pid]
+            return outcomes
+        finally:
+            pool.close()
+
+    loop_errors: list[dict[str, object]] = []
+
+    async def watched() -> list[Outcome]:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
+        outcomes = await main()
+        gc.collect()  # a never-retrieved future exception is reported when collected
+        return outcomes
+
+    outcomes = uvloop.run(watched())
+    assert [(o.token, o.ok) for o in outcomes] == [(1, True), (2, True)], outcomes
+    assert loop_errors == []

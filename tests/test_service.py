@@ -307,7 +307,7 @@ def test_second_signal_exits_at_once_and_loses_nothing(service: Make) -> None:
 
 
 def test_topology_is_created_then_reconciled(service: Make) -> None:
-    svc = service(NATS_DLQMAXDELIVER="6", NATS_DLQMAXACKPENDING="100")
+    svc = service(NATS_DLQMAXDELIVER="6", NATS_DLQMAXACKPENDING="100", NATS_DLQMAXAGEDAYS="1")
     assert svc.find("NATS topology reconciled", change=f"created stream {svc.stream}")
     assert svc.find("NATS topology reconciled", change=f"created consumer {svc.durable}")
     assert svc.stop() == 0
@@ -319,9 +319,12 @@ def test_topology_is_created_then_reconciled(service: Make) -> None:
         NATS_DLQMAXAGEDAYS="2",
     )
     changes = [e["change"] for e in svc2.find("NATS topology reconciled")]
-    assert any(c.startswith(f"updated stream {svc.stream}") and "max_age" in c for c in changes)
+    # A longer max age is safe to raise to (a shorter one is left alone: see below).
+    assert f"updated stream {svc.stream}: max_age 86400s -> 172800s" in changes
     [consumer] = [c for c in changes if c.startswith(f"updated consumer {svc.durable}")]
-    assert "max_deliver 6 -> 8" in consumer and "max_ack_pending 100 -> 200" in consumer
+    assert "max_ack_pending 100 -> 200" in consumer
+    # JetStream redelivers without limit whatever nats.dlqMaxDeliver says.
+    assert "max_deliver" not in consumer
     assert svc2.stop() == 0
     # Unchanged settings: nothing to reconcile.
     svc3 = service(
@@ -430,3 +433,100 @@ def test_deleted_dlq_stream_and_consumer_are_recreated(service: Make) -> None:
     )
     svc.publish("acme", [envelope("t.ok", "acme", {"id": "after"})])
     wait_until(lambda: svc.rows("acme") == {"after": 1}, timeout=30)
+
+
+def _operator_stream(url: str, name: str, subjects: list[str]) -> dict[str, object]:
+    """An operator's DLQ stream with limits of its own; returns its config as created."""
+    import asyncio
+
+    import nats
+    from nats.js import api
+
+    async def go() -> dict[str, object]:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().add_stream(
+                api.StreamConfig(
+                    name=name,
+                    subjects=subjects,
+                    description="operator's DLQ: 14 days, 1 GiB",
+                    max_age=14 * 86400,
+                    duplicate_window=600,
+                    max_bytes=1 << 30,
+                    storage=api.StorageType.FILE,
+                )
+            )
+            return _kept_settings(info.config)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def _kept_settings(config: object) -> dict[str, object]:
+    names = ("description", "max_age", "duplicate_window", "max_bytes", "num_replicas", "subjects")
+    return {n: getattr(config, n) for n in names}
+
+
+def _stream_settings(url: str, name: str) -> dict[str, object]:
+    import asyncio
+
+    import nats
+
+    async def go() -> dict[str, object]:
+        nc = await nats.connect(url)
+        try:
+            return _kept_settings((await nc.jetstream().stream_info(name)).config)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_an_operators_dlq_stream_keeps_its_settings(service: Make, nats_server) -> None:
+    # Created by the operator: 14 days, a 600 s duplicate window, 1 GiB, a
+    # description. dlqproc (7 days by default) must neither shorten nor reset
+    # any of it: at start-up, nor when fetches fail and it restores the topology.
+    import asyncio
+
+    import nats
+
+    svc = service(start=False)
+    before = _operator_stream(nats_server.url, svc.stream, [f"{svc.subject}.>"])
+    svc.start()
+    assert _stream_settings(nats_server.url, svc.stream) == before
+    [kept] = svc.find("NATS stream setting left as is", setting="max_age")
+    assert kept["have"] == 14 * 86400 * 10**9 and kept["want"] == 7 * 86400 * 10**9
+    assert not svc.find_containing("updated stream")
+
+    async def delete_consumer() -> None:
+        nc = await nats.connect(svc.nats_url)
+        try:
+            await nc.jetstream().delete_consumer(svc.stream, svc.durable)
+        finally:
+            await nc.close()
+
+    # Fetches fail until the restore recreates the consumer.
+    asyncio.run(delete_consumer())
+    wait_until(
+        lambda: (
+            svc.find("NATS topology reconciled", change=f"created consumer {svc.durable}")
+            and len(svc.find("NATS topology reconciled")) == 2
+        ),
+        timeout=30,
+    )
+    assert svc.find("fetch failed")
+    assert _stream_settings(nats_server.url, svc.stream) == before
+    assert len(svc.find("NATS stream setting left as is", setting="max_age")) >= 2
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": "after"})])
+    wait_until(lambda: svc.rows("acme") == {"after": 1}, timeout=30)
+
+
+def test_every_server_of_nats_url_is_tried(service: Make, nats_server) -> None:
+    # Two servers that accept nothing, listed around the one that runs.
+    from dlqproc.embedded import free_port
+
+    dead = [f"nats://127.0.0.1:{free_port()}" for _ in range(2)]
+    svc = service(nats_url=",".join([dead[0], nats_server.url, dead[1]]))
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": "via-list"})])
+    wait_until(lambda: svc.rows("acme") == {"via-list": 1}, timeout=30)

@@ -26,11 +26,13 @@ from dlqproc.store import (
 from support.handlers import TENANT_DDL
 
 
-def run(dsn: str, body: Callable[[Store], Awaitable[Any]], *, migrate: bool = True) -> Any:
-    """Run body(store) on a fresh Store; migrate first, always close."""
+def run(
+    dsn: str, body: Callable[[Store], Awaitable[Any]], *, migrate: bool = True, **settings: Any
+) -> Any:
+    """Run body(store) on a fresh Store with `settings`; migrate first, always close."""
 
     async def main() -> Any:
-        store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL)
+        store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL, **settings)
         try:
             if migrate:
                 await store.migrate()

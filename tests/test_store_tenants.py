@@ -7,32 +7,13 @@ decided in PostgreSQL (public.dlqproc_tenants), so replicas share one limit.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
-from test_store import assert_failed, exhausted, query, rows, schemas, upsert
+from test_store import assert_failed, exhausted, query, rows, run, schemas, upsert
 
 from dlqproc.model import FailureKind, Reason
 from dlqproc.rows import encode
 from dlqproc.store import Store, Write, Written
 from support.handlers import TENANT_DDL
-
-
-def run_with(
-    dsn: str, body: Callable[[Store], Awaitable[Any]], *, migrate: bool = True, **settings: Any
-) -> Any:
-    """Run body(store) on a fresh Store with admission settings; always close."""
-
-    async def main() -> Any:
-        store = Store(dsn, statement_timeout=10.0, tenant_ddl=TENANT_DDL, **settings)
-        try:
-            if migrate:
-                await store.migrate()
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 def write(tenant: str, id_: str = "c1") -> Write:
@@ -54,7 +35,7 @@ def tenant_schemas(dsn: str) -> set[str]:
 
 def test_tenants_differing_in_case_write_into_schemas_of_their_own(dsn: str) -> None:
     tenants = ["acme", "ACME", "Acme", "aCmE"]
-    results = run_with(dsn, lambda s: s.write([write(t) for t in tenants]))
+    results = run(dsn, lambda s: s.write([write(t) for t in tenants]))
     assert results == [Written()] * 4
     assert tenant_schemas(dsn) == {f"daisi_{t}" for t in tenants}
     # The same key in each: four rows, each carrying its own schema's tenant.
@@ -64,13 +45,13 @@ def test_tenants_differing_in_case_write_into_schemas_of_their_own(dsn: str) -> 
 
 
 def test_a_second_store_finds_each_case_in_its_own_schema(dsn: str) -> None:
-    run_with(dsn, lambda s: s.write([write("acme")]))
+    run(dsn, lambda s: s.write([write("acme")]))
 
     async def later(store: Store) -> list[Written]:
         # A replica that never saw "acme": "ACME" must not take its schema.
         return await store.write([write("ACME", "c2")])
 
-    assert run_with(dsn, later) == [Written()]
+    assert run(dsn, later) == [Written()]
     assert rows(dsn, "daisi_acme") == {"c1": ("acme", 1)}
     assert rows(dsn, "daisi_ACME") == {"c2": ("ACME", 1)}
 
@@ -81,7 +62,7 @@ def test_a_second_store_finds_each_case_in_its_own_schema(dsn: str) -> None:
 def test_a_tenant_not_allowed_gets_no_schema_and_others_commit(dsn: str) -> None:
     before = schemas(dsn)
     batch = [write("acme"), write("globex"), write("ACME"), write("acme", "c2")]
-    results = run_with(dsn, lambda s: s.write(batch), allow=frozenset({"acme"}))
+    results = run(dsn, lambda s: s.write(batch), allow=frozenset({"acme"}))
     assert results[0] == results[3] == Written()
     for refused, tenant in ((results[1], "globex"), (results[2], "ACME")):
         assert_failed(refused, FailureKind.PERMANENT, Reason.TENANT_REFUSED)
@@ -93,7 +74,7 @@ def test_a_tenant_not_allowed_gets_no_schema_and_others_commit(dsn: str) -> None
 
 def test_the_exhausted_row_of_a_refused_tenant_is_written(dsn: str) -> None:
     row = exhausted(company_id="globex", reason="tenant_refused")
-    results = run_with(dsn, lambda s: s.write([Write(exhausted=row)]), allow=frozenset({"acme"}))
+    results = run(dsn, lambda s: s.write([Write(exhausted=row)]), allow=frozenset({"acme"}))
     assert results == [Written(inserted=True)]
     assert query(dsn, "SELECT company_id, reason FROM public.exhausted_events") == [
         ("globex", "tenant_refused")
@@ -102,13 +83,13 @@ def test_the_exhausted_row_of_a_refused_tenant_is_written(dsn: str) -> None:
 
 
 def test_an_invalid_tenant_fails_as_invalid_whatever_the_allow_list(dsn: str) -> None:
-    results = run_with(dsn, lambda s: s.write([write("a$b")]), allow=frozenset({"acme"}))
+    results = run(dsn, lambda s: s.write([write("a$b")]), allow=frozenset({"acme"}))
     assert_failed(results[0], FailureKind.PERMANENT, Reason.INVALID_TENANT)
 
 
 def test_allow_list_applies_to_schemas_that_exist_already(dsn: str) -> None:
-    run_with(dsn, lambda s: s.write([write("globex")]))
-    results = run_with(dsn, lambda s: s.write([write("globex", "c2")]), allow=frozenset({"acme"}))
+    run(dsn, lambda s: s.write([write("globex")]))
+    results = run(dsn, lambda s: s.write([write("globex", "c2")]), allow=frozenset({"acme"}))
     assert_failed(results[0], FailureKind.PERMANENT, Reason.TENANT_REFUSED)
     assert rows(dsn, "daisi_globex") == {"c1": ("globex", 1)}
 
@@ -123,7 +104,7 @@ def test_past_the_cap_a_new_tenant_waits_and_known_ones_do_not(dsn: str) -> None
         again = await store.write([write("t3", "c2"), write("t1", "c2")])
         return [first, again]
 
-    first, again = run_with(dsn, body, max_new_tenants_per_hour=2)
+    first, again = run(dsn, body, max_new_tenants_per_hour=2)
     assert first[:2] == [Written(), Written()]
     for held in (first[2], again[0]):
         assert_failed(held, FailureKind.TRANSIENT, Reason.TENANT_LIMIT)
@@ -137,19 +118,19 @@ def test_past_the_cap_a_new_tenant_waits_and_known_ones_do_not(dsn: str) -> None
 
     # An hour later there is room again.
     query(dsn, "UPDATE public.dlqproc_tenants SET created_at = now() - interval '61 minutes'")
-    later = run_with(dsn, lambda s: s.write([write("t3")]), max_new_tenants_per_hour=2)
+    later = run(dsn, lambda s: s.write([write("t3")]), max_new_tenants_per_hour=2)
     assert later == [Written()]
     assert rows(dsn, "daisi_t3") == {"c1": ("t3", 1)}
 
 
 def test_zero_means_no_cap(dsn: str) -> None:
     batch = [write(f"t{i}") for i in range(5)]
-    assert run_with(dsn, lambda s: s.write(batch), max_new_tenants_per_hour=0) == [Written()] * 5
+    assert run(dsn, lambda s: s.write(batch), max_new_tenants_per_hour=0) == [Written()] * 5
 
 
 def test_replicas_share_one_cap(dsn: str) -> None:
     """Two stores (two connections) admitting new tenants at once admit exactly the cap."""
-    run_with(dsn, lambda s: asyncio.sleep(0))  # migrate once, before the race
+    run(dsn, lambda s: asyncio.sleep(0))  # migrate once, before the race
 
     async def replica(names: list[str]) -> list[Written]:
         store = Store(dsn, 10.0, TENANT_DDL, max_new_tenants_per_hour=3)
@@ -182,7 +163,7 @@ def test_a_schema_that_exists_already_is_recorded_but_never_counted(dsn: str) ->
     async def body(store: Store) -> list[Written]:
         return await store.write([write("Old"), write("new1"), write("new2")])
 
-    results = run_with(dsn, body, max_new_tenants_per_hour=1)
+    results = run(dsn, body, max_new_tenants_per_hour=1)
     assert results[:2] == [Written(), Written()]
     assert_failed(results[2], FailureKind.TRANSIENT, Reason.TENANT_LIMIT)
     assert recorded(dsn) == {"Old": False, "new1": True}
@@ -198,12 +179,10 @@ def test_migration_records_existing_tenant_schemas_as_old(dsn: str) -> None:
     async def body(store: Store) -> int:
         return await store.tenants_known()
 
-    assert run_with(dsn, body) == 2
+    assert run(dsn, body) == 2
     assert recorded(dsn) == {"legacy": False, "x-1_y": False}
     # Old tenants do not use up the hour's room.
-    results = run_with(
-        dsn, lambda s: s.write([write("legacy"), write("n")]), max_new_tenants_per_hour=1
-    )
+    results = run(dsn, lambda s: s.write([write("legacy"), write("n")]), max_new_tenants_per_hour=1)
     assert results == [Written(), Written()]
 
 
@@ -216,4 +195,4 @@ def test_tenants_known_counts_the_recorded_tenants(dsn: str) -> None:
         counts.append(await store.tenants_known())
         return counts
 
-    assert run_with(dsn, body) == [0, 2, 2]
+    assert run(dsn, body) == [0, 2, 2]

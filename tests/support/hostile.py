@@ -839,7 +839,7 @@ def account(
 # Log lines that must never appear, and those bounded by a retry budget.
 NEVER = (
     "commit failed unexpectedly",
-    "store unavailable on the last delivery, holding the message",
+    "Postgres unavailable, pausing fetch",  # a refused row is not an outage
 )
 
 

@@ -194,7 +194,7 @@ class Service:
 
     def publish(self, tenant: str, bodies: Iterable[bytes]) -> list[int]:
         async def go() -> list[int]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 return [
@@ -210,7 +210,7 @@ class Service:
         """Publish event bodies to an events subject (for the main consumers)."""
 
         async def go() -> list[int]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 return [(await js.publish(subject, b, timeout=10)).seq for b in bodies]
@@ -221,7 +221,7 @@ class Service:
 
     def consumer_of(self, stream: str, durable: str) -> dict[str, int]:
         async def go() -> dict[str, int]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 info = await nc.jetstream().consumer_info(stream, durable)
                 return {
@@ -238,7 +238,7 @@ class Service:
         """Every message in the DLQ stream, decoded, with its headers."""
 
         async def go() -> list[dict[str, Any]]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 info = await js.stream_info(self.stream)
@@ -262,7 +262,7 @@ class Service:
 
     def consumer(self) -> dict[str, int]:
         async def go() -> dict[str, int]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 info = await nc.jetstream().consumer_info(self.stream, self.durable)
                 return {
@@ -279,7 +279,7 @@ class Service:
 
     def stream_messages(self) -> int:
         async def go() -> int:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 return int((await nc.jetstream().stream_info(self.stream)).state.messages)
             finally:
@@ -320,7 +320,7 @@ class Service:
         """Publish (subject, body) pairs in order on one connection; their stream sequences."""
 
         async def go() -> list[int]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 return [(await js.publish(s, b, timeout=30)).seq for s, b in items]
@@ -343,7 +343,7 @@ class Service:
         lanes.append(("dlq", self.stream, self.durable))
 
         async def go() -> dict[str, dict[str, int]]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 out = {}
@@ -385,7 +385,7 @@ class Service:
         """
 
         async def go() -> dict[str, dict[str, Any]]:
-            nc = await nats.connect(self.nats_url, connect_timeout=5)
+            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 info = await js.stream_info(self.stream)

@@ -1,0 +1,18 @@
+"""The test handlers, but a worker process takes a while to load them.
+
+Gives a test time to see (and kill) a worker that has been spawned but has not
+said hello yet. TEST_WORKER_START_SECONDS sets the delay (default 1.5 s).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+from support.handlers import HANDLERS, TENANT_DDL
+
+if multiprocessing.parent_process() is not None:
+    time.sleep(float(os.environ.get("TEST_WORKER_START_SECONDS", "1.5")))
+
+__all__ = ["HANDLERS", "TENANT_DDL"]
