@@ -10,8 +10,6 @@ import asyncio
 import itertools
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,7 +23,7 @@ from nats.js import api
 
 from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 from support.cluster import NatsCluster
-from support.expected import NOW, TENANTS, expected
+from support.expected import expected, publish, stored_ids
 from support.service import PIPELINE_ENV, Service, wait_until
 
 pytestmark = pytest.mark.slow
@@ -190,38 +188,6 @@ class Progress:
         return max((b - a for a, b in itertools.pairwise(times)), default=end - start)
 
 
-def publish(cluster: NatsCluster, n: int, env: dict[str, str]) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dlqproc",
-            "publish",
-            "--url",
-            cluster.url,
-            "--count",
-            str(n),
-            "--tenants",
-            ",".join(TENANTS),
-            "--seed",
-            "7",
-            "--now",
-            str(NOW),
-            "--history-batch",
-            "20",
-            "--invalid-rate",
-            "0.02",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    assert f"acknowledged {n}," in out.stdout
-
-
 def test_two_replicas_survive_a_leader_kill_and_a_replica_kill(
     cluster: NatsCluster, dsn: str, tmp_path: Path
 ) -> None:
@@ -247,7 +213,7 @@ def test_two_replicas_survive_a_leader_kill_and_a_replica_kill(
         progress.watch("b", b.start())
         for svc in (a, b):
             svc.signal(signal.SIGSTOP)
-        publish(cluster, n, a.env)
+        publish(cluster.url, n, a.env)
         for svc in (a, b):
             svc.signal(signal.SIGCONT)
         # The operator's DLQ stream came through start-up untouched.
@@ -286,26 +252,13 @@ def test_two_replicas_survive_a_leader_kill_and_a_replica_kill(
         + f" of {total:.0f} settled messages"
     )
 
-    for table, want in ids.items():
-        got = {
-            f"{t}/{i}"
-            for t in TENANTS
-            for (i,) in b.query(f"SELECT {table[:-1]}_id FROM daisi_{t}.{table}")
-        }
-        assert got == want, table
+    assert stored_ids(b.query, ids) == ids
     exhausted = b.exhausted()
     reasons = [r["reason"] for r in exhausted]
     print("exhausted by reason:", Counter(reasons), "expected invalid", invalid, "orphans", orphans)
     assert reasons.count("validation") == invalid
     assert reasons.count("retries_exhausted") == orphans
     assert len(exhausted) == invalid + orphans
-    for table, want in ids.items():
-        got = {
-            f"{t}/{i}"
-            for t in TENANTS
-            for (i,) in b.query(f"SELECT {table[:-1]}_id FROM daisi_{t}.{table}")
-        }
-        assert got == want, table
     # The operator's DLQ stream kept its settings through failures and restores.
     assert dlq_settings(cluster) == DLQ_SETTINGS
     a.stop()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 from test_pipeline import main_settled
 
-from support.expected import expected
+from support.expected import expected, publish, stored_ids
 from support.service import Service, wait_until
 
 Make = Callable[..., Service]
-TENANTS = ("acme", "globex", "initech")
-NOW = 1764400000
 
 
 def _bases() -> tuple[str, ...]:
@@ -28,35 +24,7 @@ def test_ten_thousand_published_events_reconcile(pipeline: Make, n: int) -> None
     svc = pipeline(
         NATS_DLQWORKERS="2", NATS_DLQBASEDELAYMINUTES="0.005", NATS_DLQMAXDELAYMINUTES="0.01"
     )
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dlqproc",
-            "publish",
-            "--url",
-            svc.nats_url,
-            "--count",
-            str(n),
-            "--tenants",
-            ",".join(TENANTS),
-            "--seed",
-            "7",
-            "--now",
-            str(NOW),
-            "--history-batch",
-            "20",
-            "--invalid-rate",
-            "0.02",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=svc.env,
-    )
-    assert out.returncode == 0, out.stderr
-    assert f"acknowledged {n}," in out.stdout
+    publish(svc.nats_url, n, svc.env)
     wait_until(
         lambda: main_settled(svc) and main_settled(svc, realtime=False) and svc.settled(),
         timeout=400,
@@ -73,10 +41,4 @@ def test_ten_thousand_published_events_reconcile(pipeline: Make, n: int) -> None
     # ones plus updates that raced their upsert and were then applied.
     dlq = svc.dlq_messages()
     assert len(dlq) >= invalid + orphans
-    for table, want in ids.items():
-        got = {
-            f"{t}/{i}"
-            for t in TENANTS
-            for (i,) in svc.query(f"SELECT {table[:-1]}_id FROM daisi_{t}.{table}")
-        }
-        assert got == want, table
+    assert stored_ids(svc.query, ids) == ids

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from conftest import fresh_database
 from test_pipeline import main_settled
 
 from dlqproc.embedded import NatsServer, PostgresServer
-from support.expected import NOW, TENANTS, expected
+from support.expected import expected, publish_command, stored_ids
 from support.service import PIPELINE_ENV, Service, wait_until
 
 Make = Callable[..., Service]
@@ -72,30 +71,8 @@ def soak_pg(pg_home: Path) -> Iterator[PostgresServer]:
 
 def publisher(svc: Service) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlqproc",
-            "publish",
-            "--url",
-            svc.nats_url,
-            "--count",
-            str(EVENTS),
-            "--tenants",
-            ",".join(TENANTS),
-            "--seed",
-            str(SEED),
-            "--now",
-            str(NOW),
-            "--history-batch",
-            "20",
-            "--invalid-rate",
-            str(INVALID_RATE),
-            # Paced, so that every fault lands while events are in flight.
-            "--rate",
-            str(RATE),
-            "--quiet",
-        ],
+        # Paced, so that every fault lands while events are in flight.
+        publish_command(svc.nats_url, EVENTS, SEED, INVALID_RATE, "--rate", str(RATE)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -153,14 +130,7 @@ def test_chaos_soak_loses_nothing_and_invents_nothing(
     invalid, orphans, ids = expected(EVENTS, SEED, INVALID_RATE)
     exhausted = svc.exhausted()
     reasons = [r["reason"] for r in exhausted]
-    got = {
-        table: {
-            f"{t}/{i}"
-            for t in TENANTS
-            for (i,) in svc.query(f"SELECT {table[:-1]}_id FROM daisi_{t}.{table}")
-        }
-        for table in ids
-    }
+    got = stored_ids(svc.query, ids)
     lost = {table: len(want - got[table]) for table, want in ids.items()}
     invented = {table: len(got[table] - want) for table, want in ids.items()}
     print(

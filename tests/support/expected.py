@@ -1,13 +1,48 @@
-"""What a seeded run of `dlqproc publish` must leave behind (for tests that check counts)."""
+"""A seeded run of `dlqproc publish`, and what it must leave behind (for count checks)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from dlqproc.generate import Generator
 
 TENANTS = ("acme", "globex", "initech")
 NOW = 1764400000
+
+
+def publish_command(url: str, n: int, seed: int, invalid_rate: float, *extra: str) -> list[str]:
+    """`dlqproc publish` of n generated events for TENANTS, as `expected` counts them."""
+    return [
+        sys.executable, "-m", "dlqproc", "publish",
+        "--url", url,
+        "--count", str(n),
+        "--tenants", ",".join(TENANTS),
+        "--seed", str(seed),
+        "--now", str(NOW),
+        "--history-batch", "20",
+        "--invalid-rate", str(invalid_rate),
+        "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def publish(
+    url: str, n: int, env: dict[str, str], seed: int = 7, invalid_rate: float = 0.02
+) -> None:
+    """Publish n generated events and check JetStream acknowledged every one."""
+    out = subprocess.run(
+        publish_command(url, n, seed, invalid_rate),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"acknowledged {n}," in out.stdout
 
 
 def expected(n: int, seed: int, invalid_rate: float) -> tuple[int, int, dict[str, set[str]]]:
@@ -58,3 +93,17 @@ def _bases() -> tuple[str, ...]:
     from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 
     return (*REALTIME_BASES, *HISTORY_BASES)
+
+
+def stored_ids(
+    query: Callable[[str], list[tuple[Any, ...]]], tables: Iterable[str]
+) -> dict[str, set[str]]:
+    """Per table, "<tenant>/<id>" of every row: what `expected` says must be there."""
+    return {
+        table: {
+            f"{t}/{i}"
+            for t in TENANTS
+            for (i,) in query(f"SELECT {table[:-1]}_id FROM daisi_{t}.{table}")
+        }
+        for table in tables
+    }

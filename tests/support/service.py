@@ -234,31 +234,37 @@ class Service:
 
         return asyncio.run(go())
 
-    def dlq_messages(self) -> list[dict[str, Any]]:
-        """Every message in the DLQ stream, decoded, with its headers."""
+    def _stored(self) -> list[tuple[int, Any]]:
+        """(sequence, raw message) of every message still in the DLQ stream."""
 
-        async def go() -> list[dict[str, Any]]:
+        async def go() -> list[tuple[int, Any]]:
             nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
             try:
                 js = nc.jetstream()
                 info = await js.stream_info(self.stream)
-                out: list[dict[str, Any]] = []
+                out: list[tuple[int, Any]] = []
                 if not info.state.messages:
                     return out
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     try:
-                        raw = await js.get_msg(self.stream, seq)
+                        out.append((seq, await js.get_msg(self.stream, seq)))
                     except nats.js.errors.NotFoundError:
                         continue
-                    body = json.loads(raw.data or b"null")
-                    body["_subject"] = raw.subject
-                    body["_headers"] = dict(raw.headers or {})
-                    out.append(body)
                 return out
             finally:
                 await nc.close()
 
         return asyncio.run(go())
+
+    def dlq_messages(self) -> list[dict[str, Any]]:
+        """Every message in the DLQ stream, decoded, with its headers."""
+        out = []
+        for _, raw in self._stored():
+            body = json.loads(raw.data or b"null")
+            body["_subject"] = raw.subject
+            body["_headers"] = dict(raw.headers or {})
+            out.append(body)
+        return out
 
     def consumer(self) -> dict[str, int]:
         async def go() -> dict[str, int]:
@@ -384,39 +390,19 @@ class Service:
         "_subject" and "_headers".
         """
 
-        async def go() -> dict[str, dict[str, Any]]:
-            nc = await nats.connect(self.nats_url.split(","), connect_timeout=5)
+        out: dict[str, dict[str, Any]] = {}
+        for seq, raw in self._stored():
+            headers = dict(raw.headers or {})
+            msg_id = headers.get("Nats-Msg-Id", "")
+            if not msg_id.startswith("dlq-"):
+                continue
             try:
-                js = nc.jetstream()
-                info = await js.stream_info(self.stream)
-                out: dict[str, dict[str, Any]] = {}
-                if not info.state.messages:
-                    return out
-                for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                    try:
-                        raw = await js.get_msg(self.stream, seq)
-                    except nats.js.errors.NotFoundError:
-                        continue
-                    headers = dict(raw.headers or {})
-                    msg_id = headers.get("Nats-Msg-Id", "")
-                    if not msg_id.startswith("dlq-"):
-                        continue
-                    try:
-                        body = json.loads((raw.data or b"null").decode("utf-8", "replace"))
-                    except (ValueError, RecursionError):
-                        body = {}
-                    body = body if isinstance(body, dict) else {}
-                    out[msg_id] = {
-                        **body,
-                        "_seq": seq,
-                        "_subject": raw.subject,
-                        "_headers": headers,
-                    }
-                return out
-            finally:
-                await nc.close()
-
-        return asyncio.run(go())
+                body = json.loads((raw.data or b"null").decode("utf-8", "replace"))
+            except (ValueError, RecursionError):
+                body = {}
+            body = body if isinstance(body, dict) else {}
+            out[msg_id] = {**body, "_seq": seq, "_subject": raw.subject, "_headers": headers}
+        return out
 
     def exhausted_of(self, stream: str, seq: int) -> dict[str, Any] | None:
         """The exhausted row of a message: stored directly, or through the DLQ message
