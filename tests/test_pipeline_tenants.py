@@ -17,19 +17,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from test_pipeline import CHAT
 
 from support.service import Service, envelope, wait_until
 
 Make = Callable[..., Service]
-CHAT = {
-    "chat_id": "c1",
-    "jid": "111@s.whatsapp.net",
-    "agent_id": "ag1",
-    "phone_number": "111",
-    "push_name": "Ann",
-    "unread_count": 2,
-    "conversation_timestamp": 1764400000,
-}
 
 
 def chats(svc: Service, tenant: str) -> list[dict[str, Any]]:

@@ -725,7 +725,7 @@ class Evidence:
                 try:
                     rows = self.svc.query(
                         f"SELECT last_metadata->>'stream', last_metadata->>'stream_seq'"
-                        f" FROM daisi_{tenant.lower()}.{table}"
+                        f" FROM daisi_{tenant}.{table}"
                     )
                 except psycopg.errors.UndefinedTable:
                     continue
@@ -754,7 +754,7 @@ class Evidence:
         try:
             return bool(
                 self.svc.query(
-                    f"SELECT 1 FROM daisi_{tenant.lower()}.{table} WHERE {where} LIMIT 1",
+                    f"SELECT 1 FROM daisi_{tenant}.{table} WHERE {where} LIMIT 1",
                     tuple(values),
                 )
             )
