@@ -20,10 +20,97 @@ SCHEMA = "daisi_acme"
 TABLES = {"chats", "contacts", "agents", "messages"}
 
 
-def apply_ddl(conn: psycopg.Connection[Any]) -> None:
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
-    for ddl in TENANT_DDL:
-        conn.execute(sql.SQL(ddl).format(schema=sql.Identifier(SCHEMA)))
+# TENANT_DDL as the previous version had it, before the zero-value defaults:
+# the tables an earlier version left behind, which start-up must bring up to date.
+_PREVIOUS_TIMES = """
+        last_metadata jsonb,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()"""
+
+PREVIOUS_DDL: tuple[str, ...] = (
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.chats (
+        chat_id text PRIMARY KEY,
+        jid text,
+        company_id text NOT NULL,
+        agent_id text,
+        phone_number text,
+        push_name text,
+        custom_name text,
+        is_group boolean,
+        group_name text,
+        last_message jsonb,
+        conversation_timestamp bigint,
+        unread_count bigint,
+        not_spam boolean,{_PREVIOUS_TIMES}
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.contacts (
+        chat_id text PRIMARY KEY,
+        phone_number text,
+        company_id text NOT NULL,
+        agent_id text,
+        push_name text,{_PREVIOUS_TIMES}
+    )""",
+    "CREATE INDEX IF NOT EXISTS contacts_phone_number_agent_id"
+    " ON {schema}.contacts (phone_number, agent_id)",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.agents (
+        agent_id text PRIMARY KEY,
+        company_id text NOT NULL,
+        qr_code text,
+        status text,
+        agent_name text,
+        host_name text,
+        version text,
+        phone_number text,{_PREVIOUS_TIMES}
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {{schema}}.messages (
+        message_id text NOT NULL,
+        from_phone text,
+        to_phone text,
+        chat_id text,
+        jid text,
+        message_text text,
+        message_url text,
+        message_type text,
+        company_id text NOT NULL,
+        key jsonb,
+        edited_message_obj jsonb,
+        message_obj jsonb,
+        flow text CHECK (flow IN ('IN', 'OUT')),
+        agent_id text,
+        status text,
+        is_deleted boolean NOT NULL DEFAULT false,
+        message_timestamp bigint,
+        message_date date NOT NULL,
+        campaign jsonb,{_PREVIOUS_TIMES},
+        PRIMARY KEY (message_id, message_date)
+    ) PARTITION BY RANGE (message_date)""",
+    "CREATE TABLE IF NOT EXISTS {schema}.messages_default PARTITION OF {schema}.messages DEFAULT",
+    "CREATE INDEX IF NOT EXISTS messages_message_id ON {schema}.messages (message_id)",
+    "CREATE INDEX IF NOT EXISTS messages_chat_id_message_timestamp"
+    " ON {schema}.messages (chat_id, message_timestamp)",
+)
+
+
+def apply_ddl(
+    conn: psycopg.Connection[Any], ddl: Sequence[str] = TENANT_DDL, schema: str = SCHEMA
+) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    for statement in ddl:
+        conn.execute(sql.SQL(statement).format(schema=sql.Identifier(schema)))
+
+
+def column_defaults(dsn: str, schema: str) -> dict[tuple[str, str], str | None]:
+    """(table, column) -> its default expression, for the tenant tables of `schema`."""
+    return {
+        (t, c): d
+        for t, c, d in query(
+            dsn,
+            "SELECT table_name, column_name, column_default FROM information_schema.columns"
+            " WHERE table_schema = %s",
+            (schema,),
+        )
+        if t in TABLES
+    }
 
 
 def query(dsn: str, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -257,3 +344,75 @@ def test_messages_at_the_timestamp_bounds_are_stored(dsn: str) -> None:
     assert query(
         dsn, f"SELECT message_id, message_date::text FROM {SCHEMA}.messages ORDER BY 2"
     ) == [("first", "2009-01-01"), ("last", "9998-12-31")]
+
+
+# Zero-value defaults on the tables of an earlier version -------------------------
+
+
+def test_tables_of_the_previous_ddl_get_the_zero_value_defaults(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_ddl(conn, PREVIOUS_DDL)
+        conn.execute(
+            f"INSERT INTO {SCHEMA}.chats (chat_id, jid, company_id, agent_id, phone_number)"
+            " VALUES ('old', 'j', 'acme', 'a1', '1')"
+        )
+        # A default someone else chose (the old service's schema) is theirs.
+        conn.execute(f"ALTER TABLE {SCHEMA}.chats ALTER COLUMN custom_name SET DEFAULT 'x'")
+        before = column_defaults(dsn, SCHEMA)
+        apply_ddl(conn)
+        apply_ddl(conn)
+        apply_ddl(conn, schema="daisi_fresh")
+    fresh = column_defaults(dsn, "daisi_fresh")
+    migrated = column_defaults(dsn, SCHEMA)
+    assert migrated == {**fresh, ("chats", "custom_name"): "'x'::text"}
+    assert migrated != before
+    assert fresh[("chats", "unread_count")] == "0"
+    assert fresh[("agents", "qr_code")] == "''::text"
+    assert fresh[("messages", "last_metadata")] is None
+    # Existing NULLs are not backfilled (README, "Table semantics").
+    assert query(dsn, f"SELECT unread_count, is_group, push_name FROM {SCHEMA}.chats") == [
+        (None, None, None)
+    ]
+    # Rows inserted from now on, into the parent or a month's partition, get them.
+    assert write(
+        dsn,
+        ("v1.chats.upsert", {k: CHAT[k] for k in ("chat_id", "jid", "agent_id", "phone_number")}),
+    ) == [Written()]
+    minimal = {k: MESSAGE[k] for k in ("message_id", "chat_id", "jid", "flow", "agent_id")}
+    dated = {**minimal, "message_id": "M2", "message_timestamp": T}
+    assert (
+        write(dsn, ("v1.messages.upsert", minimal), ("v1.messages.upsert", dated))
+        == [Written()] * 2
+    )
+    assert query(
+        dsn, f"SELECT unread_count, is_group, push_name FROM {SCHEMA}.chats WHERE chat_id = 'c1'"
+    ) == [(0, False, "")]
+    assert query(
+        dsn,
+        f"SELECT message_id, tableoid::regclass::text, message_text, status, message_timestamp"
+        f" FROM {SCHEMA}.messages ORDER BY 1",
+    ) == [
+        ("M1", f"{SCHEMA}.messages_default", "", "", 0),
+        ("M2", f"{SCHEMA}.messages_2025_11", "", "", T),
+    ]
+
+
+def test_reapplying_the_ddl_does_not_wait_behind_a_reader(dsn: str) -> None:
+    """Defaults in place: the DDL alters nothing, so an operator's long query never blocks it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        apply_ddl(conn, PREVIOUS_DDL)
+    with psycopg.connect(dsn) as reader, psycopg.connect(dsn, autocommit=True) as conn:
+        reader.execute(f"SELECT count(*) FROM {SCHEMA}.chats")  # holds ACCESS SHARE until rollback
+        conn.execute("SET lock_timeout = '1s'")
+        # Needing the defaults, the ALTER waits for the reader (and gives up).
+        try:
+            apply_ddl(conn)
+        except psycopg.errors.LockNotAvailable:
+            pass
+        else:
+            raise AssertionError("the ALTER did not wait for the reader")
+        reader.rollback()
+        apply_ddl(conn)
+        reader.execute(f"SELECT count(*) FROM {SCHEMA}.chats")
+        apply_ddl(conn)  # everything in place: no lock the reader holds up
+        reader.rollback()

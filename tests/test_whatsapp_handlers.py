@@ -156,6 +156,97 @@ REQUIRED: dict[str, list[str]] = {
     "v1.connection.update": ["agent_id"],
 }
 
+# The table semantics the README documents, written out here independently of
+# the handlers so that a change to either fails a test. Per table: the key,
+# the columns a repeated upsert overwrites when present, the ones that only move
+# forward, the ones only an insert sets, and the columns each update writes.
+# last_metadata (and updated_at) are rewritten by every write.
+KEYS: dict[str, set[str]] = {
+    "chats": {"chat_id"},
+    "messages": {"message_id", "message_date"},
+    "contacts": {"chat_id"},
+    "agents": {"agent_id"},
+}
+UPSERT_CHANGES: dict[str, set[str]] = {
+    "chats": {
+        "push_name",
+        "custom_name",
+        "is_group",
+        "group_name",
+        "last_message",
+        "unread_count",
+        "not_spam",
+    },
+    "messages": {"message_text", "message_type", "message_obj", "campaign"},
+    "contacts": {"push_name"},
+    "agents": {"qr_code", "status", "agent_name", "host_name", "version", "phone_number"},
+}
+MONOTONIC: dict[str, set[str]] = {
+    "chats": {"conversation_timestamp"},
+    "messages": set(),
+    "contacts": set(),
+    "agents": set(),
+}
+INSERT_ONLY: dict[str, set[str]] = {
+    "chats": {"jid", "company_id", "agent_id", "phone_number"},
+    "messages": {
+        "chat_id",
+        "jid",
+        "flow",
+        "agent_id",
+        "key",
+        "from_phone",
+        "to_phone",
+        "company_id",
+        "message_timestamp",
+        "status",
+        "message_url",
+    },
+    "contacts": {"phone_number", "agent_id", "company_id"},
+    "agents": {"company_id"},
+}
+UPDATE_CHANGES: dict[str, set[str]] = {
+    "v1.chats.update": {"unread_count", "last_message", "conversation_timestamp"},
+    "v1.messages.update": {"status", "edited_message_obj", "is_deleted", "message_url"},
+    "v1.contacts.update": {"push_name"},
+}
+# The zero value an insert stores for an absent field; objects stay NULL.
+ZERO_VALUES: dict[str, dict[str, Any]] = {
+    "chats": {
+        "push_name": "",
+        "custom_name": "",
+        "is_group": False,
+        "group_name": "",
+        "conversation_timestamp": 0,
+        "unread_count": 0,
+        "not_spam": False,
+        "last_message": None,
+    },
+    "messages": {
+        "from_phone": "",
+        "to_phone": "",
+        "message_text": "",
+        "message_url": "",
+        "message_type": "",
+        "status": "",
+        "is_deleted": False,
+        "message_timestamp": 0,
+        "key": None,
+        "message_obj": None,
+        "edited_message_obj": None,
+        "campaign": None,
+    },
+    "contacts": {},
+    "agents": {
+        "qr_code": "",
+        "status": "",
+        "agent_name": "",
+        "host_name": "",
+        "version": "",
+        "phone_number": "",
+    },
+}
+
 
 def test_registry_covers_every_event_type() -> None:
     assert set(HANDLERS) == set(EVENT_TYPES) == set(VALID) == set(REQUIRED)
@@ -222,14 +313,19 @@ def test_chats_update() -> None:
         ("chat_id",),
         ("conversation_timestamp",),
     )
+    # agent_id is validated, never written: a chat's agent is an identity column.
     assert op.values == {
         "chat_id": "123@s.whatsapp.net",
-        "company_id": "acme",
-        "agent_id": "agent-1",
         "unread_count": 1,
         "conversation_timestamp": 1764410400,
         "last_metadata": last_metadata("v1.chats.update"),
     }
+    permanent("v1.chats.update", {"chat_id": "c"})
+    permanent(
+        "v1.chats.update",
+        {**VALID["v1.chats.update"], "company_id": "globex"},
+        Reason.INVALID_TENANT,
+    )
 
 
 def test_history_chats() -> None:
@@ -318,9 +414,10 @@ def test_message_without_timestamp_is_dated_by_the_epoch_on_every_replay() -> No
         assert "message_timestamp" not in op.values
 
 
-def test_message_upsert_leaves_update_owned_columns_to_updates() -> None:
+def test_message_upsert_leaves_update_owned_and_identity_columns_alone() -> None:
     (op,) = handle("v1.messages.upsert", MESSAGE)
-    assert set(op.insert_only) == {"status", "message_url"}
+    assert set(op.insert_only) == INSERT_ONLY["messages"]
+    assert {"status", "message_url", "agent_id", "flow", "key"} <= set(op.insert_only)
 
 
 def test_messages_update() -> None:
@@ -684,6 +781,91 @@ def test_same_event_same_rows() -> None:
         for op in HANDLERS[base](ev):
             assert all(k in op.values for k in op.key)
             assert set(op.monotonic) <= {"conversation_timestamp"}
+
+
+# Table semantics: what a repeated upsert and an update may change --------------
+
+# Every field each event can carry, all present.
+FULL_UPSERTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "v1.chats.upsert": (
+        "chats",
+        {**CHAT, "custom_name": "C", "group_name": "G", "not_spam": True},
+    ),
+    "v1.messages.upsert": ("messages", {**MESSAGE, "message_url": "https://x/y"}),
+    "v1.contacts.upsert": ("contacts", CONTACT),
+    "v1.connection.update": (
+        "agents",
+        {**VALID["v1.connection.update"], "qr_code": "q", "agent_name": "n", "host_name": "h"},
+    ),
+}
+FULL_UPDATES: dict[str, dict[str, Any]] = {
+    "v1.chats.update": {**VALID["v1.chats.update"], "last_message": {"text": "x"}},
+    "v1.messages.update": {
+        **VALID["v1.messages.update"],
+        "edited_message_obj": {"text": "y"},
+        "is_deleted": True,
+        "message_url": "https://x/z",
+    },
+    "v1.contacts.update": VALID["v1.contacts.update"],
+}
+
+
+def partial(data: st.DataObject, base: str, full: dict[str, Any]) -> dict[str, Any]:
+    """`full` without some optional fields, and with some others null (absent too)."""
+    optional = sorted(set(full) - set(REQUIRED[base]))
+    absent = data.draw(st.sets(st.sampled_from(optional)), label="absent")
+    nulls = data.draw(st.sets(st.sampled_from(optional)), label="null")
+    return {k: None if k in nulls else v for k, v in full.items() if k not in absent}
+
+
+def sent(payload: dict[str, Any]) -> set[str]:
+    return {k for k, v in payload.items() if v is not None}
+
+
+def test_the_documented_column_sets_do_not_overlap() -> None:
+    for table in KEYS:
+        sets = [KEYS[table], UPSERT_CHANGES[table], MONOTONIC[table], INSERT_ONLY[table]]
+        assert sum(map(len, sets)) == len(set().union(*sets)), table
+
+
+@given(data=st.data())
+def test_an_upsert_changes_on_conflict_exactly_the_documented_columns_it_carries(
+    data: st.DataObject,
+) -> None:
+    base = data.draw(st.sampled_from(sorted(FULL_UPSERTS)), label="base")
+    table, full = FULL_UPSERTS[base]
+    payload = partial(data, base, full)
+    (op,) = handle(base, payload)
+    carried = sent(payload) | {"company_id"}  # filled from the subject when absent
+    assert (op.op, op.table) == ("upsert", table)
+    assert set(op.key) == KEYS[table]
+    assert set(op.insert_only) == INSERT_ONLY[table]
+    assert set(op.monotonic) == MONOTONIC[table]
+    # Absent fields are not written at all: the insert takes the column default,
+    # a conflict keeps the stored value.
+    assert set(op.values) - {"last_metadata", "message_date"} == carried
+    overwritten = set(op.values) - set(op.key) - set(op.insert_only)
+    assert overwritten == carried & (UPSERT_CHANGES[table] | MONOTONIC[table]) | {"last_metadata"}
+
+
+@given(data=st.data())
+def test_an_update_writes_only_the_documented_columns_it_carries(data: st.DataObject) -> None:
+    base = data.draw(st.sampled_from(sorted(FULL_UPDATES)), label="base")
+    payload = partial(data, base, FULL_UPDATES[base])
+    (op,) = handle(base, payload)
+    assert op.op == "update"
+    assert set(op.values) - set(op.key) == sent(payload) & UPDATE_CHANGES[base] | {"last_metadata"}
+
+
+def test_history_items_follow_the_single_upserts_rules() -> None:
+    for base, items, single in (
+        ("v1.history.chats", "chats", "v1.chats.upsert"),
+        ("v1.history.messages", "messages", "v1.messages.upsert"),
+        ("v1.history.contacts", "contacts", "v1.contacts.upsert"),
+    ):
+        (one,) = handle(single, FULL_UPSERTS[single][1])
+        (op,) = handle(base, {items: [FULL_UPSERTS[single][1]]})
+        assert (op.key, op.insert_only, op.monotonic) == (one.key, one.insert_only, one.monotonic)
 
 
 # Properties -----------------------------------------------------------------

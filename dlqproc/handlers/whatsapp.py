@@ -18,9 +18,22 @@ Timestamps are unix seconds from 2009-01-01T00:00:00Z (1230768000) to the
 earlier of `event.not_after` and 9998-12-31T23:59:59Z (see payloads), or 0.
 messages.upsert without `message_timestamp` (or with 0) is dated 1970-01-01: `message_date`
 is part of the row's key, so it must come from the event itself for a replay to
-land on the same row. The columns a messages.update owns (status, message_url)
-are written by an upsert only when it inserts the row, so a replayed upsert
-cannot undo a later update.
+land on the same row.
+
+What a repeated upsert may change (README, "Table semantics"):
+- identity columns (whose the row is and what it is about: agent, chat, jid,
+  phones, flow, key, a message's timestamp) are written only when the row is
+  inserted, as the old service did; a replay, a correction or another agent's
+  history never moves a row. Updates never write them either;
+- the columns a messages.update owns (status, message_url) are written by an
+  upsert only when it inserts the row, so a replayed upsert cannot undo a
+  later update;
+- every other column present in the event is overwritten (a correction wins).
+
+Absent fields get the old service's zero values ('', 0, false) from column
+defaults when a row is inserted (Go producers omit zero values); objects stay
+NULL, as a Go nil map did. ZERO_DEFAULTS lists them; TENANT_DDL creates them on
+new tables and adds them to tables an earlier version created.
 """
 
 from __future__ import annotations
@@ -115,6 +128,26 @@ def _present(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# Identity columns per table: set when a row is inserted, never changed by a
+# later upsert or update (see the module docstring). A message's status and
+# message_url belong to messages.update once the row exists.
+CHAT_IDENTITY = ("jid", "company_id", "agent_id", "phone_number")
+MESSAGE_IDENTITY = (
+    "chat_id",
+    "jid",
+    "flow",
+    "agent_id",
+    "key",
+    "from_phone",
+    "to_phone",
+    "company_id",
+    "message_timestamp",
+)
+MESSAGE_UPDATE_OWNED = ("status", "message_url")
+CONTACT_IDENTITY = ("phone_number", "agent_id", "company_id")
+AGENT_IDENTITY = ("company_id",)
+
+
 # chats ---------------------------------------------------------------------
 
 
@@ -145,6 +178,7 @@ def _chat_upsert(event: Event, chat: ChatUpsert, meta: dict[str, Any], where: st
         key=("chat_id",),
         values=values,
         monotonic=("conversation_timestamp",),
+        insert_only=CHAT_IDENTITY,
     )
 
 
@@ -155,11 +189,12 @@ def handle_chats_upsert(event: Event) -> Sequence[RowOp]:
 def handle_chats_update(event: Event) -> Sequence[RowOp]:
     chat = _decode(event, ChatUpdate)
     _not_after(event, "conversation_timestamp", chat.conversation_timestamp)
+    _company(event, chat.company_id)
+    # agent_id is required and validated, never written: the chat's agent is
+    # an identity column (as the old service had it).
     values = _present(
         {
             "chat_id": chat.chat_id,
-            "company_id": _company(event, chat.company_id),
-            "agent_id": chat.agent_id,
             "unread_count": chat.unread_count,
             "last_message": chat.last_message,
             "conversation_timestamp": chat.conversation_timestamp,
@@ -233,7 +268,7 @@ def _message_upsert(
         table="messages",
         key=("message_id", "message_date"),
         values=values,
-        insert_only=("status", "message_url"),
+        insert_only=MESSAGE_IDENTITY + MESSAGE_UPDATE_OWNED,
         partition=f"{date.year:04d}-{date.month:02d}",
     )
 
@@ -294,6 +329,7 @@ def _contact_upsert(
             "push_name": contact.push_name,
             "last_metadata": meta,
         },
+        insert_only=CONTACT_IDENTITY,
     )
 
 
@@ -343,7 +379,15 @@ def handle_connection_update(event: Event) -> Sequence[RowOp]:
         }
     )
     values["last_metadata"] = last_metadata(event)
-    return (RowOp(op="upsert", table="agents", key=("agent_id",), values=values),)
+    return (
+        RowOp(
+            op="upsert",
+            table="agents",
+            key=("agent_id",),
+            values=values,
+            insert_only=AGENT_IDENTITY,
+        ),
+    )
 
 
 HANDLERS: dict[str, Callable[[Event], Sequence[RowOp]]] = {
@@ -359,70 +403,164 @@ HANDLERS: dict[str, Callable[[Event], Sequence[RowOp]]] = {
     "v1.connection.update": handle_connection_update,
 }
 
-_TIMES = """
-        last_metadata jsonb,
-        created_at timestamptz NOT NULL DEFAULT now(),
-        updated_at timestamptz NOT NULL DEFAULT now()"""
+# The old service's zero values for the fields a producer may omit (a Go
+# producer omits zero values), as SQL default expressions. Objects (last_message,
+# key, message_obj, edited_message_obj, campaign) have none: the old service
+# stored a nil map as NULL, and '{}' would claim an object nobody sent. Columns
+# an upsert requires need none either. No NOT NULL is added: the contract
+# records none for these columns, and on a table of an earlier version it
+# would take a full scan under an exclusive lock (and fail on its NULLs).
+_TEXT, _ZERO, _FALSE = "''", "0", "false"
+ZERO_DEFAULTS: dict[str, dict[str, str]] = {
+    "chats": {
+        "push_name": _TEXT,
+        "custom_name": _TEXT,
+        "is_group": _FALSE,
+        "group_name": _TEXT,
+        "conversation_timestamp": _ZERO,
+        "unread_count": _ZERO,
+        "not_spam": _FALSE,
+    },
+    "contacts": {},
+    "agents": {
+        "qr_code": _TEXT,
+        "status": _TEXT,
+        "agent_name": _TEXT,
+        "host_name": _TEXT,
+        "version": _TEXT,
+        "phone_number": _TEXT,
+    },
+    "messages": {
+        "from_phone": _TEXT,
+        "to_phone": _TEXT,
+        "message_text": _TEXT,
+        "message_url": _TEXT,
+        "message_type": _TEXT,
+        "status": _TEXT,
+        "is_deleted": _FALSE,
+        "message_timestamp": _ZERO,
+    },
+}
+
+_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "chats": (
+        ("chat_id", "text PRIMARY KEY"),
+        ("jid", "text"),
+        ("company_id", "text NOT NULL"),
+        ("agent_id", "text"),
+        ("phone_number", "text"),
+        ("push_name", "text"),
+        ("custom_name", "text"),
+        ("is_group", "boolean"),
+        ("group_name", "text"),
+        ("last_message", "jsonb"),
+        ("conversation_timestamp", "bigint"),
+        ("unread_count", "bigint"),
+        ("not_spam", "boolean"),
+    ),
+    "contacts": (
+        ("chat_id", "text PRIMARY KEY"),
+        ("phone_number", "text"),
+        ("company_id", "text NOT NULL"),
+        ("agent_id", "text"),
+        ("push_name", "text"),
+    ),
+    "agents": (
+        ("agent_id", "text PRIMARY KEY"),
+        ("company_id", "text NOT NULL"),
+        ("qr_code", "text"),
+        ("status", "text"),
+        ("agent_name", "text"),
+        ("host_name", "text"),
+        ("version", "text"),
+        ("phone_number", "text"),
+    ),
+    "messages": (
+        ("message_id", "text NOT NULL"),
+        ("from_phone", "text"),
+        ("to_phone", "text"),
+        ("chat_id", "text"),
+        ("jid", "text"),
+        ("message_text", "text"),
+        ("message_url", "text"),
+        ("message_type", "text"),
+        ("company_id", "text NOT NULL"),
+        ("key", "jsonb"),
+        ("edited_message_obj", "jsonb"),
+        ("message_obj", "jsonb"),
+        ("flow", "text CHECK (flow IN ('IN', 'OUT'))"),
+        ("agent_id", "text"),
+        ("status", "text"),
+        ("is_deleted", "boolean NOT NULL"),
+        ("message_timestamp", "bigint"),
+        ("message_date", "date NOT NULL"),
+        ("campaign", "jsonb"),
+    ),
+}
+_TIMES = (
+    ("last_metadata", "jsonb"),
+    ("created_at", "timestamptz NOT NULL DEFAULT now()"),
+    ("updated_at", "timestamptz NOT NULL DEFAULT now()"),
+)
+
+
+def _create(table: str, tail: str = "", after: str = "") -> str:
+    defaults = ZERO_DEFAULTS[table]
+    lines = [
+        f"{name} {kind}" + (f" DEFAULT {defaults[name]}" if name in defaults else "")
+        for name, kind in _COLUMNS[table] + _TIMES
+    ]
+    body = ",\n        ".join([*lines, *([tail] if tail else [])])
+    return f"CREATE TABLE IF NOT EXISTS {{schema}}.{table} (\n        {body}\n    ){after}"
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# Tables created by an earlier version lack the defaults: add each one whose
+# column has no default yet. Only then is the table altered (an ALTER takes an
+# exclusive lock, and this runs on a tenant's first write after every start);
+# a default someone else set (the old service's own schema) is left alone.
+# Existing NULLs are not backfilled here (README, "Table semantics").
+_ADD_DEFAULTS = """DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN
+        SELECT a.attrelid::regclass AS rel, a.attname, d.expr
+        FROM (VALUES
+            {values}
+        ) AS d(tbl, col, expr)
+        JOIN pg_attribute a
+          ON a.attrelid = to_regclass('{{schema}}.' || quote_ident(d.tbl))
+         AND a.attname = d.col AND NOT a.attisdropped AND NOT a.atthasdef
+    LOOP
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT %s', c.rel, c.attname, c.expr);
+    END LOOP;
+END
+$$""".format(
+    values=",\n            ".join(
+        f"({_sql_text(t)}, {_sql_text(c)}, {_sql_text(e)})"
+        for t, cols in ZERO_DEFAULTS.items()
+        for c, e in cols.items()
+    )
+)
 
 TENANT_DDL: tuple[str, ...] = (
-    f"""CREATE TABLE IF NOT EXISTS {{schema}}.chats (
-        chat_id text PRIMARY KEY,
-        jid text,
-        company_id text NOT NULL,
-        agent_id text,
-        phone_number text,
-        push_name text,
-        custom_name text,
-        is_group boolean,
-        group_name text,
-        last_message jsonb,
-        conversation_timestamp bigint,
-        unread_count bigint,
-        not_spam boolean,{_TIMES}
-    )""",
-    f"""CREATE TABLE IF NOT EXISTS {{schema}}.contacts (
-        chat_id text PRIMARY KEY,
-        phone_number text,
-        company_id text NOT NULL,
-        agent_id text,
-        push_name text,{_TIMES}
-    )""",
+    _create("chats"),
+    _create("contacts"),
     "CREATE INDEX IF NOT EXISTS contacts_phone_number_agent_id"
     " ON {schema}.contacts (phone_number, agent_id)",
-    f"""CREATE TABLE IF NOT EXISTS {{schema}}.agents (
-        agent_id text PRIMARY KEY,
-        company_id text NOT NULL,
-        qr_code text,
-        status text,
-        agent_name text,
-        host_name text,
-        version text,
-        phone_number text,{_TIMES}
-    )""",
-    f"""CREATE TABLE IF NOT EXISTS {{schema}}.messages (
-        message_id text NOT NULL,
-        from_phone text,
-        to_phone text,
-        chat_id text,
-        jid text,
-        message_text text,
-        message_url text,
-        message_type text,
-        company_id text NOT NULL,
-        key jsonb,
-        edited_message_obj jsonb,
-        message_obj jsonb,
-        flow text CHECK (flow IN ('IN', 'OUT')),
-        agent_id text,
-        status text,
-        is_deleted boolean NOT NULL DEFAULT false,
-        message_timestamp bigint,
-        message_date date NOT NULL,
-        campaign jsonb,{_TIMES},
-        PRIMARY KEY (message_id, message_date)
-    ) PARTITION BY RANGE (message_date)""",
+    _create("agents"),
+    _create(
+        "messages",
+        tail="PRIMARY KEY (message_id, message_date)",
+        after=" PARTITION BY RANGE (message_date)",
+    ),
     "CREATE TABLE IF NOT EXISTS {schema}.messages_default PARTITION OF {schema}.messages DEFAULT",
     "CREATE INDEX IF NOT EXISTS messages_message_id ON {schema}.messages (message_id)",
     "CREATE INDEX IF NOT EXISTS messages_chat_id_message_timestamp"
     " ON {schema}.messages (chat_id, message_timestamp)",
+    _ADD_DEFAULTS,
 )
