@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -40,7 +41,17 @@ def ensure_env() -> None:
 
 
 def run(*cmd: str) -> int:
-    return subprocess.call(list(cmd), cwd=ROOT)
+    child = subprocess.Popen(list(cmd), cwd=ROOT)
+    # Ctrl-C reaches the child too (the terminal signals the whole foreground
+    # group), and the child decides what it means: dev.py waits for it to stop
+    # rather than dying with a traceback and leaving it behind. Ignored only
+    # now: a child started with SIGINT ignored would inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 128 - code if code < 0 else code
 
 
 def main(argv: list[str]) -> int:

@@ -231,7 +231,10 @@ async def _run(
     try:
         # Every server of nats.url is tried (nats-py's server list), until one accepts.
         broker = await Broker.connect(
-            cfg.nats.url, timeout=cfg.nats.startup_timeout, api_timeout=cfg.nats.api_timeout
+            cfg.nats.url,
+            timeout=cfg.nats.startup_timeout,
+            api_timeout=cfg.nats.api_timeout,
+            credentials=cfg.nats,
         )
     except Exception as exc:
         # Refused credentials end the wait at once, and say so.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import ParseResult
 
 import msgspec
@@ -394,6 +395,53 @@ def _refusal(exc: Exception) -> bool:
     )
 
 
+class Credentials(Protocol):
+    """NATS credentials and TLS files (config's nats section has them)."""
+
+    @property
+    def user(self) -> str: ...
+    @property
+    def password(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def nkey_seed_file(self) -> str: ...
+    @property
+    def creds_file(self) -> str: ...
+    @property
+    def tls_ca_file(self) -> str: ...
+    @property
+    def tls_cert_file(self) -> str: ...
+    @property
+    def tls_key_file(self) -> str: ...
+
+
+def connect_options(creds: Credentials | None) -> dict[str, Any]:
+    """nats-py's connect arguments for `creds` (the files are read by nats-py itself).
+
+    With a CA or a client certificate the connection uses TLS whenever the
+    server asks for it (a tls:// URL asks too); without them a tls:// URL
+    verifies the server by the system's CAs.
+    """
+    if creds is None:
+        return {}
+    options: dict[str, Any] = {}
+    if creds.user:
+        options.update(user=creds.user, password=creds.password)
+    if creds.token:
+        options["token"] = creds.token
+    if creds.nkey_seed_file:
+        options["nkeys_seed"] = creds.nkey_seed_file
+    if creds.creds_file:
+        options["user_credentials"] = creds.creds_file
+    if creds.tls_ca_file or creds.tls_cert_file:
+        context = ssl.create_default_context(cafile=creds.tls_ca_file or None)
+        if creds.tls_cert_file:
+            context.load_cert_chain(creds.tls_cert_file, creds.tls_key_file)
+        options["tls"] = context
+    return options
+
+
 class Broker:
     """Owns the NATS connection, the streams and consumers dlqproc uses."""
 
@@ -407,7 +455,12 @@ class Broker:
 
     @classmethod
     async def connect(
-        cls, url: str, name: str = "dlqproc", timeout: float = 30.0, api_timeout: float = 5.0
+        cls,
+        url: str,
+        name: str = "dlqproc",
+        timeout: float = 30.0,
+        api_timeout: float = 5.0,
+        credentials: Credentials | None = None,
     ) -> Broker:
         """Connect to the first server of `url` that accepts; keep reconnecting once connected.
 
@@ -416,6 +469,7 @@ class Broker:
         when nothing accepted within `timeout` seconds.
         """
         state = {"closing": False}
+        options = connect_options(credentials)  # a bad TLS file fails here, at once
         nc = Client()
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         last_error = ""
@@ -445,6 +499,7 @@ class Broker:
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
+                **options,
             )
         )
         try:

@@ -88,6 +88,19 @@ class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="came
     # Per-request timeout of JetStream API calls, short so that a request to a
     # leader that died is retried on the new one rather than waited out.
     api_timeout: Duration = Duration(1)
+    # Credentials besides those nats.url may carry (user:password@, token@),
+    # at most one kind; password and token are secrets like the URL's. The
+    # files (an NKey seed, or a .creds file: user JWT and seed) are mounted
+    # from a Secret and read by nats-py alone.
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    nkey_seed_file: str = ""
+    creds_file: str = ""
+    # TLS: a CA bundle to verify the server by, a client certificate and key.
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     realtime: MainConsumerConfig = MainConsumerConfig()
     historical: MainConsumerConfig = MainConsumerConfig(
         stream="wa_history_events_stream",
@@ -432,10 +445,32 @@ def validate(cfg: Config) -> None:
     if cfg.company.id and not valid_tenant(cfg.company.id):
         raise ConfigError("company.id", cfg.company.id, "not a valid tenant id")
     _validate_tenants(cfg)
+    _validate_nats_auth(n)
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError("server.port", cfg.server.port, "not a TCP port")
     if cfg.log.level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log.level", cfg.log.level, "expected DEBUG, INFO, WARNING or ERROR")
+
+
+def _validate_nats_auth(n: NatsConfig) -> None:
+    """One kind of NATS credential at most; no half of a pair."""
+    kinds = [
+        key
+        for key, value in (
+            ("nats.user", n.user),
+            ("nats.token", n.token),
+            ("nats.nkeySeedFile", n.nkey_seed_file),
+            ("nats.credsFile", n.creds_file),
+        )
+        if value
+    ]
+    if len(kinds) > 1:
+        raise ConfigError(kinds[1], "(set)", f"cannot be combined with {kinds[0]}")
+    if n.password and not n.user:
+        raise ConfigError("nats.password", "(set)", "needs nats.user")
+    if bool(n.tls_cert_file) != bool(n.tls_key_file):
+        key = "nats.tlsKeyFile" if n.tls_cert_file else "nats.tlsCertFile"
+        raise ConfigError(key, "", "nats.tlsCertFile and nats.tlsKeyFile go together")
 
 
 def _validate_tenants(cfg: Config) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dlqproc import app, logs, topology
@@ -54,12 +55,14 @@ def demo_config(nats_url: str, dsn: str, port: int, path: Path | None) -> Config
     return load(path, preset=preset, forced=forced)
 
 
-async def _settled(broker: Broker, cfg: Config, timeout: float) -> bool:
+async def _settled(broker: Broker, cfg: Config, timeout: float, service: asyncio.Task[int]) -> bool:
+    """Whether every consumer settled everything before `timeout`; False when the
+    service stopped first (Ctrl-C)."""
     consumers = [(cfg.nats.dlq_stream, cfg.dlq_durable)] + [
         (main.stream, cfg.durable(main)) for main in (cfg.nats.realtime, cfg.nats.historical)
     ]
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not service.done():
         states = [await broker.pending(stream, durable) for stream, durable in consumers]
         if all(pending == 0 and ack_pending == 0 for pending, ack_pending in states):
             return True
@@ -67,14 +70,26 @@ async def _settled(broker: Broker, cfg: Config, timeout: float) -> bool:
     return False
 
 
-async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
+async def _last_exhausted_id(cfg: Config) -> int:
+    """The newest exhausted_events id: what earlier runs in this state folder left."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(cfg.postgres.dsn) as conn:
+        cur = await conn.execute("SELECT coalesce(max(id), 0) FROM exhausted_events")
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _report(
+    cfg: Config, published: int, invalid: int, dlq: int, exhausted_before: int
+) -> None:
     import psycopg
     from psycopg import sql
 
     async with await psycopg.AsyncConnection.connect(cfg.postgres.dsn) as conn:
-        print(f"\npublished {published} events ({invalid} invalid on purpose)")
-        print(f"dead-lettered by the main consumers: {dlq}")
-        print("\nrows per tenant:")
+        print(f"\nthis run published {published} events ({invalid} invalid on purpose)")
+        print(f"dead-lettered by the main consumers in this run: {dlq}")
+        print("\nrows per tenant (the tables hold every run's rows; events are upserted):")
         print("  tenant    " + "".join(f"{t:>10}" for t in TABLES))
         for tenant in TENANTS:
             counts = []
@@ -88,12 +103,20 @@ async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
                     counts.append(0)
             print(f"  {tenant:<10}" + "".join(f"{n:>10}" for n in counts))
         cur = await conn.execute(
-            "SELECT reason, count(*) FROM exhausted_events GROUP BY reason ORDER BY reason"
+            "SELECT reason, count(*) FROM exhausted_events WHERE id > %s"
+            " GROUP BY reason ORDER BY reason",
+            (exhausted_before,),
         )
         exhausted = await cur.fetchall()
-    print("\nexhausted_events by reason (the rest of the DLQ was reprocessed):")
+        cur = await conn.execute(
+            "SELECT count(*) FROM exhausted_events WHERE id <= %s", (exhausted_before,)
+        )
+        earlier = (await cur.fetchone() or (0,))[0]
+    print("\nexhausted_events of this run by reason (the rest of the DLQ was reprocessed):")
     for reason, n in exhausted or [("none", 0)]:
         print(f"  {n:6d}  {reason}")
+    if earlier:
+        print(f"  (earlier runs in this state folder left {earlier} more, not counted here)")
     print(
         f"\nmetrics: http://{cfg.server.host}:{cfg.server.port}/metrics"
         "\ninspect: SELECT id, company_id, source_subject, reason, last_error"
@@ -107,7 +130,18 @@ async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():
+        started.cancel()
         return service.result()
+    # A Ctrl-C stops the service (app's signal handlers); the workload sees it
+    # and ends at its next step. Not cancelled: nats-py's requests do not
+    # always survive a cancellation, and a hung close would keep the servers up.
+    await _workload(cfg, count, exit_when_done, service)
+    return await service
+
+
+async def _workload(
+    cfg: Config, count: int, exit_when_done: bool, service: asyncio.Task[int]
+) -> None:
     generator = Generator(
         seed=1,
         tenants=TENANTS,
@@ -118,23 +152,31 @@ async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
         now=int(time.time()),
     )
     events = list(generator.events(count))
+    broker = await Broker.connect(cfg.nats.url, name="dlqproc-demo")
+    try:
+        dlq_before = await broker.stream_messages(cfg.nats.dlq_stream)
+        exhausted_before = await _last_exhausted_id(cfg)
+    finally:
+        await broker.close()
     report = await publish(
         cfg.nats.url, [(e.subject, e.body, {"Nats-Msg-Id": e.msg_id}) for e in events]
     )
-    print(f"{report.summary()}; waiting until every event is settled...")
+    print(f"{report.summary()}; waiting until every event is settled...", flush=True)
     broker = await Broker.connect(cfg.nats.url, name="dlqproc-demo")
     try:
-        if not await _settled(broker, cfg, timeout=180):
+        if not await _settled(broker, cfg, timeout=180, service=service):
+            if service.done():
+                return
             print("demo: not every event settled within 180 s", file=sys.stderr)
-        dlq = await broker.stream_messages(cfg.nats.dlq_stream)
-        await _report(cfg, report.acked, sum(not e.valid for e in events), dlq)
+        dlq = await broker.stream_messages(cfg.nats.dlq_stream) - dlq_before
+        invalid = sum(not e.valid for e in events)
+        await _report(cfg, report.acked, invalid, dlq, exhausted_before)
     finally:
         await broker.close()
     if exit_when_done:
         os.kill(os.getpid(), signal.SIGTERM)
     else:
-        print("\nserving; Ctrl-C stops the service and the embedded servers")
-    return await service
+        print("\nserving; Ctrl-C stops the service and the embedded servers", flush=True)
 
 
 def main(state: Path, count: int, config: Path | None, exit_when_done: bool = False) -> int:
@@ -147,20 +189,39 @@ def main(state: Path, count: int, config: Path | None, exit_when_done: bool = Fa
         nats_server.stop()
         pg.stop()
 
-    print(f"starting nats-server and PostgreSQL under {state} ...")
+    print(f"starting nats-server and PostgreSQL under {state} ...", flush=True)
     try:
-        nats_server.start()
-        pg.start()
-        try:
-            cfg = demo_config(nats_server.url, pg.dsn, free_port(), config)
-        except ConfigError as exc:
-            print(f"dlqproc: {exc}", file=sys.stderr)
-            return app.EXIT_CONFIG
-        logs.setup(cfg.log.level)
-        print(f"NATS {nats_server.url}  Postgres {pg.dsn}")
-        import uvloop
-
-        app.on_forced_exit = stop_servers
-        return uvloop.run(_run(cfg, count, exit_when_done))
+        return _main(nats_server, pg, stop_servers, count, config, exit_when_done)
+    except KeyboardInterrupt:
+        # Ctrl-C before the service took over its signals (servers starting,
+        # service connecting): no traceback, the servers stop below.
+        return app.EXIT_FORCED
     finally:
+        # A second Ctrl-C must not cut the servers' shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop_servers()
+        if not exit_when_done:
+            print("demo stopped: dlqproc, nats-server and PostgreSQL are down", file=sys.stderr)
+
+
+def _main(
+    nats_server: NatsServer,
+    pg: PostgresServer,
+    stop_servers: Callable[[], None],
+    count: int,
+    config: Path | None,
+    exit_when_done: bool,
+) -> int:
+    nats_server.start()
+    pg.start()
+    try:
+        cfg = demo_config(nats_server.url, pg.dsn, free_port(), config)
+    except ConfigError as exc:
+        print(f"dlqproc: {exc}", file=sys.stderr)
+        return app.EXIT_CONFIG
+    logs.setup(cfg.log.level)
+    print(f"NATS {nats_server.url}  Postgres {pg.dsn}", flush=True)
+    import uvloop
+
+    app.on_forced_exit = stop_servers
+    return uvloop.run(_run(cfg, count, exit_when_done))

@@ -23,7 +23,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 
@@ -218,11 +218,27 @@ def _alive(pid: int) -> bool:
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class _SeenTenants(TenantLabels):
+    """TenantLabels that calls `first_seen` with each label value the first time it is used."""
+
+    def __init__(self, limit: int, first_seen: Callable[[str], None]) -> None:
+        super().__init__(limit)
+        self._seen: set[str] = set()
+        self._first_seen = first_seen
+
+    def __call__(self, tenant: str) -> str:
+        value = super().__call__(tenant)
+        if value not in self._seen:
+            self._seen.add(value)  # first: first_seen's own labels() calls come back here
+            self._first_seen(value)
+        return value
+
+
 class Metrics:
     """The supervisor's series, in its memory; `registry` is what /metrics writes out."""
 
     def __init__(self, max_tenants: int = DEFAULT_MAX_TENANTS) -> None:
-        self.tenants = TenantLabels(max_tenants)
+        self.tenants = _SeenTenants(max_tenants, self._zero_tenant)
         self.registry = Registry(self.tenants)
         r = self.registry
         self.fetch_requests = Counter(
@@ -356,6 +372,13 @@ class Metrics:
             [*main_labels, "action", "error_type"],
             registry=r,
         )
+
+    def _zero_tenant(self, company_id: str) -> None:
+        """A tenant's DLQ counters exist at 0 from when it is first seen, so that
+        rate() and increase() count its first retry, ACK, failure or drop."""
+        dlq = (self.task_retries, self.acks_success, self.acks_failure, self.tasks_dropped)
+        for counter in dlq:
+            counter.labels(company_id)
 
     def set_exhausted(self, stats: dict[str, tuple[int, float]]) -> None:
         """The operators' backlog from PostgreSQL: per tenant, unresolved rows and oldest age.

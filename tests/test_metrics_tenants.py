@@ -52,8 +52,9 @@ def test_ten_thousand_tenants_give_a_bounded_exposition() -> None:
         m.tasks_submitted.labels(tenant).inc()
         m.processing_duration.labels(tenant).observe(0.01)
     lines = m.registry.expose()
-    # 51 label values (50 tenants and _other), a counter line and 17 histogram lines each.
-    assert sum(1 for line in lines if not line.startswith("#")) < 51 * 18 + 100
+    # 51 label values (50 tenants and _other): a counter line, 17 histogram lines
+    # and the four DLQ counters every seen tenant has at 0.
+    assert sum(1 for line in lines if not line.startswith("#")) < 51 * 22 + 100
     count = by_tenant(
         samples(m)["dlq_processing_duration_seconds"], "dlq_processing_duration_seconds_count"
     )
@@ -106,3 +107,17 @@ def test_gauges_write_infinities_and_counters_refuse_to_go_down() -> None:
         m.fetch_requests.inc(-1)
     with pytest.raises(ValueError):
         m.acks_success.labels("a", "b")
+
+
+def test_a_seen_tenants_dlq_counters_exist_at_zero() -> None:
+    m = Metrics(max_tenants=1)
+    before = "\n".join(m.registry.expose())
+    assert 'company_id="acme"' not in before
+    m.tasks_submitted.labels("acme").inc()  # first seen: handed to the pool
+    m.events_received.labels("v1.chats.upsert", "globex", "realtime").inc()  # -> _other
+    scrape = "\n".join(m.registry.expose()).splitlines()
+    for name in ("dlq_task_retries", "dlq_acks_success", "dlq_acks_failure", "dlq_tasks_dropped"):
+        for tenant in ("acme", OTHER_TENANT):
+            assert f'{name}_total{{company_id="{tenant}"}} 0.0' in scrape, (name, tenant)
+    m.task_retries.labels("acme").inc()
+    assert 'dlq_task_retries_total{company_id="acme"} 1.0' in "\n".join(m.registry.expose())
