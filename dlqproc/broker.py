@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 log = logging.getLogger("dlqproc.broker")
 
 DAY = 86400.0
+RECONNECT_WAIT = 0.5  # seconds between attempts on one server, at start-up and after
 
 
 class StreamSpec(msgspec.Struct, frozen=True):
@@ -470,6 +471,7 @@ class Broker:
         """
         state = {"closing": False}
         options = connect_options(credentials)  # a bad TLS file fails here, at once
+        deadline = time.monotonic() + timeout
         nc = Client()
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         last_error = ""
@@ -486,6 +488,17 @@ class Broker:
             last_error = str(exc) or type(exc).__name__
             if not refused.done() and _refusal(exc):
                 refused.set_result(last_error)
+            elif not connecting.done():
+                # Not up yet (e.g. started beside it): say that it is waited for, and how long.
+                log.warning(
+                    "NATS not reachable yet, retrying",
+                    extra={
+                        "error": last_error,
+                        "retry_in": RECONNECT_WAIT,
+                        "gives_up_in": round(max(0.0, deadline - time.monotonic()), 1),
+                    },
+                )
+                return
             log.warning("NATS error", extra={"error": last_error})
 
         connecting = asyncio.ensure_future(
@@ -494,7 +507,7 @@ class Broker:
                 name=name,
                 max_reconnect_attempts=-1,
                 # nats-py annotates it int; it takes seconds as a float.
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                reconnect_time_wait=RECONNECT_WAIT,  # type: ignore[arg-type]
                 connect_timeout=5,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
