@@ -147,6 +147,10 @@ class Puller:
     """
 
     MARGIN = 0.25  # seconds past a request's expiry before it counts as lost
+    # Seconds after NATS elected a leader for the consumer or its stream during
+    # which a failed fetch is retried after a short pause only.
+    AFTER_ELECTION = 2.0
+    SHORT_PAUSE = 0.05
 
     def __init__(self, nc: Client, spec: ConsumerSpec) -> None:
         self._nc = nc
@@ -167,9 +171,49 @@ class Puller:
         self._open_until = 0.0
         # The last request ended at a message larger than its byte limit.
         self.size_limited = False
+        # When JetStream last announced a new leader for the consumer or its
+        # stream, and the backoff waiting for one.
+        self._elected_at = float("-inf")
+        self._election: asyncio.Future[None] | None = None
 
     async def subscribe(self) -> None:
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
+        # JetStream's advisories: a backoff after failed fetches ends as soon
+        # as the consumer (or its stream) has a leader again, rather than when
+        # its timer runs out. Without permission for them, the timer alone.
+        advisories = "$JS.EVENT.ADVISORY"
+        stream, durable = self.spec.stream, self.spec.durable
+        for subject in (
+            f"{advisories}.CONSUMER.LEADER_ELECTED.{stream}.{durable}",
+            f"{advisories}.STREAM.LEADER_ELECTED.{stream}",
+        ):
+            await self._nc.subscribe(subject, cb=self._on_elected)
+
+    async def _on_elected(self, msg: Msg) -> None:
+        self._elected_at = time.monotonic()
+        if self._election is not None and not self._election.done():
+            self._election.set_result(None)
+
+    async def backoff(self, seconds: float, stop: asyncio.Event) -> None:
+        """The pause after a failed fetch: `seconds`, or less.
+
+        It ends when `stop` is set or when JetStream announces a new leader
+        for the consumer or its stream; within AFTER_ELECTION seconds of such
+        an announcement it is SHORT_PAUSE at most, since the new leader may
+        take a moment to answer and a long pause then would be the failover's
+        delay.
+        """
+        if time.monotonic() - self._elected_at < self.AFTER_ELECTION:
+            seconds = min(seconds, self.SHORT_PAUSE)
+        election = self._election = asyncio.get_running_loop().create_future()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {election, stopped}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopped.cancel()
+            self._election = None
 
     @property
     def open_request(self) -> bool:

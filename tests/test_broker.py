@@ -261,3 +261,53 @@ def test_reconciling_a_stream_only_raises_what_dlqproc_sets() -> None:
         ("num_replicas", 1, 3),
     ]
     assert kept == []
+
+
+def test_a_fetch_backoff_ends_when_jetstream_announces_a_leader(nats_server: NatsServer) -> None:
+    # What a JetStream cluster publishes once it has elected a new leader for
+    # a consumer or its stream; a single server never does, so it is sent here.
+    async def main() -> list[str]:
+        broker, puller, _ = await _puller(nats_server.url)
+        nc = await nats.connect(nats_server.url)
+        spec = puller.spec
+        stop = asyncio.Event()
+        ended: list[str] = []
+        try:
+            # An hour's pause: each step below must end it, well within the bounds.
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await asyncio.sleep(0.2)
+            ended.append("waiting" if not pausing.done() else "ended early")
+            await nc.publish(
+                f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{spec.stream}.{spec.durable}", b"{}"
+            )
+            await asyncio.wait_for(pausing, 10)
+            ended.append("consumer leader")
+            # Right after an election the leader may not answer yet: short pauses.
+            await asyncio.wait_for(puller.backoff(3600.0, stop), 10)
+            ended.append("short")
+            puller._elected_at = float("-inf")  # long ago
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}", b"{}")
+            await asyncio.wait_for(pausing, 10)
+            ended.append("stream leader")
+            puller._elected_at = float("-inf")
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}x", b"{}")
+            await asyncio.sleep(0.2)
+            ended.append("waiting" if not pausing.done() else "ended by another stream")
+            stop.set()
+            await asyncio.wait_for(pausing, 10)
+            ended.append("stop")
+            return ended
+        finally:
+            await nc.close()
+            await broker.close()
+
+    assert asyncio.run(main()) == [
+        "waiting",
+        "consumer leader",
+        "short",
+        "stream leader",
+        "waiting",
+        "stop",
+    ]
