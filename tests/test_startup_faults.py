@@ -168,3 +168,22 @@ def test_every_server_of_nats_url_is_tried_until_one_answers(service: Make, tmp_
         svc.publish("acme", [envelope("t.ok", "acme", {"id": "late"})])
         wait_until(lambda: svc.rows("acme") == {"late": 1}, timeout=30)
         svc.stop()
+
+
+def test_a_user_denied_jetstream_advisories_still_runs(service: Make, tmp_path: Path) -> None:
+    # The failover advisories are a shortcut, not a need: a NATS user who may
+    # not subscribe to them gets one error line per subscription and the
+    # fetch backoff alone.
+    config = (
+        "authorization { users = [ { user: dlq, password: s3cret,"
+        ' permissions: { subscribe: { deny: ["$JS.EVENT.ADVISORY.>"] } } } ] }'
+    )
+    with NatsServer(tmp_path / "restricted", config=config) as server:
+        svc = service(nats_url=f"nats://dlq:s3cret@127.0.0.1:{server.port}")
+        svc.publish("acme", [envelope("t.ok", "acme", {"id": "restricted"})])
+        wait_until(lambda: svc.rows("acme") == {"restricted": 1}, timeout=30)
+        # nats-py lower-cases the server's error.
+        denied = [e["error"] for e in svc.find("NATS error") if "permissions" in e["error"].lower()]
+        assert len(denied) == 2 and all("advisory" in e.lower() for e in denied), denied
+        svc.wait_ready(10)
+        svc.stop()
