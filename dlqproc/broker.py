@@ -147,9 +147,9 @@ class Puller:
     """
 
     MARGIN = 0.25  # seconds past a request's expiry before it counts as lost
-    # Seconds after NATS elected a leader for the consumer or its stream during
-    # which a failed fetch is retried after a short pause only.
-    AFTER_ELECTION = 2.0
+    # Seconds after NATS elected a leader for the consumer during which a
+    # failed fetch is retried after a short pause only.
+    AFTER_ELECTION = 1.0
     SHORT_PAUSE = 0.05
 
     def __init__(self, nc: Client, spec: ConsumerSpec) -> None:
@@ -178,19 +178,32 @@ class Puller:
 
     async def subscribe(self) -> None:
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
-        # JetStream's advisories: a backoff after failed fetches ends as soon
-        # as the consumer (or its stream) has a leader again, rather than when
-        # its timer runs out. Without permission for them, the timer alone.
+        # JetStream's advisories, so that failover waits on no timer of ours.
+        # Without permission for them, the timers alone (at most 1 s more).
         advisories = "$JS.EVENT.ADVISORY"
         stream, durable = self.spec.stream, self.spec.durable
-        for subject in (
-            f"{advisories}.CONSUMER.LEADER_ELECTED.{stream}.{durable}",
-            f"{advisories}.STREAM.LEADER_ELECTED.{stream}",
-        ):
-            await self._nc.subscribe(subject, cb=self._on_elected)
+        await self._nc.subscribe(
+            f"{advisories}.CONSUMER.LEADER_ELECTED.{stream}.{durable}", cb=self._on_consumer_leader
+        )
+        await self._nc.subscribe(
+            f"{advisories}.STREAM.LEADER_ELECTED.{stream}", cb=self._on_stream_leader
+        )
 
-    async def _on_elected(self, msg: Msg) -> None:
+    async def _on_consumer_leader(self, msg: Msg) -> None:
+        """Requests went unanswered (503) while the consumer had no leader: retry now."""
         self._elected_at = time.monotonic()
+        self._wake_backoff()
+
+    async def _on_stream_leader(self, msg: Msg) -> None:
+        """A consumer that kept its leader delivers nothing while its stream has
+        none, and need not serve the long poll left open then: give that
+        request up (what it still delivers is kept) and send a new one now."""
+        self._open = ""
+        if self._current and self._first_wakes:
+            self._end()
+        self._wake_backoff()
+
+    def _wake_backoff(self) -> None:
         if self._election is not None and not self._election.done():
             self._election.set_result(None)
 
@@ -198,10 +211,9 @@ class Puller:
         """The pause after a failed fetch: `seconds`, or less.
 
         It ends when `stop` is set or when JetStream announces a new leader
-        for the consumer or its stream; within AFTER_ELECTION seconds of such
-        an announcement it is SHORT_PAUSE at most, since the new leader may
-        take a moment to answer and a long pause then would be the failover's
-        delay.
+        for the consumer or its stream; within AFTER_ELECTION seconds of the
+        consumer's it is SHORT_PAUSE at most, since the new leader may take a
+        moment to answer and a long pause then would be the failover's delay.
         """
         if time.monotonic() - self._elected_at < self.AFTER_ELECTION:
             seconds = min(seconds, self.SHORT_PAUSE)

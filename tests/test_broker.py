@@ -263,11 +263,13 @@ def test_reconciling_a_stream_only_raises_what_dlqproc_sets() -> None:
     assert kept == []
 
 
-def test_a_fetch_backoff_ends_when_jetstream_announces_a_leader(nats_server: NatsServer) -> None:
+def test_leader_advisories_end_a_fetch_backoff_and_a_stale_long_poll(
+    nats_server: NatsServer,
+) -> None:
     # What a JetStream cluster publishes once it has elected a new leader for
     # a consumer or its stream; a single server never does, so it is sent here.
     async def main() -> list[str]:
-        broker, puller, _ = await _puller(nats_server.url)
+        broker, puller, subject = await _puller(nats_server.url)
         nc = await nats.connect(nats_server.url)
         spec = puller.spec
         stop = asyncio.Event()
@@ -298,6 +300,16 @@ def test_a_fetch_backoff_ends_when_jetstream_announces_a_leader(nats_server: Nat
             stop.set()
             await asyncio.wait_for(pausing, 10)
             ended.append("stop")
+            # A long poll left open while the stream had no leader is given up
+            # when it has one again, and the next fetch asks anew.
+            fetching = asyncio.ensure_future(puller.fetch(10, timeout=3600.0))
+            while not puller.open_request:
+                await asyncio.sleep(0.01)
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}", b"{}")
+            ended.append(f"fetch ended with {len(await asyncio.wait_for(fetching, 10))}")
+            await broker.publish(subject, b"after")
+            got = await asyncio.wait_for(puller.fetch(10, timeout=3600.0), 10)
+            ended.append(f"then fetched {[m.data for m in got]}")
             return ended
         finally:
             await nc.close()
@@ -310,4 +322,6 @@ def test_a_fetch_backoff_ends_when_jetstream_announces_a_leader(nats_server: Nat
         "stream leader",
         "waiting",
         "stop",
+        "fetch ended with 0",
+        "then fetched [b'after']",
     ]
