@@ -205,9 +205,10 @@ class Progress:
         self.by_replica: dict[str, dict[int, float]] = {}  # name -> incarnation -> count
         self.services: dict[str, tuple[int, Service]] = {}
         self.growth: list[float] = []  # monotonic times the total grew
-        # (replica, "received" | "processed") -> last count, and the times it grew
-        self.realtime: dict[tuple[str, str], float] = {}
-        self.realtime_growth: dict[tuple[str, str], list[float]] = {}
+        # (replica, incarnation, "received" | "processed") -> last count, and
+        # the times it grew
+        self.realtime: dict[tuple[str, int, str], float] = {}
+        self.realtime_growth: dict[tuple[str, int, str], list[float]] = {}
         self._last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -233,7 +234,7 @@ class Progress:
                 now = time.monotonic()
                 for kind in ("received", "processed"):
                     value = sum(float(v) for k, v in _REALTIME.findall(text) if k == kind)
-                    key = (name, kind)
+                    key = (name, incarnation, kind)
                     if value > self.realtime.get(key, 0.0):
                         self.realtime_growth.setdefault(key, []).append(now)
                     self.realtime[key] = value
@@ -255,7 +256,7 @@ class Progress:
         """When the realtime lane (of `replica`, or of any) first `kind` events after `after`."""
         times = [
             t
-            for (name, k), grew in self.realtime_growth.items()
+            for (name, _, k), grew in self.realtime_growth.items()
             if k == kind and (not replica or name == replica)
             for t in grew
             if t > after
