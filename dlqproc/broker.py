@@ -149,6 +149,10 @@ class Puller:
     """
 
     MARGIN = 0.25  # seconds past a request's expiry before it counts as lost
+    # Seconds after NATS elected a leader for the consumer during which a
+    # failed fetch is retried after a short pause only.
+    AFTER_ELECTION = 1.0
+    SHORT_PAUSE = 0.05
 
     def __init__(self, nc: Client, spec: ConsumerSpec) -> None:
         self._nc = nc
@@ -169,9 +173,61 @@ class Puller:
         self._open_until = 0.0
         # The last request ended at a message larger than its byte limit.
         self.size_limited = False
+        # When JetStream last announced a new leader for the consumer or its
+        # stream, and the backoff waiting for one.
+        self._elected_at = float("-inf")
+        self._election: asyncio.Future[None] | None = None
 
     async def subscribe(self) -> None:
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_message)
+        # JetStream's advisories, so that failover waits on no timer of ours.
+        # Without permission for them, the timers alone (at most 1 s more).
+        advisories = "$JS.EVENT.ADVISORY"
+        stream, durable = self.spec.stream, self.spec.durable
+        await self._nc.subscribe(
+            f"{advisories}.CONSUMER.LEADER_ELECTED.{stream}.{durable}", cb=self._on_consumer_leader
+        )
+        await self._nc.subscribe(
+            f"{advisories}.STREAM.LEADER_ELECTED.{stream}", cb=self._on_stream_leader
+        )
+
+    async def _on_consumer_leader(self, msg: Msg) -> None:
+        """Requests went unanswered (503) while the consumer had no leader: retry now."""
+        self._elected_at = time.monotonic()
+        self._wake_backoff()
+
+    async def _on_stream_leader(self, msg: Msg) -> None:
+        """A consumer that kept its leader delivers nothing while its stream has
+        none, and need not serve the long poll left open then: give that
+        request up (what it still delivers is kept) and send a new one now."""
+        self._open = ""
+        if self._current and self._first_wakes:
+            self._end()
+        self._wake_backoff()
+
+    def _wake_backoff(self) -> None:
+        if self._election is not None and not self._election.done():
+            self._election.set_result(None)
+
+    async def backoff(self, seconds: float, stop: asyncio.Event) -> None:
+        """The pause after a failed fetch: `seconds`, or less.
+
+        It ends when `stop` is set or when JetStream announces a new leader
+        for the consumer or its stream; within AFTER_ELECTION seconds of the
+        consumer's it is SHORT_PAUSE at most, since the new leader may take a
+        moment to answer and a long pause then would be the failover's delay.
+        """
+        if time.monotonic() - self._elected_at < self.AFTER_ELECTION:
+            seconds = min(seconds, self.SHORT_PAUSE)
+        election = self._election = asyncio.get_running_loop().create_future()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {election, stopped}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopped.cancel()
+            self._election = None
 
     @property
     def open_request(self) -> bool:

@@ -80,6 +80,7 @@ class _Worker:
         self.lost_reason = "crash"
         self._on_lost = on_lost
         self._writer: asyncio.StreamWriter | None = None
+        self._opening = False  # _read_frames is handing the socket to a transport
         self._waiter: asyncio.Future[bytes] = self.loop.create_future()
         self._reading = self.loop.create_task(self._read_frames())
         self.loop.add_reader(self.process.sentinel, self._exited)
@@ -91,9 +92,22 @@ class _Worker:
     async def _read_frames(self) -> None:
         """Deliver each reply to whoever waits for it; EOF means the worker is gone."""
         try:
-            # A small limit makes the reader pause and resume the socket many
-            # times per frame, and replies of heavy events run to megabytes.
-            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
+            # While this await runs, the event loop's transport holds the
+            # socket's descriptor without owning the socket yet: close() must
+            # not close it then (uvloop would close it a second time, maybe
+            # someone else's by then, and abort in libuv). Cancelled there,
+            # the transport closes the descriptor itself.
+            self._opening = True
+            try:
+                # A small limit makes the reader pause and resume the socket many
+                # times per frame, and replies of heavy events run to megabytes.
+                reader, self._writer = await asyncio.open_unix_connection(
+                    sock=self.sock, limit=1 << 20
+                )
+            finally:
+                self._opening = False
+                if self._writer is None:
+                    self.sock.close()  # detached already if a transport had it
             while True:
                 size = int.from_bytes(await reader.readexactly(4), "big")
                 data = await reader.readexactly(size)
@@ -176,7 +190,8 @@ class _Worker:
             self.sock.shutdown(socket.SHUT_RDWR)
         if self._writer is not None:
             self._writer.close()
-        self.sock.close()
+        if not self._opening:
+            self.sock.close()  # else _read_frames closes it once cancelled
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()

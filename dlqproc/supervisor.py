@@ -200,8 +200,10 @@ class Supervisor:
                     # In the background: its API calls must not hold up the
                     # fetch that succeeds as soon as NATS has a new leader.
                     self._restore_in_background(lane)
-                # From 50 ms up to 1 s: a failover is over within a second of the election.
-                await self._pause(min(0.05 * 2 ** min(failures - 1, 5), 1.0))
+                # From 50 ms up to 1 s, cut short when NATS elects a new leader.
+                await lane.puller.backoff(
+                    min(0.05 * 2 ** min(failures - 1, 5), 1.0), self.stop_requested
+                )
                 continue
             failures = 0
             self.fetch_failing.discard(lane.lane.value)

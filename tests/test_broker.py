@@ -261,3 +261,67 @@ def test_reconciling_a_stream_only_raises_what_dlqproc_sets() -> None:
         ("num_replicas", 1, 3),
     ]
     assert kept == []
+
+
+def test_leader_advisories_end_a_fetch_backoff_and_a_stale_long_poll(
+    nats_server: NatsServer,
+) -> None:
+    # What a JetStream cluster publishes once it has elected a new leader for
+    # a consumer or its stream; a single server never does, so it is sent here.
+    async def main() -> list[str]:
+        broker, puller, subject = await _puller(nats_server.url)
+        nc = await nats.connect(nats_server.url)
+        spec = puller.spec
+        stop = asyncio.Event()
+        ended: list[str] = []
+        try:
+            # An hour's pause: each step below must end it, well within the bounds.
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await asyncio.sleep(0.2)
+            ended.append("waiting" if not pausing.done() else "ended early")
+            await nc.publish(
+                f"$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{spec.stream}.{spec.durable}", b"{}"
+            )
+            await asyncio.wait_for(pausing, 10)
+            ended.append("consumer leader")
+            # Right after an election the leader may not answer yet: short pauses.
+            await asyncio.wait_for(puller.backoff(3600.0, stop), 10)
+            ended.append("short")
+            puller._elected_at = float("-inf")  # long ago
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}", b"{}")
+            await asyncio.wait_for(pausing, 10)
+            ended.append("stream leader")
+            puller._elected_at = float("-inf")
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}x", b"{}")
+            await asyncio.sleep(0.2)
+            ended.append("waiting" if not pausing.done() else "ended by another stream")
+            stop.set()
+            await asyncio.wait_for(pausing, 10)
+            ended.append("stop")
+            # A long poll left open while the stream had no leader is given up
+            # when it has one again, and the next fetch asks anew.
+            fetching = asyncio.ensure_future(puller.fetch(10, timeout=3600.0))
+            while not puller.open_request:
+                await asyncio.sleep(0.01)
+            await nc.publish(f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{spec.stream}", b"{}")
+            ended.append(f"fetch ended with {len(await asyncio.wait_for(fetching, 10))}")
+            await broker.publish(subject, b"after")
+            got = await asyncio.wait_for(puller.fetch(10, timeout=3600.0), 10)
+            ended.append(f"then fetched {[m.data for m in got]}")
+            return ended
+        finally:
+            await nc.close()
+            await broker.close()
+
+    assert asyncio.run(main()) == [
+        "waiting",
+        "consumer leader",
+        "short",
+        "stream leader",
+        "waiting",
+        "stop",
+        "fetch ended with 0",
+        "then fetched [b'after']",
+    ]

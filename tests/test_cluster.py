@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from nats.js import api
 
+from dlqproc.broker import Broker, ConsumerSpec
 from dlqproc.topology import HISTORY_BASES, REALTIME_BASES
 from support.cluster import NatsCluster
 from support.expected import expected, publish, stored_ids
@@ -133,6 +134,51 @@ def test_startup_gives_up_after_the_startup_timeout(
 
 # -- failover and fair sharing ------------------------------------------------------
 
+
+def test_a_fetch_backoff_ends_when_nats_elects_a_new_consumer_leader(
+    cluster: NatsCluster,
+) -> None:
+    # The mechanism behind a failover within a second of the election: the
+    # pause after failed fetches ends on JetStream's leader advisory.
+    spec = ConsumerSpec("elect", "elect_c", ("elect.>",), -1, 30.0, 100)
+
+    async def setup(js: Any) -> str:
+        deadline = time.monotonic() + 60
+        while True:  # JetStream answers once the cluster has elected its meta leader
+            try:
+                await js.add_stream(name="elect", subjects=["elect.>"], num_replicas=3)
+                await js.add_consumer(
+                    "elect", durable_name="elect_c", ack_policy="explicit", filter_subject="elect.>"
+                )
+                info = await js.consumer_info("elect", "elect_c")
+                return str(info.cluster.leader)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    leader = cluster.run(setup)
+    survivor = next(node.url for name, node in cluster.nodes.items() if name != leader)
+
+    async def main() -> str:
+        broker = await Broker.connect(survivor, name="test-elect")
+        try:
+            puller = await broker.puller(spec)
+            stop = asyncio.Event()
+            pausing = asyncio.ensure_future(puller.backoff(3600.0, stop))
+            await asyncio.sleep(0.2)
+            assert not pausing.done()
+            cluster.kill(leader)
+            # An hour's pause, ended by the new leader's advisory (or the test fails).
+            await asyncio.wait_for(pausing, 60)
+            return "ended"
+        finally:
+            await broker.close()
+
+    assert asyncio.run(main()) == "ended"
+    assert cluster.consumer_leader("elect", "elect_c") not in ("", leader)
+
+
 _PROGRESS = re.compile(
     r"^(message_event_service_events_processed_total|dlq_acks_success_total"
     r"|dlq_tasks_dropped_total)\{[^}]*\} ([0-9.e+]+)$",
@@ -140,13 +186,29 @@ _PROGRESS = re.compile(
 )
 
 
+# The realtime lane reads wa_events_stream, whose leader the test kills.
+_REALTIME = re.compile(
+    r"^message_event_service_events_(received|processed)_total"
+    r"\{[^}]*consumer_type=\"realtime\"[^}]*\} ([0-9.e+]+)$",
+    re.M,
+)
+
+
 class Progress:
-    """Scrapes every replica's /metrics: settled messages per replica, and when they grew."""
+    """Scrapes every replica's /metrics: settled messages per replica, and when they grew.
+
+    Also, per replica, when its realtime lane last fetched (`received`) and
+    settled (`processed`) more events than at the scrape before.
+    """
 
     def __init__(self) -> None:
         self.by_replica: dict[str, dict[int, float]] = {}  # name -> incarnation -> count
         self.services: dict[str, tuple[int, Service]] = {}
         self.growth: list[float] = []  # monotonic times the total grew
+        # (replica, incarnation, "received" | "processed") -> last count, and
+        # the times it grew
+        self.realtime: dict[tuple[str, int, str], float] = {}
+        self.realtime_growth: dict[tuple[str, int, str], list[float]] = {}
         self._last = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -169,6 +231,13 @@ class Progress:
                     continue
                 count = sum(float(v) for _, v in _PROGRESS.findall(text))
                 self.by_replica.setdefault(name, {})[incarnation] = count
+                now = time.monotonic()
+                for kind in ("received", "processed"):
+                    value = sum(float(v) for k, v in _REALTIME.findall(text) if k == kind)
+                    key = (name, incarnation, kind)
+                    if value > self.realtime.get(key, 0.0):
+                        self.realtime_growth.setdefault(key, []).append(now)
+                    self.realtime[key] = value
             total = self.total()
             if total > self._last:
                 self._last = total
@@ -182,6 +251,17 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def first_realtime(self, kind: str, after: float, replica: str = "") -> float | None:
+        """When the realtime lane (of `replica`, or of any) first `kind` events after `after`."""
+        times = [
+            t
+            for (name, _, k), grew in self.realtime_growth.items()
+            if k == kind and (not replica or name == replica)
+            for t in grew
+            if t > after
+        ]
+        return min(times, default=None)
 
     def longest_gap(self, start: float, end: float) -> float:
         times = [start, *(t for t in self.growth if start < t < end)]
@@ -223,6 +303,12 @@ def test_two_replicas_survive_a_leader_kill_and_a_replica_kill(
         leader = cluster.stream_leader("wa_events_stream")
         killed_at = time.monotonic()
         cluster.kill(leader)
+        elected = cluster.await_new_leaders(
+            leader, "wa_events_stream", "wa_events_realtime_consumer"
+        )
+        # NATS can serve the lane once both its stream and its consumer lead again.
+        elected_at = max(elected.values())
+        wait_until(lambda: progress.first_realtime("processed", elected_at), timeout=60)
         wait_until(lambda: progress.total() > n * 0.35, timeout=120)
         cluster.start(leader)
 
@@ -241,6 +327,22 @@ def test_two_replicas_survive_a_leader_kill_and_a_replica_kill(
             print("\nconsumers:", b.consumers(), "exhausted:", len(b.exhausted()))
         done_at = time.monotonic()
     failover = progress.longest_gap(killed_at, killed_at + 20)
+    fetched_at = progress.first_realtime("received", elected_at)
+    stored_at = progress.first_realtime("processed", elected_at)
+    assert fetched_at is not None and stored_at is not None
+    per_replica = ", ".join(
+        f"{name} fetched +{t - elected_at:.2f}s"
+        for name in ("a", "b")
+        if (t := progress.first_realtime("received", elected_at, name)) is not None
+    )
+    print(
+        f"\nfailover of wa_events_stream (leader {leader} SIGKILLed):"
+        f" NATS elected the stream leader after {elected['stream'] - killed_at:.2f}s"
+        f" and the consumer leader after {elected['consumer'] - killed_at:.2f}s;"
+        f" dlqproc fetched again {fetched_at - elected_at:.2f}s"
+        f" and stored {stored_at - elected_at:.2f}s after that ({per_replica});"
+        f" kill to stored: {stored_at - killed_at:.2f}s"
+    )
     split = {name: sum(inc.values()) for name, inc in progress.by_replica.items()}
     total = sum(split.values())
     run_gap = progress.longest_gap(killed_at - 5, done_at)

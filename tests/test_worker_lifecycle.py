@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from support.service import Service, envelope, wait_until
+from support.service import TESTS_DIR, Service, envelope, wait_until
 
 Make = Callable[..., Service]
 SLOW_START = {"HANDLERS_MODULE": "support.slow_start_handlers", "TEST_WORKER_START_SECONDS": "1.5"}
@@ -33,6 +36,15 @@ def gone(pid: int) -> bool:
         return True
 
 
+def spawned(pid: int) -> bool:
+    """A worker that has exec'd: between fork and exec a child still shows the
+    supervisor's command line, and may yet be the resource tracker."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_a_worker_killed_while_starting_is_retried_not_fatal(service: Make) -> None:
     svc = service(
         start=False, NATS_DLQWORKERS="1", **{**SLOW_START, "TEST_WORKER_START_SECONDS": "3"}
@@ -42,7 +54,7 @@ def test_a_worker_killed_while_starting_is_retried_not_fatal(service: Make) -> N
 
     def kill_a_starting_worker() -> bool:
         assert svc.proc is not None and svc.proc.poll() is None, svc.log_text()
-        fresh = [p for p in svc.worker_pids() if p not in killed and not gone(p)]
+        fresh = [p for p in svc.worker_pids() if p not in killed and not gone(p) and spawned(p)]
         for pid in fresh:  # still inside its 1.5 s import: it has not said hello
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
@@ -85,3 +97,44 @@ def test_a_worker_orphaned_while_starting_exits_without_a_traceback(service: Mak
     # They say hello to nobody, find the socket closed and leave quietly.
     wait_until(lambda: all(gone(p) for p in pids), timeout=30)
     assert "Traceback" not in svc.log_text(), svc.log_text()
+
+
+# A worker that dies in the few loop turns during which the event loop's
+# transport has taken its socket's descriptor but not yet the socket: closing
+# the socket then closed the descriptor twice (once here, once by libuv), and
+# libuv aborted the supervisor (SIGABRT in uv__io_poll) when it next touched it.
+_CLOSE_WHILE_OPENING = textwrap.dedent(
+    """
+    import asyncio, multiprocessing, sys, uvloop
+    from dlqproc.pool import _Worker
+    from dlqproc.reprocess import Limits
+
+    async def main():
+        ctx = multiprocessing.get_context("spawn")
+        for turns in range(8):  # every moment of the hand-over, one per worker
+            w = _Worker(ctx, 0, "support.handlers", Limits("v1.dlq", 1 << 20), print)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            w.process.kill()
+            w.closing = True
+            w.close(timeout=5)
+            for _ in range(10):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.05)
+            print("closed at turn", turns, flush=True)
+
+    uvloop.run(main())
+    """
+)
+
+
+def test_a_worker_closed_while_its_socket_is_handed_to_the_loop_does_not_abort() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _CLOSE_WHILE_OPENING],
+        env={**os.environ, "PYTHONPATH": str(TESTS_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("closed at turn") == 8

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -84,3 +86,50 @@ class NatsCluster:
             return info.cluster.leader if info.cluster else ""
 
         return str(self.run(go))
+
+    def consumer_leader(self, stream: str, durable: str) -> str:
+        async def go(js):  # type: ignore[no-untyped-def]
+            info = await js.consumer_info(stream, durable)
+            return info.cluster.leader if info.cluster else ""
+
+        return str(self.run(go))
+
+    def await_new_leaders(
+        self, killed: str, stream: str, durable: str, timeout: float = 60.0
+    ) -> dict[str, float]:
+        """When (time.monotonic()) the stream and its consumer report a leader other than `killed`.
+
+        Asked of the surviving nodes only, every 50 ms, each request given
+        up after 0.5 s (a group without a leader does not answer): how long
+        NATS itself takes to elect, apart from what its clients do.
+        """
+        survivors = [node.url for name, node in self.nodes.items() if name != killed]
+        subjects = {
+            "stream": f"$JS.API.STREAM.INFO.{stream}",
+            "consumer": f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        }
+
+        async def go() -> dict[str, float]:
+            nc = await nats.connect(survivors, connect_timeout=2, max_reconnect_attempts=-1)
+            elected: dict[str, float] = {}
+            deadline = time.monotonic() + timeout
+            try:
+                while len(elected) < len(subjects):
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"no new leaders within {timeout}s: {elected}")
+                    for what, subject in subjects.items():
+                        if what in elected:
+                            continue
+                        try:
+                            reply = await nc.request(subject, b"", timeout=0.5)
+                        except Exception:
+                            continue
+                        leader = (json.loads(reply.data).get("cluster") or {}).get("leader")
+                        if leader and leader != killed:
+                            elected[what] = time.monotonic()
+                    await asyncio.sleep(0.05)
+                return elected
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
