@@ -161,7 +161,7 @@ def test_every_server_of_nats_url_is_tried_until_one_answers(service: Make, tmp_
 
     # nats-py takes the servers in turn (in a shuffled order): two refusals in
     # a row are one from each.
-    wait_until(lambda: len(svc.find("NATS error")) >= 2, timeout=30)
+    wait_until(lambda: len(svc.find("NATS not reachable yet, retrying")) >= 2, timeout=30)
     with late:
         wait_until(lambda: svc.find("Starting DLQ worker..."), timeout=60)
         assert svc.proc is not None and svc.proc.poll() is None
