@@ -49,6 +49,30 @@ async def write_group(
         return [await _isolated(conn, w, unready) for w in writes]
 
 
+class _Plan:
+    """A commit group as the fast path writes it: rows by schema, failures known beforehand."""
+
+    def __init__(self, writes: Sequence[Write], unready: Mapping[str, Failure]) -> None:
+        self.results: list[WriteResult | None] = [None] * len(writes)
+        # One plan per tenant schema: a step writes into one schema's table.
+        self.by_schema: dict[str, list[tuple[Rows, ...]]] = {}
+        # The writes holding each update block, by value: a block equal to another
+        # write's cannot be told apart from it, and sends the group item by item.
+        self.updaters: dict[tuple[str, Rows], list[int]] = {}
+        for i, w in enumerate(writes):
+            if not w.rows:
+                continue
+            failure = unready.get(w.tenant)
+            if failure is not None:
+                self.results[i] = NotWritten(failure)
+                continue
+            schema = schema_name(w.tenant)
+            self.by_schema.setdefault(schema, []).append(w.rows)
+            for block in w.rows:
+                if block.op == "update":
+                    self.updaters.setdefault((schema, block), []).append(i)
+
+
 async def _fast(
     conn: psycopg.AsyncConnection[Any],
     writes: Sequence[Write],
@@ -61,38 +85,12 @@ async def _fast(
     of the group commits (updates that overtake their upserts are common:
     rolling the group back for each would write it twice).
     """
-    results: list[WriteResult | None] = [None] * len(writes)
-    # One plan per tenant schema: a step writes into one schema's table.
-    by_schema: dict[str, list[tuple[Rows, ...]]] = {}
-    # The writes holding each update block, by value: a block equal to another
-    # write's cannot be told apart from it, and sends the group item by item.
-    updaters: dict[tuple[str, Rows], list[int]] = {}
-    for i, w in enumerate(writes):
-        if not w.rows:
-            continue
-        failure = unready.get(w.tenant)
-        if failure is not None:
-            results[i] = NotWritten(failure)
-            continue
-        schema = schema_name(w.tenant)
-        by_schema.setdefault(schema, []).append(w.rows)
-        for block in w.rows:
-            if block.op == "update":
-                updaters.setdefault((schema, block), []).append(i)
+    group = _Plan(writes, unready)
+    results = group.results
     async with conn.transaction():
-        updates: list[tuple[psycopg.AsyncCursor[Any], str, Rows]] = []
-        async with conn.pipeline():
-            for schema, items in by_schema.items():
-                for step in plan(items):
-                    stmt = block_sql(schema, step.block)
-                    for rows in step.rounds:
-                        cur = conn.cursor()
-                        await cur.execute(stmt, (jsonb(rows),))
-                        if step.block.op == "update":
-                            updates.append((cur, schema, step.block))
-        for cur, schema, block in updates:
+        for cur, schema, block in await _pipelined(conn, group.by_schema):
             if cur.rowcount == 0:
-                [held_by, *others] = updaters[(schema, block)]
+                [held_by, *others] = group.updaters[(schema, block)]
                 if others or len(writes[held_by].rows) > 1:
                     raise _NeedsIsolation  # other rows of its item must not commit
                 results[held_by] = NotWritten(not_found(block))
@@ -100,6 +98,23 @@ async def _fast(
             if results[i] is None:
                 results[i] = await _exhausted(conn, w)
     return [r for r in results if r is not None]
+
+
+async def _pipelined(
+    conn: psycopg.AsyncConnection[Any], by_schema: Mapping[str, Sequence[tuple[Rows, ...]]]
+) -> list[tuple[psycopg.AsyncCursor[Any], str, Rows]]:
+    """Send every step in one pipeline; the cursors of the update steps, to check."""
+    updates: list[tuple[psycopg.AsyncCursor[Any], str, Rows]] = []
+    async with conn.pipeline():
+        for schema, items in by_schema.items():
+            for step in plan(items):
+                stmt = block_sql(schema, step.block)
+                for rows in step.rounds:
+                    cur = conn.cursor()
+                    await cur.execute(stmt, (jsonb(rows),))
+                    if step.block.op == "update":
+                        updates.append((cur, schema, step.block))
+    return updates
 
 
 async def _exhausted(conn: psycopg.AsyncConnection[Any], w: Write) -> Written:
