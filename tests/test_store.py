@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +23,7 @@ from dlqproc.store import (
     Write,
     WriteResult,
     Written,
+    migrations,
     writer,
 )
 from support.handlers import TENANT_DDL
@@ -455,6 +457,50 @@ def test_unreachable_database(dsn: str) -> None:
         assert await store.ping() is False
 
     run(dead, body, migrate=False)
+
+
+def test_start_retries_an_unreachable_database_then_gives_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    for migrate in (True, False):
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="dlqproc.store"),
+            pytest.raises(StoreUnavailable, match="cannot connect to Postgres"),
+        ):
+            run(dead, lambda s: s.start(migrate=migrate, timeout=0.5), migrate=False)  # noqa: B023
+        retries = [r for r in caplog.records if r.message == "Postgres not reachable yet, retrying"]
+        # Backing off 0.1 s, then 0.2 s; the next wait would pass the timeout
+        # (a slow machine may have spent the second wait already).
+        delays = [r.retry_in for r in retries]  # type: ignore[attr-defined]
+        assert delays in ([0.1], [0.1, 0.2]), delays
+
+
+def test_start_migrates_or_only_connects(dsn: str) -> None:
+    async def body(store: Store) -> list[list[str]]:
+        return [
+            await store.start(migrate=False, timeout=0),
+            await store.start(migrate=True, timeout=0),
+            await store.start(migrate=True, timeout=0),
+        ]
+
+    connected, applied, again = run(dsn, body, migrate=False)
+    assert connected == [] and again == []
+    assert applied == [name for _, name, _ in migrations()]
+
+
+def test_probes_after_a_killed_connection_raise_then_reconnect(dsn: str) -> None:
+    async def body(store: Store) -> None:
+        await store.write([Write(exhausted=exhausted(company_id="globex"))])
+        assert await store.tenants_known() == 0
+        assert _terminate_dlqproc_backends(dsn) == 1
+        with pytest.raises(StoreUnavailable):
+            await store.exhausted_stats()
+        stats = await store.exhausted_stats()
+        assert list(stats) == ["globex"] and stats["globex"][0] == 1
+
+    run(dsn, body)
 
 
 def _terminate_dlqproc_backends(dsn: str) -> int:
