@@ -219,14 +219,17 @@ async def _run(
         },
     )
     try:
-        if cfg.postgres.auto_migrate:
-            applied = await store.migrate()
-            if applied:
-                log.info("applied migrations", extra={"migrations": applied})
-        elif not await store.ping():
-            raise StoreUnavailable("Postgres is not reachable")
+        # Retried for postgres.startupTimeout: a database starting beside us is not down.
+        applied = await store.start(
+            migrate=cfg.postgres.auto_migrate, timeout=cfg.postgres.startup_timeout
+        )
+        if applied:
+            log.info("applied migrations", extra={"migrations": applied})
     except StoreUnavailable as exc:
-        log.error("cannot start: Postgres unavailable", extra={"error": str(exc)})
+        log.error(
+            "cannot start: Postgres unavailable",
+            extra={"error": str(exc), "gave_up_after": cfg.postgres.startup_timeout},
+        )
         return EXIT_ERROR
     try:
         # Every server of nats.url is tried (nats-py's server list), until one accepts.

@@ -137,6 +137,8 @@ class PostgresConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="
     dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     auto_migrate: bool = True
     statement_timeout: Duration = Duration(30)
+    # How long start-up retries connecting (and migrating) before exit 1.
+    startup_timeout: Duration = Duration(60)
     # Month partitions one commit group may create; more wait for later writes.
     max_new_partitions: int = 12
 
@@ -372,6 +374,7 @@ def validate(cfg: Config) -> None:
         "nats.startupTimeout": n.startup_timeout,
         "nats.apiTimeout": n.api_timeout,
         "postgres.maxNewPartitions": cfg.postgres.max_new_partitions,
+        "postgres.startupTimeout": cfg.postgres.startup_timeout,
         "handlers.timestampHorizon": cfg.handlers.timestamp_horizon,
         "server.readyStallAfter": cfg.server.ready_stall_after,
         "server.metricsMaxTenants": cfg.server.metrics_max_tenants,

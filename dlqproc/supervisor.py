@@ -34,7 +34,7 @@ from dlqproc.policy import Action, Budget, Decision, RetryPolicy, backoff, decid
 from dlqproc.pool import Pool
 from dlqproc.reprocess import Limits, bare_stored
 from dlqproc.settle import Held, LaneRuntime, Settler, Verdict, fields
-from dlqproc.store import ItemFailed, Store, StoreUnavailable
+from dlqproc.store import Failure, NotWritten, Store, StoreUnavailable
 
 # Operators filter on this logger name (operator guide, section 1.2).
 log = logging.getLogger("dlq_worker")
@@ -470,7 +470,7 @@ class Supervisor:
             except StoreUnavailable as exc:
                 self._commit_failed(str(exc))
                 self._store_failed(exc)
-                unavailable = ItemFailed(
+                unavailable = Failure(
                     FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, f"database unavailable: {exc}"
                 )
                 for token in writes:
@@ -479,10 +479,11 @@ class Supervisor:
             self.commit_failures, self.commit_error = 0, ""
             for token, result in zip(writes, results, strict=True):
                 v = verdicts[token]
-                v.inserted = result.inserted
-                if result.failure is not None:
+                if isinstance(result, NotWritten):
                     self._redecide(token, v, result.failure)
                     pending.append(token)
+                else:
+                    v.inserted = result.inserted
         publishing = []
         for token, v in verdicts.items():
             released = self._release(token)
@@ -498,13 +499,13 @@ class Supervisor:
         self._room.set()
         self._gauges()
 
-    def _redecide(self, token: int, v: Verdict, failure: ItemFailed) -> None:
+    def _redecide(self, token: int, v: Verdict, failure: Failure) -> None:
         if v.decision.action is Action.EXHAUST and (
             self._held[token].lane.lane is Lane.DLQ or v.stored_directly
         ):
             # The exhausted row itself was not written: keep the message in the stream.
             v.save_failed = True
-            failure = ItemFailed(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, str(failure))
+            failure = Failure(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, str(failure))
         elif failure.reason is not Reason.STORE_UNAVAILABLE:
             v.error = str(failure)
         v.reason = failure.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,12 +17,14 @@ from dlqproc.model import FailureKind, Reason, RowOp
 from dlqproc.rows import encode
 from dlqproc.store import (
     ExhaustedRow,
-    ItemFailed,
+    NotWritten,
     Store,
     StoreUnavailable,
     Write,
+    WriteResult,
     Written,
-    _PartitionBudget,
+    migrations,
+    writer,
 )
 from support.handlers import TENANT_DDL
 
@@ -94,8 +97,8 @@ def exhausted(**overrides: Any) -> ExhaustedRow:
     return ExhaustedRow(**fields)
 
 
-def assert_failed(result: Written, kind: FailureKind, reason: Reason | None = None) -> None:
-    assert isinstance(result.failure, ItemFailed), result
+def assert_failed(result: WriteResult, kind: FailureKind, reason: Reason | None = None) -> None:
+    assert isinstance(result, NotWritten), result
     assert result.failure.kind is kind, result.failure
     if reason is not None:
         assert result.failure.reason is reason, result.failure
@@ -269,7 +272,7 @@ def test_failing_item_does_not_fail_the_batch(dsn: str, bad_attempt: Any) -> Non
     results = run(dsn, lambda s: s.write(writes))
     assert len(results) == 5
     assert_failed(results[2], FailureKind.PERMANENT)
-    assert [r.failure for i, r in enumerate(results) if i != 2] == [None] * 4
+    assert [r for i, r in enumerate(results) if i != 2] == [Written()] * 4
     assert rows(dsn) == {f"r{i}": ("acme", i) for i in (0, 1, 3, 4)}
 
 
@@ -312,22 +315,22 @@ def test_update_missing_row_is_transient_not_found(dsn: str) -> None:
 
 def test_a_lone_missing_update_fails_alone_without_rewriting_the_batch(dsn: str) -> None:
     # Updates overtaking their upserts are common: they must not send every
-    # batch they travel in down the item-by-item path.
-    async def body(store: Store) -> list[Written] | None:
-        conn = await store._connection()
+    # batch they travel in down the item-by-item path. The fast path alone
+    # must answer: it raises when it needs the slow one.
+    async def body(store: Store) -> list[WriteResult]:
+        await store.write([Write(tenant="acme", rows=encode((upsert("seed"),)))])  # the schema
         writes = [
             Write(tenant="acme", rows=encode((upsert("a", 1),))),
             Write(tenant="acme", rows=encode((update("missing", 7),))),
             Write(tenant="acme", rows=encode((upsert("b", 2),))),
         ]
-        assert await store._prepare_all(conn, writes, _PartitionBudget(0, (2009, 1))) == {}
-        return await store._write_pipelined(conn, writes, {})
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            return await writer._fast(conn, writes, {})
 
     results = run(dsn, body)
-    assert results is not None
     assert results[0] == results[2] == Written()
     assert_failed(results[1], FailureKind.TRANSIENT, Reason.NOT_FOUND)
-    assert rows(dsn) == {"a": ("acme", 1), "b": ("acme", 2)}
+    assert rows(dsn) == {"seed": ("acme", 1), "a": ("acme", 1), "b": ("acme", 2)}
 
 
 def test_a_missing_update_in_a_larger_item_rolls_back_only_that_item(dsn: str) -> None:
@@ -456,6 +459,50 @@ def test_unreachable_database(dsn: str) -> None:
     run(dead, body, migrate=False)
 
 
+def test_start_retries_an_unreachable_database_then_gives_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    for migrate in (True, False):
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="dlqproc.store"),
+            pytest.raises(StoreUnavailable, match="cannot connect to Postgres"),
+        ):
+            run(dead, lambda s: s.start(migrate=migrate, timeout=0.5), migrate=False)  # noqa: B023
+        retries = [r for r in caplog.records if r.message == "Postgres not reachable yet, retrying"]
+        # Backing off 0.1 s, then 0.2 s; the next wait would pass the timeout
+        # (a slow machine may have spent the second wait already).
+        delays = [r.retry_in for r in retries]  # type: ignore[attr-defined]
+        assert delays in ([0.1], [0.1, 0.2]), delays
+
+
+def test_start_migrates_or_only_connects(dsn: str) -> None:
+    async def body(store: Store) -> list[list[str]]:
+        return [
+            await store.start(migrate=False, timeout=0),
+            await store.start(migrate=True, timeout=0),
+            await store.start(migrate=True, timeout=0),
+        ]
+
+    connected, applied, again = run(dsn, body, migrate=False)
+    assert connected == [] and again == []
+    assert applied == [name for _, name, _ in migrations()]
+
+
+def test_probes_after_a_killed_connection_raise_then_reconnect(dsn: str) -> None:
+    async def body(store: Store) -> None:
+        await store.write([Write(exhausted=exhausted(company_id="globex"))])
+        assert await store.tenants_known() == 0
+        assert _terminate_dlqproc_backends(dsn) == 1
+        with pytest.raises(StoreUnavailable):
+            await store.exhausted_stats()
+        stats = await store.exhausted_stats()
+        assert list(stats) == ["globex"] and stats["globex"][0] == 1
+
+    run(dsn, body)
+
+
 def _terminate_dlqproc_backends(dsn: str) -> int:
     found = query(
         dsn,
@@ -525,7 +572,7 @@ def test_table_name_is_quoted(dsn: str, table: str) -> None:
         )
 
     results = run(dsn, body)
-    assert isinstance(results[0].failure, ItemFailed), results[0]
+    assert isinstance(results[0], NotWritten), results[0]
     assert "does not exist" in str(results[0].failure)
     assert results[1] == Written()
     assert query(dsn, "SELECT v FROM daisi_acme.x") == [(1,)]
@@ -556,8 +603,8 @@ def test_column_and_key_names_are_quoted(dsn: str) -> None:
         )
 
     results = run(dsn, body)
-    assert isinstance(results[0].failure, ItemFailed), results[0]
-    assert isinstance(results[1].failure, ItemFailed), results[1]
+    assert isinstance(results[0], NotWritten), results[0]
+    assert isinstance(results[1], NotWritten), results[1]
     assert query(dsn, "SELECT count(*) FROM daisi_acme.x") == [(0,)]
     assert rows(dsn) == {"seed": ("acme", 1)}
 

@@ -106,3 +106,35 @@ def test_a_history_batch_of_one_shape_is_written_in_one_go(dsn: str) -> None:
 
     assert asyncio.run(main()) == [Written()]
     assert len(where(dsn)) == 300
+
+
+def partitions(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'daisi_acme.messages'::regclass"
+        ).fetchall()
+    return {r[0] for r in found}
+
+
+def test_a_partition_that_cannot_be_created_keeps_its_rows_in_default(dsn: str) -> None:
+    write(dsn, message("seed", "2016-03-10"))
+    # An object already holds the partition's name: creating it fails, and
+    # only its month's rows wait in the default partition; the group's other
+    # month still gets its partition, and every row is written.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE daisi_acme.messages_2016_01 (x int)")
+    assert write(dsn, message("jan", "2016-01-10"), message("feb", "2016-02-10")) == [
+        Written(),
+        Written(),
+    ]
+    placed = where(dsn)
+    assert placed["jan"] == "daisi_acme.messages_default"
+    assert placed["feb"] == "daisi_acme.messages_2016_02"
+    assert partitions(dsn) == {"messages_default", "messages_2016_02", "messages_2016_03"}
+    # Once the obstacle is gone, a later write creates it and moves the row out.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE daisi_acme.messages_2016_01")
+    assert write(dsn, message("jan2", "2016-01-20")) == [Written()]
+    placed = where(dsn)
+    assert placed["jan"] == placed["jan2"] == "daisi_acme.messages_2016_01"

@@ -12,7 +12,7 @@ from test_store import assert_failed, exhausted, query, rows, run, schemas, upse
 
 from dlqproc.model import FailureKind, Reason
 from dlqproc.rows import encode
-from dlqproc.store import Store, Write, Written
+from dlqproc.store import Store, Write, WriteResult, Written
 from support.handlers import TENANT_DDL
 
 
@@ -196,3 +196,69 @@ def test_tenants_known_counts_the_recorded_tenants(dsn: str) -> None:
         return counts
 
     assert run(dsn, body) == [0, 2, 2]
+
+
+# --- one tenant's schema failing, among other tenants' items ---------------------
+
+
+def mixed_group(bad: str) -> list[Write]:
+    """Items of tenant `bad` between items of acme and an exhausted row, one commit group."""
+    return [
+        write(bad, "b1"),
+        write("acme", "a1"),
+        Write(exhausted=exhausted()),
+        write(bad, "b2"),
+        write("acme", "a2"),
+    ]
+
+
+def assert_only_bad_failed(
+    dsn: str, results: list[WriteResult], kind: FailureKind, reason: Reason
+) -> None:
+    for failed in (results[0], results[3]):
+        assert_failed(failed, kind, reason)
+    assert results[1] == results[4] == Written()
+    assert results[2] == Written(inserted=True)
+    assert rows(dsn, "daisi_acme") == {"a1": ("acme", 1), "a2": ("acme", 1)}
+    assert query(dsn, "SELECT count(*) FROM public.exhausted_events") == [(1,)]
+
+
+def test_a_schema_owned_by_another_role_fails_only_its_tenants_items(dsn: str) -> None:
+    # dlqproc connects as a role that owns its database but not daisi_locked,
+    # which an operator made for another role: it may not create tables there.
+    database = dsn.rsplit("/", 1)[1]
+    app, other = f"{database}_app", f"{database}_other"
+    query(dsn, f"CREATE ROLE {app} LOGIN; CREATE ROLE {other}")
+    query(dsn, f"ALTER DATABASE {database} OWNER TO {app}")
+    query(dsn, f"ALTER SCHEMA public OWNER TO {app}")
+    query(dsn, f"CREATE SCHEMA daisi_locked AUTHORIZATION {other}")
+    as_app = dsn.replace("://postgres@", f"://{app}@")
+    assert as_app != dsn
+
+    results = run(as_app, lambda s: s.write(mixed_group("locked")))
+    assert_only_bad_failed(dsn, results, FailureKind.TRANSIENT, Reason.DATABASE)
+    assert str(results[0].failure).startswith(  # type: ignore[union-attr]
+        "preparing daisi_locked: permission denied for schema daisi_locked"
+    )
+    assert query(dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = 'daisi_locked'") == [(0,)]
+
+
+def test_a_table_altered_to_refuse_rows_fails_only_its_tenants_items(dsn: str) -> None:
+    # Both schemas exist and are known to the store; then an operator makes
+    # globex's table refuse every row: the fast path fails, and item by item
+    # only globex's items are left out.
+    async def body(store: Store) -> list[WriteResult]:
+        assert (
+            await store.write([write("globex", "seed"), write("acme", "seed")]) == [Written()] * 2
+        )
+        query(
+            dsn,
+            "ALTER TABLE daisi_globex.test_rows ADD CONSTRAINT frozen CHECK (false) NOT VALID",
+        )
+        query(dsn, "DELETE FROM daisi_acme.test_rows")
+        return await store.write(mixed_group("globex"))
+
+    results = run(dsn, body)
+    assert_only_bad_failed(dsn, results, FailureKind.PERMANENT, Reason.VALIDATION)
+    assert 'violates check constraint "frozen"' in str(results[0].failure)  # type: ignore[union-attr]
+    assert rows(dsn, "daisi_globex") == {"seed": ("globex", 1)}

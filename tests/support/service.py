@@ -117,6 +117,9 @@ class Service:
             "NATS_DLQACKWAIT": "10s",
             "NATS_DLQTASKTIMEOUT": "8s",
             "NATS_SHUTDOWNGRACE": "10s",
+            # PostgreSQL is up before any test starts dlqproc, but for the
+            # tests of an unreachable one: those need not wait a minute.
+            "POSTGRES_STARTUPTIMEOUT": "3s",
             **settings,
             "NATS_DLQSTREAM": self.stream,
             "NATS_DLQSUBJECT": self.subject,
