@@ -35,13 +35,16 @@ from dlqproc.model import (
     Delivery,
     Envelope,
     Event,
+    Failed,
     FailureKind,
     HandlerError,
     Lane,
+    Ok,
     Outcome,
     Reason,
     RowOp,
     Stored,
+    failure,
 )
 from dlqproc.rows import encode
 
@@ -71,16 +74,8 @@ def _failure(
     reason: Reason,
     error: str,
     base: str = "",
-) -> Outcome:
-    return Outcome(
-        token=delivery.token,
-        ok=False,
-        stored=stored,
-        kind=kind,
-        reason=reason,
-        error=error[:2000],
-        base=base,
-    )
+) -> Failed:
+    return failure(delivery.token, stored, kind, reason, error, base)
 
 
 def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> Stored:
@@ -331,9 +326,8 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
             f"{type(exc).__name__}: {exc}",
             base,
         )
-    return Outcome(
+    return Ok(
         token=delivery.token,
-        ok=True,
         stored=stored,
         rows=blocks,
         handler_seconds=time.perf_counter() - started,
