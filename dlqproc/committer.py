@@ -127,46 +127,54 @@ class Committer:
         return decide(outcome, held.msg.num_delivered, policy, self._rng.random())
 
     async def commit(self, pairs: Sequence[tuple[int, Outcome]]) -> None:
-        """Decide, write what the decisions need in one transaction, then settle.
-
-        A write can fail per item (a row that breaks a constraint, an update
-        whose row is missing): that item is decided again with the failure, which
-        may lead to a second, exhausted write. At most two rounds.
-        """
+        """Decide, write what the decisions need in one transaction, then settle."""
         verdicts: dict[int, Verdict] = {}
         for token, out in pairs:
             held = self.ledger[token]
             held.lane.observe.received(held, out)
             verdicts[token] = Verdict.of(out, self._decide(held, out))
         pending = list(verdicts)
+        # A write can fail per item (a row that breaks a constraint, an update
+        # whose row is missing): that item is decided again with the failure,
+        # which may lead to a second, exhausted write. At most two rounds.
         for _round in range(2):
-            writes: dict[int, Write] = {}
-            for token in pending:
-                held = self.ledger[token]
-                verdicts[token], write = held.lane.write(held, verdicts[token])
-                if write is not None:
-                    writes[token] = write
-            if not writes:
+            pending = await self._write(pending, verdicts)
+            if not pending:
                 break
-            pending = []
-            try:
-                results = await self.store.write(list(writes.values()))
-            except StoreUnavailable as exc:
-                self._commit_failed(str(exc))
-                self._store_failed(exc)
-                unavailable = ItemFailed(
-                    FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, f"database unavailable: {exc}"
-                )
-                for token in writes:
-                    verdicts[token] = self._redecide(token, verdicts[token], unavailable)
-                break
-            self.commit_failures, self.commit_error = 0, ""
-            for token, result in zip(writes, results, strict=True):
-                v = msgspec.structs.replace(verdicts[token], inserted=result.inserted)
-                if result.failure is not None:
-                    v = self._redecide(token, v, result.failure)
-                    pending.append(token)
-                verdicts[token] = v
+        await self._settle_all(verdicts)
+
+    async def _write(self, tokens: Sequence[int], verdicts: dict[int, Verdict]) -> list[int]:
+        """Write what `tokens` need; update their verdicts; the tokens to write again."""
+        writes: dict[int, Write] = {}
+        for token in tokens:
+            held = self.ledger[token]
+            verdicts[token], write = held.lane.write(held, verdicts[token])
+            if write is not None:
+                writes[token] = write
+        if not writes:
+            return []
+        try:
+            results = await self.store.write(list(writes.values()))
+        except StoreUnavailable as exc:
+            self._commit_failed(str(exc))
+            self._store_failed(exc)
+            unavailable = ItemFailed(
+                FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, f"database unavailable: {exc}"
+            )
+            for token in writes:
+                verdicts[token] = self._redecide(token, verdicts[token], unavailable)
+            return []
+        self.commit_failures, self.commit_error = 0, ""
+        again = []
+        for token, result in zip(writes, results, strict=True):
+            v = msgspec.structs.replace(verdicts[token], inserted=result.inserted)
+            if result.failure is not None:
+                v = self._redecide(token, v, result.failure)
+                again.append(token)
+            verdicts[token] = v
+        return again
+
+    async def _settle_all(self, verdicts: dict[int, Verdict]) -> None:
         publishing = []
         for token, v in verdicts.items():
             entry = self.ledger.release(token)
