@@ -9,7 +9,7 @@ nothing else of dlqproc.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import msgspec
 
@@ -190,20 +190,51 @@ class Stored(msgspec.Struct, frozen=True, array_like=True):
     original_raw: bytes | None = None
 
 
-class Outcome(msgspec.Struct, frozen=True, array_like=True):
-    """A worker's verdict on one delivery.
+# Characters of an error text an outcome keeps (logs, exhausted_events.last_error).
+ERROR_CHARS = 2000
 
-    ok with rows to write, or a classified failure. `stored` describes the
-    message for exhausted_events either way, since the supervisor only decides
-    whether to exhaust after the retry policy has seen the outcome.
+
+class Ok(msgspec.Struct, frozen=True, array_like=True, tag="ok"):
+    """A delivery its handler turned into rows to write.
+
+    `stored` describes the message for exhausted_events all the same: a write
+    that fails may still exhaust it.
     """
 
     token: int
-    ok: bool
     stored: Stored
     rows: tuple[Rows, ...] = ()
-    kind: FailureKind | None = None
-    reason: Reason | None = None
-    error: str = ""
     handler_seconds: float = 0.0
     base: str = ""
+    ok: ClassVar[bool] = True
+    # Read-only constants, not fields: a success cannot be built with a failure.
+    kind: ClassVar[None] = None
+    reason: ClassVar[None] = None
+    error: ClassVar[str] = ""
+
+
+class Failed(msgspec.Struct, frozen=True, array_like=True, tag="failed"):
+    """A delivery that failed, classified; built by `failure` alone."""
+
+    token: int
+    stored: Stored
+    kind: FailureKind
+    reason: Reason
+    error: str
+    base: str = ""
+    ok: ClassVar[bool] = False
+    # Read-only constants, not fields: a failure writes nothing.
+    rows: ClassVar[tuple[Rows, ...]] = ()
+    handler_seconds: ClassVar[float] = 0.0
+
+
+# A worker's verdict on one delivery: rows, or a classified failure. The
+# supervisor decides whether to exhaust only after the retry policy saw it.
+Outcome: TypeAlias = Ok | Failed
+
+
+def failure(
+    token: int, stored: Stored, kind: FailureKind, reason: Reason, error: str, base: str = ""
+) -> Failed:
+    """The one way to build a failed outcome: its error text is bounded here."""
+    return Failed(token, stored, kind, reason, error[:ERROR_CHARS], base)

@@ -1,22 +1,22 @@
-"""The retry policy: one pure function from an outcome and a delivery count to an action.
+"""Every decision of the flow, as pure functions the supervisor only carries out.
 
-The attempt number is JetStream's num_delivered and nothing else, so a restart,
-a crash or a second replica can never reset or inflate it.
+`decide` maps an outcome and a delivery count to ACK, NAK(delay) or EXHAUST;
+the others decide what the flow does when a later step fails: a write, the
+dead-letter publish, a commit that raised, a message that waited too long in
+the local queue. The attempt number is JetStream's num_delivered and nothing
+else, so a restart, a crash or a second replica can never reset or inflate it.
 """
 
 from __future__ import annotations
 
-import enum
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import msgspec
 
-from dlqproc.model import FailureKind, Reason
+from dlqproc.model import FailureKind, Ok, Reason
 
-
-class Action(enum.Enum):
-    ACK = "ack"  # commit the rows, then ACK
-    NAK = "nak"  # NAK with a delay; nothing is written
-    EXHAUST = "exhaust"  # insert into exhausted_events, then TERM (main lanes: dead-letter)
+if TYPE_CHECKING:
+    from dlqproc.config import Config, MainConsumerConfig
 
 
 class RetryPolicy(msgspec.Struct, frozen=True):
@@ -26,10 +26,63 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     max_retries: int  # deliveries after which a transient failure is exhausted
 
 
-class Decision(msgspec.Struct, frozen=True):
-    action: Action
-    delay: float = 0.0  # seconds, for NAK
-    reason: Reason | None = None  # for EXHAUST: why it is stored
+def dlq_policy(cfg: Config) -> RetryPolicy:
+    return RetryPolicy(
+        base_delay=cfg.nats.dlq_base_delay_minutes * 60,
+        max_delay=cfg.nats.dlq_max_delay_minutes * 60,
+        jitter=cfg.nats.dlq_jitter,
+        max_retries=cfg.nats.dlq_max_retries,
+    )
+
+
+def event_policy(main: MainConsumerConfig, jitter: float) -> RetryPolicy:
+    # Dead-letter after max_deliver deliveries: the last one is the budget.
+    return RetryPolicy(
+        base_delay=main.nak_base_delay,
+        max_delay=main.nak_max_delay,
+        jitter=jitter,
+        max_retries=main.max_deliver,
+    )
+
+
+class Ack(msgspec.Struct, frozen=True, tag="ack"):
+    """Commit the rows, then ACK."""
+
+
+class Nak(msgspec.Struct, frozen=True, tag="nak"):
+    """NAK with a delay; nothing is written."""
+
+    delay: float  # seconds
+
+
+class Exhaust(msgspec.Struct, frozen=True, tag="exhaust"):
+    """Insert into exhausted_events, then TERM (main lanes: dead-letter, then ACK)."""
+
+    reason: Reason  # why it is stored
+
+
+Decision: TypeAlias = Ack | Nak | Exhaust
+
+ACK = Ack()
+
+
+class Fault(Protocol):
+    """A classified failure: a failed outcome, or a write the store refused."""
+
+    @property
+    def kind(self) -> FailureKind: ...
+
+    @property
+    def reason(self) -> Reason: ...
+
+
+class _Fault(msgspec.Struct, frozen=True):
+    kind: FailureKind
+    reason: Reason
+
+
+# What a write whose exhausted row could not be stored is retried as.
+_STORE_UNAVAILABLE = _Fault(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE)
 
 
 def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
@@ -46,14 +99,7 @@ def backoff(attempt: int, policy: RetryPolicy, draw: float) -> float:
     return delay * (1.0 - policy.jitter * draw)
 
 
-def decide(
-    ok: bool,
-    kind: FailureKind | None,
-    reason: Reason | None,
-    num_delivered: int,
-    policy: RetryPolicy,
-    draw: float,
-) -> Decision:
+def decide(outcome: Ok | Fault, num_delivered: int, policy: RetryPolicy, draw: float) -> Decision:
     """ACK, NAK(delay) or EXHAUST for one outcome at delivery `num_delivered`.
 
     - success: ACK;
@@ -65,15 +111,94 @@ def decide(
       message is not at fault. Every consumer dlqproc reads redelivers without
       limit, so that NAK can never make JetStream abandon the message.
     """
-    if ok:
-        return Decision(Action.ACK)
-    if reason is Reason.STORE_UNAVAILABLE:
-        return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))
-    if kind is FailureKind.PERMANENT:
-        return Decision(Action.EXHAUST, reason=reason)
+    if isinstance(outcome, Ok):
+        return ACK
+    if outcome.reason is Reason.STORE_UNAVAILABLE:
+        return Nak(backoff(num_delivered, policy, draw))
+    if outcome.kind is FailureKind.PERMANENT:
+        return Exhaust(outcome.reason)
     if num_delivered >= policy.max_retries:
-        return Decision(Action.EXHAUST, reason=Reason.RETRIES_EXHAUSTED)
-    return Decision(Action.NAK, delay=backoff(num_delivered, policy, draw))
+        return Exhaust(Reason.RETRIES_EXHAUSTED)
+    return Nak(backoff(num_delivered, policy, draw))
+
+
+class Redecision(msgspec.Struct, frozen=True):
+    """A message's new decision after the write its first one needed failed."""
+
+    decision: Decision
+    reason: Reason  # the failure the message is now reported with
+    # The write's failure is the message's error from now on (its data was
+    # refused); an outage or an unwritten exhausted row keeps the first error.
+    error_is_write: bool
+    # The exhausted row itself was not written ("Failed to save exhausted event").
+    save_failed: bool
+
+
+def after_failed_write(
+    decision: Decision,
+    failure: Fault,
+    num_delivered: int,
+    policy: RetryPolicy,
+    draw: float,
+) -> Redecision:
+    """Decide again for a message whose write failed (`failure`, from the store).
+
+    Rows refused for this message's data count against its retry budget like
+    any transient failure and may exhaust it. But a message whose exhausted
+    row could not be written was already at the end of its budget: it is
+    NAKed as if the store were down, so it stays in the stream until its row
+    can be stored, never dropped and never exhausted without a row.
+    """
+    if isinstance(decision, Exhaust):
+        again = decide(_STORE_UNAVAILABLE, num_delivered, policy, draw)
+        return Redecision(again, Reason.STORE_UNAVAILABLE, error_is_write=False, save_failed=True)
+    return Redecision(
+        decide(failure, num_delivered, policy, draw),
+        failure.reason,
+        error_is_write=failure.reason is not Reason.STORE_UNAVAILABLE,
+        save_failed=False,
+    )
+
+
+def after_failed_publish(num_delivered: int, policy: RetryPolicy) -> Nak:
+    """A main-lane event whose dead-letter publish JetStream did not acknowledge.
+
+    NAKed with the undrawn backoff: the event stays in its stream and its next
+    delivery dead-letters it again (JetStream deduplicates a repeated publish).
+    """
+    return Nak(backoff(num_delivered, policy, 0.0))
+
+
+# An unexpected commit error (a bug, not an outage: the store classifies
+# those) is a transient failure of each message it touched, retried one by one.
+UNEXPECTED_COMMIT_ERROR = _Fault(FailureKind.TRANSIENT, Reason.HANDLER_ERROR)
+
+
+def unexpected_error_text(exc: BaseException) -> str:
+    """The error a message fails with when the flow itself raised around it."""
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def after_failed_settle(num_delivered: int, policy: RetryPolicy) -> Nak:
+    """A message that could be neither committed nor settled even as a failure.
+
+    Back to JetStream, which counts the delivery: the fallback that cannot fail.
+    """
+    return Nak(backoff(num_delivered, policy, 0.0))
+
+
+def expired_locally(waited: float, ack_wait: float) -> bool:
+    """A message that sat `waited` seconds since JetStream last heard of it.
+
+    Past the ack wait JetStream has given it to someone else (or will): this
+    attempt must not process it, only forget it.
+    """
+    return waited > ack_wait
+
+
+def needs_progress(waited: float, ack_wait: float) -> bool:
+    """Send an in-progress ack: past half the ack wait, before any redelivery."""
+    return waited > ack_wait / 2
 
 
 class FetchPlan(msgspec.Struct, frozen=True):

@@ -21,7 +21,7 @@ from multiprocessing.context import SpawnContext, SpawnProcess
 import msgspec
 
 from dlqproc import worker
-from dlqproc.model import Delivery, FailureKind, Outcome, Reason, Stored
+from dlqproc.model import Delivery, FailureKind, Ok, Outcome, Reason, Stored, failure
 from dlqproc.reprocess import Limits, bare_stored
 
 log = logging.getLogger("dlqproc.pool")
@@ -377,7 +377,7 @@ class InlinePool:
         def run(batch: Sequence[Delivery]) -> list[Outcome]:
             outcomes = [handle(d, registry, limits) for d in batch]
             for o in outcomes:
-                if o.ok:
+                if isinstance(o, Ok):
                     seconds.labels(o.base).observe(o.handler_seconds)
             return outcomes
 
@@ -396,11 +396,10 @@ Pool = WorkerPool | InlinePool
 def _lost_outcome(delivery: Delivery, reason: str, limits: Limits) -> Outcome:
     stored: Stored = bare_stored(delivery, limits, as_json=True)
     why = Reason.TIMEOUT if reason == "timeout" else Reason.WORKER_CRASHED
-    return Outcome(
-        token=delivery.token,
-        ok=False,
-        stored=stored,
-        kind=FailureKind.TRANSIENT,
-        reason=why,
-        error=f"worker {'timed out' if reason == 'timeout' else 'died'} processing this message",
+    return failure(
+        delivery.token,
+        stored,
+        FailureKind.TRANSIENT,
+        why,
+        f"worker {'timed out' if reason == 'timeout' else 'died'} processing this message",
     )

@@ -33,10 +33,15 @@ REPEATED_COMMIT_FAILURES = 3
 class Flow(Protocol):
     """What readiness needs to know of the supervisor."""
 
-    last_fetch: dict[str, float]  # lane -> monotonic time its fetch last returned
-    commit_failures: int  # consecutive commit failures with the same error
-    commit_error: str
-    fetch_failing: set[str]  # lanes whose last fetch failed
+    # Read-only: readiness only looks.
+    @property
+    def last_fetch(self) -> dict[str, float]: ...  # lane -> monotonic time its fetch last returned
+    @property
+    def commit_failures(self) -> int: ...  # consecutive commit failures with the same error
+    @property
+    def commit_error(self) -> str: ...
+    @property
+    def fetch_failing(self) -> set[str]: ...  # lanes whose last fetch failed
 
 
 class Probes:

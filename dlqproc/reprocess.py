@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import msgspec
 
@@ -35,13 +37,16 @@ from dlqproc.model import (
     Delivery,
     Envelope,
     Event,
+    Failed,
     FailureKind,
     HandlerError,
     Lane,
+    Ok,
     Outcome,
     Reason,
     RowOp,
     Stored,
+    failure,
 )
 from dlqproc.rows import encode
 
@@ -71,16 +76,8 @@ def _failure(
     reason: Reason,
     error: str,
     base: str = "",
-) -> Outcome:
-    return Outcome(
-        token=delivery.token,
-        ok=False,
-        stored=stored,
-        kind=kind,
-        reason=reason,
-        error=error[:2000],
-        base=base,
-    )
+) -> Failed:
+    return failure(delivery.token, stored, kind, reason, error, base)
 
 
 def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> Stored:
@@ -89,11 +86,7 @@ def bare_stored(delivery: Delivery, limits: Limits, as_json: bool = False) -> St
     as_json: offer the body to the store as the envelope JSON; the store keeps
     the raw bytes instead when PostgreSQL refuses it.
     """
-    if delivery.lane is Lane.DLQ:
-        tenant = tenant_of_subject(delivery.subject, limits.dlq_subject)
-    else:  # an event's subject is <base>.<tenant>
-        tenant = delivery.subject.rpartition(".")[2]
-        tenant = tenant if valid_tenant(tenant) else ""
+    tenant = _READERS[delivery.lane].tenant(delivery.subject, limits)
     return Stored(
         company_id=tenant or INVALID_TENANT_ID,
         source_subject=delivery.subject,
@@ -270,11 +263,35 @@ def _check_rows(rows: tuple[RowOp, ...]) -> None:
             raise TypeError(f"RowOp for {row.table!r} lacks a value for its key {row.key}")
 
 
+def _dlq_tenant(subject: str, limits: Limits) -> str:
+    return tenant_of_subject(subject, limits.dlq_subject)
+
+
+def _event_tenant(subject: str, limits: Limits) -> str:
+    tenant = subject.rpartition(".")[2]  # an event's subject is <base>.<tenant>
+    return tenant if valid_tenant(tenant) else ""
+
+
+class _Reader(NamedTuple):
+    """How a worker reads a lane's messages (the supervisor's side: dlqproc.lanes)."""
+
+    process: Callable[[Delivery, Registry, Limits], Outcome]
+    tenant: Callable[[str, Limits], str]  # of a subject; "" when it names none
+
+
+# The DLQ lane's body is an envelope wrapping the event; the events lanes'
+# body is the event itself.
+_EVENTS = _Reader(process_event, _event_tenant)
+_READERS = {
+    Lane.DLQ: _Reader(reprocess, _dlq_tenant),
+    Lane.REALTIME: _EVENTS,
+    Lane.HISTORICAL: _EVENTS,
+}
+
+
 def handle(delivery: Delivery, registry: Registry, limits: Limits) -> Outcome:
     """The Outcome of one delivery of any lane."""
-    if delivery.lane is Lane.DLQ:
-        return reprocess(delivery, registry, limits)
-    return process_event(delivery, registry, limits)
+    return _READERS[delivery.lane].process(delivery, registry, limits)
 
 
 def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored) -> Outcome:
@@ -331,9 +348,8 @@ def _handle(delivery: Delivery, registry: Registry, event: Event, stored: Stored
             f"{type(exc).__name__}: {exc}",
             base,
         )
-    return Outcome(
+    return Ok(
         token=delivery.token,
-        ok=True,
         stored=stored,
         rows=blocks,
         handler_seconds=time.perf_counter() - started,

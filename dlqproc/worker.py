@@ -16,7 +16,7 @@ import msgspec
 
 from dlqproc.handlers import Registry, RegistryError, load
 from dlqproc.metrics import WorkerMetrics
-from dlqproc.model import Delivery, FailureKind, Outcome, Reason
+from dlqproc.model import Delivery, FailureKind, Ok, Outcome, Reason, failure
 from dlqproc.reprocess import Limits, handle
 
 # Exit code of a worker whose handlers module does not load: the supervisor
@@ -33,13 +33,13 @@ def _encodable(encoder: msgspec.msgpack.Encoder, outcome: Outcome) -> Outcome:
     try:
         encoder.encode(outcome)
     except (TypeError, ValueError, OverflowError) as exc:
-        return msgspec.structs.replace(
-            outcome,
-            ok=False,
-            rows=(),
-            kind=FailureKind.TRANSIENT,
-            reason=Reason.HANDLER_ERROR,
-            error=f"handler returned values that cannot be stored: {exc}"[:2000],
+        return failure(
+            outcome.token,
+            outcome.stored,
+            FailureKind.TRANSIENT,
+            Reason.HANDLER_ERROR,
+            f"handler returned values that cannot be stored: {exc}",
+            outcome.base,
         )
     return outcome
 
@@ -93,7 +93,7 @@ def _serve(sock: socket.socket, registry: Registry, limits: Limits) -> None:
         batch = decoder.decode(recv_frame(sock))
         outcomes: list[Outcome] = [handle(d, registry, limits) for d in batch]
         for o in outcomes:
-            if o.ok:
+            if isinstance(o, Ok):
                 handler_seconds.labels(o.base).observe(o.handler_seconds)
         try:
             reply = encoder.encode(outcomes)

@@ -1,17 +1,41 @@
-"""The retry policy: decide() over every outcome and delivery count, backoff(), and fetch sizing."""
+"""The policy: decide() over every outcome and delivery count, the decisions after a
+failed write, publish or settle, local expiry, backoff(), and fetch sizing."""
 
 from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dlqproc.model import FailureKind, Reason
-from dlqproc.policy import Action, Budget, Decision, RetryPolicy, backoff, decide, plan_fetch
+from dlqproc.model import Failed, FailureKind, Ok, Outcome, Reason, Stored, failure
+from dlqproc.policy import (
+    ACK,
+    Ack,
+    Budget,
+    Exhaust,
+    Nak,
+    RetryPolicy,
+    after_failed_publish,
+    after_failed_settle,
+    after_failed_write,
+    backoff,
+    decide,
+    expired_locally,
+    needs_progress,
+    plan_fetch,
+)
 
 POLICY = RetryPolicy(base_delay=10.0, max_delay=300.0, jitter=0.2, max_retries=5)
+STORED = Stored("acme", "t.ok.acme", None, None, None)
+
+
+def fault(kind: FailureKind, reason: Reason) -> Failed:
+    """A failed outcome, as a worker returns it."""
+    return failure(1, STORED, kind, reason, "boom")
+
 
 TRANSIENT_REASONS = [
     Reason.NOT_FOUND,
@@ -35,56 +59,51 @@ DRAWS = [0.0, 0.5, 0.999]
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("draw", DRAWS)
 def test_success_is_always_ack(n: int, draw: float) -> None:
-    assert decide(True, None, None, n, POLICY, draw) == Decision(Action.ACK)
+    assert decide(Ok(1, STORED), n, POLICY, draw) == ACK
 
 
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("reason", PERMANENT_REASONS)
 def test_permanent_failure_is_exhausted_at_once_with_its_reason(n: int, reason: Reason) -> None:
-    decision = decide(False, FailureKind.PERMANENT, reason, n, POLICY, 0.3)
-    assert decision.action is Action.EXHAUST
-    assert decision.reason is reason
+    decision = decide(fault(FailureKind.PERMANENT, reason), n, POLICY, 0.3)
+    assert decision == Exhaust(reason)
 
 
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("reason", TRANSIENT_REASONS)
 @pytest.mark.parametrize("draw", DRAWS)
 def test_transient_failure_naks_then_exhausts(n: int, reason: Reason, draw: float) -> None:
-    decision = decide(False, FailureKind.TRANSIENT, reason, n, POLICY, draw)
+    decision = decide(fault(FailureKind.TRANSIENT, reason), n, POLICY, draw)
     if n < POLICY.max_retries:
-        assert decision.action is Action.NAK
-        assert decision.delay == backoff(n, POLICY, draw)
+        assert decision == Nak(backoff(n, POLICY, draw))
         assert decision.delay > 0
-        assert decision.reason is None
     else:
-        assert decision.action is Action.EXHAUST
-        assert decision.reason is Reason.RETRIES_EXHAUSTED
+        assert decision == Exhaust(Reason.RETRIES_EXHAUSTED)
 
 
 @pytest.mark.parametrize("n", DELIVERIES)
 @pytest.mark.parametrize("draw", DRAWS)
 def test_store_unavailable_never_exhausts_nor_acks(n: int, draw: float) -> None:
     # JetStream redelivers without limit: always a NAK with backoff.
-    decision = decide(False, FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE, n, POLICY, draw)
-    assert decision.action is Action.NAK
-    assert decision.delay == backoff(n, POLICY, draw)
+    decision = decide(fault(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE), n, POLICY, draw)
+    assert decision == Nak(backoff(n, POLICY, draw))
     assert decision.delay > 0
 
 
 @pytest.mark.parametrize("n", DELIVERIES)
 def test_a_failed_write_counts_against_the_budget(n: int) -> None:
-    decision = decide(False, FailureKind.TRANSIENT, Reason.DATABASE, n, POLICY, 0.5)
-    expected = Action.EXHAUST if n >= POLICY.max_retries else Action.NAK
-    assert decision.action is expected
+    decision = decide(fault(FailureKind.TRANSIENT, Reason.DATABASE), n, POLICY, 0.5)
+    expected = Exhaust if n >= POLICY.max_retries else Nak
+    assert type(decision) is expected
 
 
 def test_exhaustion_boundary_is_max_retries() -> None:
     policy = RetryPolicy(base_delay=1.0, max_delay=10.0, jitter=0.0, max_retries=3)
-    actions = [
-        decide(False, FailureKind.TRANSIENT, Reason.TIMEOUT, n, policy, 0.0).action
+    kinds = [
+        type(decide(fault(FailureKind.TRANSIENT, Reason.TIMEOUT), n, policy, 0.0))
         for n in range(1, 6)
     ]
-    assert actions == [Action.NAK, Action.NAK, Action.EXHAUST, Action.EXHAUST, Action.EXHAUST]
+    assert kinds == [Nak, Nak, Exhaust, Exhaust, Exhaust]
 
 
 policies = st.builds(
@@ -106,8 +125,8 @@ draws = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 def test_every_nak_has_a_positive_delay(
     policy: RetryPolicy, n: int, reason: Reason, draw: float
 ) -> None:
-    decision = decide(False, FailureKind.TRANSIENT, reason, n, policy, draw)
-    if decision.action is Action.NAK:
+    decision = decide(fault(FailureKind.TRANSIENT, reason), n, policy, draw)
+    if isinstance(decision, Nak):
         assert decision.delay > 0
         assert decision.delay <= policy.max_delay
     else:
@@ -246,3 +265,101 @@ def test_an_oversized_lane_waits_for_the_budget_to_drain(
     assert plan_fetch(budget, in_flight, in_flight_bytes, 64, True, False).batch == 0
     # ...and the other lanes hold back meanwhile, so that the drain ends.
     assert plan_fetch(budget, in_flight, in_flight_bytes, 64, False, True).batch == 0
+
+
+# -- the one-of types: what cannot be built
+
+
+def test_a_nak_needs_a_delay_and_an_exhaust_a_reason() -> None:
+    with pytest.raises(TypeError):
+        Nak()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Exhaust()  # type: ignore[call-arg]
+    decoder = msgspec.json.Decoder(Ack | Nak | Exhaust)
+    assert decoder.decode(b'{"type": "nak", "delay": 2.5}') == Nak(2.5)
+    with pytest.raises(msgspec.ValidationError):
+        decoder.decode(b'{"type": "nak"}')
+    with pytest.raises(msgspec.ValidationError):
+        decoder.decode(b'{"type": "exhaust"}')
+
+
+def test_a_success_carries_no_failure_and_a_failure_always_has_one() -> None:
+    ok = Ok(1, STORED)
+    assert ok.ok and ok.reason is None and ok.kind is None and ok.error == ""
+    with pytest.raises(TypeError):
+        Ok(1, STORED, reason=Reason.TIMEOUT)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Failed(1, STORED)  # type: ignore[call-arg]
+    decoder = msgspec.msgpack.Decoder(list[Outcome])
+    with pytest.raises(msgspec.ValidationError):
+        decoder.decode(msgspec.msgpack.encode([["failed", 1, ["acme", "s", None, None, None]]]))
+    both: list[Outcome] = [
+        ok,
+        failure(2, STORED, FailureKind.PERMANENT, Reason.VALIDATION, "x" * 5000),
+    ]
+    again = decoder.decode(msgspec.msgpack.encode(both))
+    assert again == both and len(both[1].error) == 2000
+
+
+# -- re-decisions, pure and total
+
+decisions = st.one_of(
+    st.just(ACK),
+    st.builds(Nak, st.floats(min_value=0.0, max_value=1e6)),
+    st.builds(Exhaust, st.sampled_from(list(Reason))),
+)
+faults = st.builds(fault, st.sampled_from(list(FailureKind)), st.sampled_from(list(Reason)))
+deliveries = st.integers(min_value=1, max_value=10**6)
+
+
+@given(decision=decisions, failed=faults, n=deliveries, policy=policies, draw=draws)
+def test_a_failed_exhausted_row_write_is_never_dropped_nor_exhausted(
+    decision: Ack | Nak | Exhaust, failed: Failed, n: int, policy: RetryPolicy, draw: float
+) -> None:
+    again = after_failed_write(decision, failed, n, policy, draw)
+    if isinstance(decision, Exhaust):
+        # Its row was not written: back to the stream, whatever the failure,
+        # and its first error kept for the row that will be written later.
+        assert again.decision == Nak(backoff(n, policy, draw))
+        assert again.save_failed and again.reason is Reason.STORE_UNAVAILABLE
+        assert not again.error_is_write
+    else:
+        # A rows write that failed is the message's own failure, decided as such.
+        assert again.decision == decide(failed, n, policy, draw)
+        assert not again.save_failed and again.reason is failed.reason
+        assert again.error_is_write == (failed.reason is not Reason.STORE_UNAVAILABLE)
+    assert not isinstance(again.decision, Ack)
+
+
+@given(failed=faults, n=deliveries, policy=policies, draw=draws)
+def test_a_rows_write_refused_while_the_store_is_down_is_never_exhausted(
+    failed: Failed, n: int, policy: RetryPolicy, draw: float
+) -> None:
+    down = fault(FailureKind.TRANSIENT, Reason.STORE_UNAVAILABLE)
+    for decision in (ACK, Exhaust(failed.reason)):
+        again = after_failed_write(decision, down, n, policy, draw)
+        assert isinstance(again.decision, Nak) and again.decision.delay > 0
+
+
+@given(n=deliveries, policy=policies)
+def test_failed_publish_and_failed_settle_nak_with_the_undrawn_backoff(
+    n: int, policy: RetryPolicy
+) -> None:
+    for nak in (after_failed_publish(n, policy), after_failed_settle(n, policy)):
+        assert nak == Nak(backoff(n, policy, 0.0))
+        assert 0 < nak.delay <= policy.max_delay
+        # The undrawn delay is the longest jitter allows: never sooner than a drawn one.
+        assert nak.delay >= backoff(n, policy, 0.999)
+
+
+@given(
+    waited=st.floats(min_value=0.0, max_value=1e6),
+    ack_wait=st.floats(min_value=1e-3, max_value=1e5),
+)
+def test_local_expiry_and_progress_acks(waited: float, ack_wait: float) -> None:
+    expired = expired_locally(waited, ack_wait)
+    assert expired == (waited > ack_wait)
+    # A message is kept alive (in-progress) before it could ever expire.
+    if expired:
+        assert needs_progress(waited, ack_wait)
+    assert not needs_progress(ack_wait / 2, ack_wait)

@@ -19,8 +19,10 @@ from dlqproc.handlers import Registry, load
 from dlqproc.model import (
     Delivery,
     Event,
+    Failed,
     FailureKind,
     Lane,
+    Ok,
     Outcome,
     PermanentError,
     Reason,
@@ -61,8 +63,7 @@ def _run(
 
 
 def _failed(out: Outcome, kind: FailureKind, reason: Reason) -> None:
-    assert out.ok is False
-    assert out.rows == ()
+    assert isinstance(out, Failed) and out.ok is False
     assert out.kind is kind
     assert out.reason is reason
     assert out.error
@@ -73,7 +74,7 @@ def test_demo_ok_is_one_upsert() -> None:
     out = _run(data)
     assert out.ok is True
     assert out.token == 7
-    assert out.kind is None and out.reason is None and out.error == ""
+    assert isinstance(out, Ok)
     assert out.base == "demo.ok"
     assert out.rows == encode(
         (

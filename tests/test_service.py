@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from support.service import Service, envelope, wait_until
 
@@ -182,23 +185,48 @@ def test_postgres_down_while_exhausting_naks_then_stores(service: Make, pg_home:
         svc.stop()
 
 
-def test_worker_killed_mid_batch_loses_and_duplicates_nothing(service: Make) -> None:
+def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
+    service: Make, tmp_path: Path
+) -> None:
+    # Every run of the handler leaves a line (its worker's pid, the attempt):
+    # the upserted rows alone would hide a message processed twice.
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
     svc = service(NATS_DLQWORKERBATCH="10")
     n = 200
+    ids = [f"k{i}" for i in range(n)]
     svc.publish(
-        "acme", [envelope("t.slow", "acme", {"id": f"k{i}", "sleep": 0.01}) for i in range(n)]
+        "acme",
+        [
+            envelope("t.record", "acme", {"id": i, "sleep": 0.01, "record": str(runs_dir)})
+            for i in ids
+        ],
     )
-    wait_until(lambda: svc.find("Processing DLQ message"))
     killed = svc.worker_pids()[0]
+    wait_until(lambda: (runs_dir / str(killed)).exists())  # it is running a batch
     os.kill(killed, signal.SIGKILL)
     wait_until(lambda: svc.find("worker lost, replacing it"))
     wait_until(lambda: len(svc.rows("acme")) == n, timeout=60)
     wait_until(svc.settled)
+    runs: dict[str, list[int]] = {}
+    for f in runs_dir.iterdir():
+        for line in f.read_text().splitlines():
+            event_id, attempt = line.split()
+            # No JetStream redelivery: the kill cost no message a delivery.
+            assert attempt == "1", line
+            runs.setdefault(event_id, []).append(int(f.name))
+    assert sorted(runs) == sorted(ids)
+    twice = {i: pids for i, pids in runs.items() if len(pids) > 1}
+    # Only the killed worker's batch runs again, each of its messages once more
+    # in a worker that lives; every other message ran exactly once.
+    assert len(twice) <= 10, twice
+    assert all(len(p) == 2 and p.count(killed) == 1 for p in twice.values()), twice
     assert killed not in svc.worker_pids()
     assert len(svc.worker_pids()) == 2
     assert svc.exhausted() == []
     consumer = svc.consumer()
     assert consumer["ack_floor"] == n and consumer["ack_pending"] == 0
+    assert consumer["redelivered"] == 0
 
 
 def test_crashing_message_is_isolated_from_its_batch(service: Make) -> None:
@@ -266,6 +294,64 @@ def test_sigterm_with_work_in_flight_exits_zero_and_loses_nothing(service: Make)
     wait_until(lambda: len(svc2.rows("acme")) == n, timeout=40)
     wait_until(svc2.settled)
     assert svc2.exhausted() == []
+
+
+def test_shutdown_past_the_grace_period_naks_the_running_batches(
+    service: Make, tmp_path: Path
+) -> None:
+    # The handlers stay inside until released: "in flight" is a fact, not a sleep.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    slow_ack = {"NATS_DLQACKWAIT": "120s", "NATS_DLQTASKTIMEOUT": "60s"}
+    svc = service(NATS_SHUTDOWNGRACE="1s", NATS_DLQWORKERBATCH="1", **slow_ack)
+    n = 5
+    ids = [f"g{i}" for i in range(n)]
+    svc.publish(
+        "acme", [envelope("t.barrier", "acme", {"id": i, "barrier": str(gate)}) for i in ids]
+    )
+    wait_until(lambda: len(list(gate.glob("*.started"))) == 2)  # both workers hold one
+    running = sorted(f.name.split(".")[0] for f in gate.glob("*.started"))
+    svc.signal(signal.SIGTERM)
+    assert svc.wait_exit(60) == 0
+    assert svc.find("stopped", exit_code=0)
+    assert svc.rows("acme") == {}  # the running batches were cancelled, not committed
+    # All five were NAKed (the two running past the grace, the three queued),
+    # not left to the 120 s ack wait: a fresh process finishes them long before.
+    (gate / "release").touch()
+    svc2 = service(NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **slow_ack)
+    wait_until(lambda: len(svc2.rows("acme")) == n, timeout=40)
+    wait_until(svc2.settled)
+    # Each came back as its second delivery: the cancelled attempt was counted.
+    assert svc2.rows("acme") == {i: 2 for i in ids}
+    assert all((gate / f"{i}.started").read_text() == "1\n2\n" for i in running)
+    assert svc2.exhausted() == []
+
+
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+def test_in_flight_messages_never_exceed_the_budget(service: Make, limit: str) -> None:
+    pad = "x" * 2000
+    n = 15
+    bodies = [
+        envelope("t.slow", "acme", {"id": f"b{i}", "sleep": 0.3, "pad": pad}) for i in range(n)
+    ]
+    size = max(len(b) for b in bodies)
+    # Room for three messages either way; four workers could take more.
+    budget = (
+        {"NATS_DLQMAXINFLIGHT": "3"}
+        if limit == "count"
+        else {"NATS_DLQMAXINFLIGHTBYTES": str(3 * size + size // 2)}
+    )
+    svc = service(NATS_DLQWORKERS="4", NATS_DLQWORKERBATCH="1", **budget)
+    svc.publish("acme", bodies)
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(svc.rows("acme")) < n:
+        # Unacknowledged deliveries: what the service holds (fetched, not settled).
+        seen.append(svc.consumer()["ack_pending"])
+        assert time.monotonic() < deadline, f"{len(svc.rows('acme'))} of {n} stored"
+    wait_until(svc.settled)
+    assert max(seen) == 3, seen
+    assert svc.rows("acme") == {f"b{i}": 1 for i in range(n)}
 
 
 def test_update_before_upsert_is_retried_not_lost(service: Make) -> None:

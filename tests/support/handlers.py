@@ -11,6 +11,8 @@ t.update update a test_rows row (not found is transient)
 t.badop, t.badkey  buggy handlers returning RowOps the store cannot apply
 t.badvalue  a buggy handler returning a value no column can hold
 t.big    an upsert of 2,000 padded rows (megabyte replies)
+t.record append "<id> <attempt>" to <record>/<pid> (one line per run), sleep, then upsert
+t.barrier  mark <barrier>/<id>.started, wait for <barrier>/release (at most 120 s), then upsert
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Payload(msgspec.Struct, frozen=True):
     hang_times: int = 0
     crash_times: int = 0
     segfault: bool = False
+    record: str = ""  # a directory: every run of the handler leaves a line there
+    barrier: str = ""  # a directory: the handler runs until a release file appears
 
 
 def _payload(event: Event) -> Payload:
@@ -91,6 +95,28 @@ def crash(event: Event) -> Sequence[RowOp]:
     return (_row(event, p),)
 
 
+def record(event: Event) -> Sequence[RowOp]:
+    """A side effect per run, beside the idempotent upsert that would hide a second run."""
+    p = _payload(event)
+    with open(os.path.join(p.record, str(os.getpid())), "a") as f:
+        f.write(f"{p.id} {event.attempt}\n")
+    time.sleep(p.sleep)
+    return (_row(event, p),)
+
+
+def barrier(event: Event) -> Sequence[RowOp]:
+    """In flight for certain: running, and known to be, until the test releases it."""
+    p = _payload(event)
+    with open(os.path.join(p.barrier, f"{p.id}.started"), "a") as f:
+        f.write(f"{event.attempt}\n")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(p.barrier, "release")):
+        if time.monotonic() > deadline:
+            raise TransientError(f"barrier {p.id} never released")
+        time.sleep(0.02)
+    return (_row(event, p),)
+
+
 def update(event: Event) -> Sequence[RowOp]:
     p = _payload(event)
     return (RowOp(op="update", table="test_rows", key=("id",), values={"id": p.id, "attempt": 0}),)
@@ -146,6 +172,8 @@ HANDLERS = {
     "t.hang": hang,
     "t.crash": crash,
     "t.update": update,
+    "t.record": record,
+    "t.barrier": barrier,
 }
 
 TENANT_DDL = (
