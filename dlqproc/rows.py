@@ -6,6 +6,12 @@ which the store hands PostgreSQL as a single jsonb array. So the supervisor,
 the one process every message passes through, never decodes, adapts or
 re-encodes a row value; it only concatenates bytes.
 
+`form="copy"` encodes each row as a line of PostgreSQL's COPY text format
+instead (dlqproc.copyrows), for the store's COPY path (dlqproc.bulk). It gives
+the same tables (tests/test_bulk.py) but was not faster on the heavy blocks
+the service writes (bench/README.md, "Write paths"), so JSON stays the default
+and both sides must agree on the form (Store's `rows_form`).
+
 `plan` orders the blocks of a whole commit group into steps: upserts of one
 shape from many messages share a statement, each message's segments keep their
 order, and a key that appears twice in a step is split into rounds, since
@@ -16,11 +22,14 @@ commit group arrived together, so no order between them is promised.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
+from dlqproc.copyrows import line
 from dlqproc.model import RowOp, Rows
+
+Form = Literal["copy", "json"]
 
 Shape = tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
@@ -70,7 +79,7 @@ class _Block:
         )
 
 
-def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
+def encode(ops: Sequence[RowOp], form: Form = "json") -> tuple[Rows, ...]:
     """Blocks for a handler's rows, one per shape and segment.
 
     Upserts of distinct rows commute, so within a segment the upserts of each
@@ -81,7 +90,9 @@ def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
     comes back in another shape starts a new segment. An update also stands
     alone so that the store can tell from the row count whether it matched.
     Raises TypeError (or ValueError) for a value that cannot be stored.
+    `form` is how each row is encoded: a COPY text line, or a JSON object.
     """
+    as_copy = form == "copy"
     blocks: list[Rows] = []
     segment = 0
     open_: dict[Shape, _Block] = {}
@@ -104,7 +115,7 @@ def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
         block = open_.get(op_shape)
         if block is None:
             block = open_[op_shape] = _Block(op)
-        block.rows.append(_json.encode(op.values))
+        block.rows.append(line(op.values.values()) if as_copy else _json.encode(op.values))
         block.keys.append(key)
         block.months[op.partition] = None
         if op.op != "upsert":

@@ -42,9 +42,10 @@ from psycopg import sql
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 
+from dlqproc import bulk
 from dlqproc.envelope import refusal, tenant_or_invalid, tenant_schema, valid_tenant
 from dlqproc.model import FailureKind, Reason, Rows
-from dlqproc.rows import Shape, payload, plan, rounds, shape
+from dlqproc.rows import Form, Shape, payload, plan, rounds, shape
 
 log = logging.getLogger("dlqproc.store")
 
@@ -495,6 +496,8 @@ class Store:
     partition to be created; max_new_partitions: how many one write() may create.
     allow: the tenants that may be written (empty: any); max_new_tenants_per_hour:
     new tenants admitted per hour across replicas (0: no limit).
+    rows_form: how the workers encode rows (dlqproc.rows.encode), so how they
+    are written: "copy" (dlqproc.bulk) or "json" (the earlier jsonb path).
     """
 
     def __init__(
@@ -507,7 +510,9 @@ class Store:
         max_new_partitions: int = 12,
         allow: frozenset[str] = frozenset(),
         max_new_tenants_per_hour: int = 0,
+        rows_form: Form = "json",
     ) -> None:
+        self._rows_form: Form = rows_form
         self._dsn = dsn
         self._allow = allow
         self._max_new_tenants = max_new_tenants_per_hour
@@ -803,6 +808,8 @@ class Store:
         for block in w.rows:
             for month in block.partitions:
                 await self._ensure_partition(conn, schema, block.table, month, budget)
+        if self._rows_form == "copy":
+            await bulk.prepare(conn, schema, w.rows)
 
     async def _write_pipelined(
         self,
@@ -841,19 +848,10 @@ class Store:
                     if b.op == "update":
                         owner.setdefault(id(b), []).append(i)
         async with conn.transaction():
-            updates: list[tuple[psycopg.AsyncCursor[Any], Rows]] = []
-            async with conn.pipeline():
-                for schema, items in by_schema.items():
-                    for step in plan(items):
-                        stmt = _sql(schema, step.block)
-                        for rows in step.rounds:
-                            cur = conn.cursor()
-                            await cur.execute(stmt, (_jsonb(rows),))
-                            if step.block.op == "update":
-                                updates.append((cur, step.block))
+            updates = await self._write_steps(conn, by_schema)
             missing: dict[int, ItemFailed] = {}
-            for cur, block in updates:
-                if cur.rowcount == 0:
+            for count, block in updates:
+                if count == 0:
                     held_by = owner[id(block)]
                     if len(held_by) > 1 or len(writes[held_by[0]].rows) > 1:
                         raise _SomeItemFailed  # other rows of its item must not commit
@@ -890,12 +888,49 @@ class Store:
             return Written(inserted=await self._insert_exhausted(conn, w.exhausted))
         schema = schema_name(w.tenant)
         for block in w.rows:
-            stmt = _sql(schema, block)
             for rows in rounds((block,)):
-                cur = await conn.execute(stmt, (_jsonb(rows),))
-                if block.op == "update" and cur.rowcount == 0:
+                count = await self._write_round(conn, schema, block, rows)
+                if block.op == "update" and count == 0:
                     raise _not_found(block)
         return Written()
+
+    # --- Row statements: the hook between the write logic above and the two
+    # ways of sending rows (issue 13). Everything form-specific is below. ---
+
+    async def _write_steps(
+        self, conn: psycopg.AsyncConnection[Any], by_schema: dict[str, list[tuple[Rows, ...]]]
+    ) -> list[tuple[int, Rows]]:
+        """Write every step of each schema's plan; (rows affected, block) of each update round."""
+        updates: list[tuple[int, Rows]] = []
+        if self._rows_form == "copy":
+            # COPY cannot run in a pipeline: a round trip or two per round.
+            for schema, items in by_schema.items():
+                for step in plan(items):
+                    for rows in step.rounds:
+                        count = await bulk.write_round(conn, schema, step.block, rows)
+                        if step.block.op == "update":
+                            updates.append((count, step.block))
+            return updates
+        cursors: list[tuple[psycopg.AsyncCursor[Any], Rows]] = []
+        async with conn.pipeline():
+            for schema, items in by_schema.items():
+                for step in plan(items):
+                    stmt = _sql(schema, step.block)
+                    for rows in step.rounds:
+                        cur = conn.cursor()
+                        await cur.execute(stmt, (_jsonb(rows),))
+                        if step.block.op == "update":
+                            cursors.append((cur, step.block))
+        return [(cur.rowcount, block) for cur, block in cursors]
+
+    async def _write_round(
+        self, conn: psycopg.AsyncConnection[Any], schema: str, block: Rows, rows: Sequence[bytes]
+    ) -> int:
+        """One round of one block (distinct keys); the rows affected."""
+        if self._rows_form == "copy":
+            return await bulk.write_round(conn, schema, block, rows)
+        cur = await conn.execute(_sql(schema, block), (_jsonb(rows),))
+        return cur.rowcount
 
     async def _insert_exhausted(
         self, conn: psycopg.AsyncConnection[Any], row: ExhaustedRow

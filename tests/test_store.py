@@ -51,7 +51,9 @@ def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, .
 
 
 def schemas(dsn: str) -> set[str]:
-    return {r[0] for r in query(dsn, "SELECT schema_name FROM information_schema.schemata")}
+    """Schemas, but a session's temporary ones (the COPY path's staging tables)."""
+    found = query(dsn, "SELECT schema_name FROM information_schema.schemata")
+    return {r[0] for r in found if not r[0].startswith(("pg_temp_", "pg_toast_temp_"))}
 
 
 def rows(dsn: str, schema: str = "daisi_acme") -> dict[str, tuple[str, int]]:
