@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dlqproc.copyrows import line
 from dlqproc.model import RowOp
-from dlqproc.rows import encode, payload, plan
+from dlqproc.rows import Form, encode, payload, plan, shape
 
 # An op: (table, op, key, seq); seq is unique across a test case, so a row in
 # the plan can be traced back to the item and position it came from.
@@ -142,3 +143,28 @@ def test_unstorable_values_raise(value: object) -> None:
     op = RowOp(op="upsert", table="t", key=("k",), values={"k": 1, "v": value})
     with pytest.raises((TypeError, ValueError)):
         encode([op])
+
+
+@given(items_)
+def test_the_copy_form_makes_the_same_blocks_and_plan(
+    raw: list[list[tuple[str, str, int]]],
+) -> None:
+    """Only the row bytes differ between the forms: blocks, keys and steps are the same."""
+    items = build(raw)
+
+    def strip(form: Form) -> list[tuple[Any, ...]]:
+        steps = plan([encode(item, form) for item in items])
+        return [(shape(s.block), [len(r) for r in s.rounds]) for s in steps]
+
+    assert strip("copy") == strip("json")
+    for item in items:
+        for j, c in zip(encode(item, "json"), encode(item, "copy"), strict=True):
+            assert (j.keys, j.segment, j.partitions) == (c.keys, c.segment, c.partitions)
+            assert [line(msgspec.json.decode(r).values()) for r in j.rows] == list(c.rows)
+
+
+@pytest.mark.parametrize("value", [object(), complex(1, 2), "\ud800"])
+def test_unstorable_values_raise_in_the_copy_form(value: object) -> None:
+    op = RowOp(op="upsert", table="t", key=("k",), values={"k": 1, "v": value})
+    with pytest.raises((TypeError, ValueError)):
+        encode([op], "copy")
