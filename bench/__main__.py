@@ -5,6 +5,9 @@ python -m bench metrics [options]: /metrics render time, size and RSS by tenant 
 
 python -m bench writepath [options]: the write paths for a heavy block on real
 PostgreSQL (bench/writepath.py).
+
+python -m bench replicas [options]: one replica, then several on the same durable
+consumer, for the same backlog (bench/replicas.py).
 """
 
 from __future__ import annotations
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import metrics
 
         return metrics.main(args[1:])
+    if args[:1] == ["replicas"]:
+        from bench import replicas
+
+        return replicas.main(args[1:])
     if args[:1] == ["writepath"]:
         from bench import writepath
 
