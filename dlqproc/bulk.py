@@ -22,7 +22,10 @@ with its rollback. Stages delete their rows at commit (no dead rows pile up in
 a table autovacuum never visits); the statement above deletes them within the
 transaction, so the next round or block of the shape starts empty.
 
-Part of the store: only dlqproc.store calls it, on the store's connection.
+Part of the store: only dlqproc.store calls it, on the store's connection,
+when the store's rows_form is "copy". Not the default: on the service's heavy
+blocks it costs PostgreSQL as much CPU per row as the jsonb statement and
+needs more round trips (bench/README.md, "Write paths").
 """
 
 from __future__ import annotations
