@@ -26,7 +26,9 @@ import asyncio
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -259,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/writepath"))
     args = p.parse_args(argv)
     blocks = heavy_blocks(args.blocks, args.rows, args.seed)
-    home = Path(f"/tmp/dlqproc-bench-writepath-{os.getpid()}")
-    with PostgresServer(home / "data") as server:
-        result = asyncio.run(measure(server.dsn, blocks, args.repeats))
+    home = Path(tempfile.mkdtemp(prefix="dlqproc-bench-writepath-"))
+    try:
+        with PostgresServer(home / "data") as server:
+            result = asyncio.run(measure(server.dsn, blocks, args.repeats))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result["when"] = dt.datetime.now(dt.UTC).isoformat()
     (args.out / "writepath.json").write_text(json.dumps(result, indent=2))
