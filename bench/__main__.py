@@ -2,6 +2,12 @@
 
 python -m bench metrics [options]: /metrics render time, size and RSS by tenant count
 (bench/metrics.py).
+
+python -m bench writepath [options]: the write paths for a heavy block on real
+PostgreSQL (bench/writepath.py).
+
+python -m bench replicas [options]: one replica, then several on the same durable
+consumer, for the same backlog (bench/replicas.py).
 """
 
 from __future__ import annotations
@@ -126,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import metrics
 
         return metrics.main(args[1:])
+    if args[:1] == ["replicas"]:
+        from bench import replicas
+
+        return replicas.main(args[1:])
+    if args[:1] == ["writepath"]:
+        from bench import writepath
+
+        return writepath.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.

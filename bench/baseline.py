@@ -12,6 +12,14 @@ one at the retry budget) inserts an exhausted_events row, commits and TERMs;
 a transient one NAKs with the same delays as the service.
 
     python -m bench.baseline        (configured by the service's env variables)
+    python -m bench.baseline --batched    baseline (c)
+
+Baseline (c), `--batched`, is the careful single-process consumer: for each
+fetched batch, decode and run the handler for every message, then write all
+their rows in one transaction with one executemany per statement (psycopg
+pipelines it), commit, and ACK the batch; if anything in the batch fails, the
+batch is settled message by message as (a) does. Same tables, indexes and
+partitions (the handlers' DDL), same statements as (a).
 
 Prints the service's ready line, "Starting DLQ worker...", once consuming.
 """
@@ -125,7 +133,102 @@ def _ensure_tenant(conn: psycopg.Connection[Any], tenant: str, seen: set[str]) -
     seen.add(tenant)
 
 
-async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
+def _event(msg: Any) -> tuple[str, Any]:
+    """(tenant, the handler's rows) for a DLQ message; raises as the handler does."""
+    meta = msg.metadata
+    env = _envelope.decode(msg.data)
+    base = env.source_subject.rpartition(".")[0]
+    event = Event(
+        subject=env.source_subject,
+        base=base,
+        tenant=env.company,
+        payload=bytes(env.original_payload),
+        attempt=meta.num_delivered,
+        meta=Meta(
+            stream=meta.stream,
+            consumer=meta.consumer,
+            stream_seq=meta.sequence.stream,
+            consumer_seq=meta.sequence.consumer,
+            received_at=datetime.now(UTC).isoformat(),
+        ),
+    )
+    return env.company, HANDLERS[base](event)
+
+
+class _Settings:
+    def __init__(self, cfg: config.Config) -> None:
+        n = cfg.nats
+        self.max_retries = n.dlq_max_retries
+        self.base_delay = n.dlq_base_delay_minutes * 60
+        self.max_delay = n.dlq_max_delay_minutes * 60
+
+
+async def _one(conn: psycopg.Connection[Any], msg: Any, tenants: set[str], s: _Settings) -> None:
+    """Baseline (a): one message, its own transaction, then its ACK (or TERM/NAK)."""
+    meta = msg.metadata
+    error, permanent = "", False
+    try:
+        tenant, rows = _event(msg)
+        _ensure_tenant(conn, tenant, tenants)
+        with conn.transaction():
+            _write(conn, tenant, rows)
+        await msg.ack()
+        return
+    except (PermanentError, msgspec.DecodeError, KeyError, psycopg.Error) as exc:
+        error, permanent = str(exc), True
+    except (HandlerError, NotFound) as exc:
+        error = str(exc)
+    if permanent or meta.num_delivered >= s.max_retries:
+        _exhaust(conn, msg.data, msg.subject, meta, error)
+        await msg.term()
+    else:
+        delay = min(s.base_delay * 2 ** (meta.num_delivered - 1), s.max_delay)
+        await msg.nak(delay=delay)
+
+
+async def _batch(
+    conn: psycopg.Connection[Any], msgs: list[Any], tenants: set[str], s: _Settings
+) -> None:
+    """Baseline (c): the fetched batch's rows in one transaction, one executemany
+    per statement, then every ACK; on any failure, message by message as (a)."""
+    done: list[tuple[Any, str, Any]] = []
+    rest: list[Any] = []  # failed in the handler: settled one by one
+    for msg in msgs:
+        try:
+            tenant, rows = _event(msg)
+            done.append((msg, tenant, rows))
+        except Exception:
+            rest.append(msg)
+    try:
+        for _, tenant, _rows in done:
+            _ensure_tenant(conn, tenant, tenants)
+        upserts: dict[bytes, list[list[object]]] = {}
+        updates: list[tuple[bytes, RowOp, list[object]]] = []
+        for _, tenant, rows in done:
+            schema = tenant_schema(tenant)
+            for op in rows:
+                stmt = _sql(op.op, schema, op.table, tuple(op.values), op.key)
+                if op.op == "upsert":
+                    upserts.setdefault(stmt, []).append(_params(op))
+                else:
+                    updates.append((stmt, op, _params(op)))
+        with conn.transaction():
+            for stmt, many in upserts.items():
+                with conn.cursor() as cur:
+                    cur.executemany(stmt, many)
+            for stmt, op, params in updates:
+                if conn.execute(stmt, params).rowcount == 0:
+                    raise NotFound(f"{op.table} row not found")
+    except (psycopg.Error, NotFound):
+        rest.extend(m for m, _, _ in done)
+    else:
+        for msg, _, _ in done:
+            await msg.ack()
+    for msg in rest:
+        await _one(conn, msg, tenants, s)
+
+
+async def consume(cfg: config.Config, stop: asyncio.Event, batched: bool = False) -> None:
     n = cfg.nats
     broker = await Broker.connect(n.url, name="bench-baseline")
     await broker.ensure_stream(topology.dlq_stream(cfg), reconcile=True)
@@ -139,8 +242,7 @@ async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
     for _, _, text in migrations():
         conn.execute(text.encode())
     tenants: set[str] = set()
-    base_delay = n.dlq_base_delay_minutes * 60
-    max_delay = n.dlq_max_delay_minutes * 60
+    settings = _Settings(cfg)
     print(READY_LINE, flush=True)
     try:
         while not stop.is_set():
@@ -148,42 +250,11 @@ async def consume(cfg: config.Config, stop: asyncio.Event) -> None:
                 msgs = await sub.fetch(batch=n.dlq_fetch_batch, timeout=1.0)
             except (NatsTimeoutError, TimeoutError):
                 continue
-            for msg in msgs:
-                meta = msg.metadata
-                error, permanent = "", False
-                try:
-                    env = _envelope.decode(msg.data)
-                    base = env.source_subject.rpartition(".")[0]
-                    event = Event(
-                        subject=env.source_subject,
-                        base=base,
-                        tenant=env.company,
-                        payload=bytes(env.original_payload),
-                        attempt=meta.num_delivered,
-                        meta=Meta(
-                            stream=meta.stream,
-                            consumer=meta.consumer,
-                            stream_seq=meta.sequence.stream,
-                            consumer_seq=meta.sequence.consumer,
-                            received_at=datetime.now(UTC).isoformat(),
-                        ),
-                    )
-                    rows = HANDLERS[base](event)
-                    _ensure_tenant(conn, env.company, tenants)
-                    with conn.transaction():
-                        _write(conn, env.company, rows)
-                    await msg.ack()
-                    continue
-                except (PermanentError, msgspec.DecodeError, KeyError, psycopg.Error) as exc:
-                    error, permanent = str(exc), True
-                except (HandlerError, NotFound) as exc:
-                    error = str(exc)
-                if permanent or meta.num_delivered >= n.dlq_max_retries:
-                    _exhaust(conn, msg.data, msg.subject, meta, error)
-                    await msg.term()
-                else:
-                    delay = min(base_delay * 2 ** (meta.num_delivered - 1), max_delay)
-                    await msg.nak(delay=delay)
+            if batched:
+                await _batch(conn, msgs, tenants, settings)
+            else:
+                for msg in msgs:
+                    await _one(conn, msg, tenants, settings)
     finally:
         with contextlib.suppress(Exception):
             await nc.flush(timeout=5)
@@ -227,7 +298,7 @@ def main() -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await consume(cfg, stop)
+        await consume(cfg, stop, batched="--batched" in sys.argv[1:])
 
     asyncio.run(run())
     return 0

@@ -88,7 +88,8 @@ class Spec:
 
     workload: str
     path: str  # "dlq" | "main"
-    mode: str  # "service" | "inline" (baseline b, nats.dlqWorkers=0) | "baseline_a"
+    # "service" | "inline" (baseline b, nats.dlqWorkers=0) | "baseline_a" | "baseline_c"
+    mode: str
     workers: int
     fetch_batch: int
     repeat: int
@@ -108,6 +109,7 @@ def plan(opts: Options) -> list[Spec]:
                 if opts.baselines and path in opts.baseline_paths:
                     if path == "dlq":
                         specs.append(Spec(wl, path, "baseline_a", 0, fb0, r))
+                        specs.append(Spec(wl, path, "baseline_c", 0, fb0, r))
                     specs.append(Spec(wl, path, "inline", 0, fb0, r))
                 for w in opts.workers:
                     specs.append(Spec(wl, path, "service", w, fb0, r))
@@ -172,7 +174,7 @@ class ServerPids:
     nats: int | None = None
 
 
-def _per_msg(before: float | None, after: float | None, settled: int) -> float | None:
+def _per_msg(before: float | None, after: float | None, settled: float) -> float | None:
     if before is None or after is None:
         return None
     return round((after - before) * 1000 / settled, 4)
@@ -536,6 +538,13 @@ class Run:
                     ),
                     # The servers share the cores: what each message costs them.
                     "postgres_ms_per_msg": _per_msg(servers0[0], servers1[0], settled),
+                    # Per row in the tables (an upsert of an existing key counts once).
+                    "postgres_us_per_row": _per_msg(servers0[0], servers1[0], max(rows, 1) / 1000),
+                    # How much of the backlog window PostgreSQL was busy: the rest
+                    # it sat idle, waiting for rows (overlap, bench/README.md).
+                    "postgres_busy": None
+                    if servers0[0] is None or servers1[0] is None
+                    else round((servers1[0] - servers0[0]) / seconds, 3),
                     "nats_ms_per_msg": _per_msg(servers0[1], servers1[1], settled),
                 },
             )
@@ -567,6 +576,8 @@ class Run:
     async def _start(self) -> None:
         if self.spec.mode == "baseline_a":
             argv = procs.python_argv("-m", "bench.baseline")
+        elif self.spec.mode == "baseline_c":
+            argv = procs.python_argv("-m", "bench.baseline", "--batched")
         else:
             argv = procs.python_argv("-m", "dlqproc", "run")
         self.child = procs.Child(argv, self.env, self.log_path, procs.READY_LINE).start()

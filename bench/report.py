@@ -20,6 +20,11 @@ from bench.harness import Options, plan
 TARGET_LIGHT_VS_A = 8.0
 TARGET_LIGHT_VS_B = 0.8
 TARGET_HEAVY_VS_B = 1.7
+# Issue 13: against the careful single-process batched consumer, baseline (c).
+TARGET_HEAVY_VS_C = 1.3
+TARGET_HEAVY_VS_B_13 = 1.5
+TARGET_LIGHT_VS_C = 0.95
+TARGET_LIGHT_VS_A_DURABLE = 10.0
 TARGET_SUPERVISOR_RSS_MB = 150.0
 TARGET_WORKER_RSS_MB = 100.0
 
@@ -37,6 +42,8 @@ MEASURES: dict[str, Getter] = {
     "workers_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("workers_ms_per_msg"),
     "total_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("total_ms_per_msg"),
     "postgres_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("postgres_ms_per_msg"),
+    "postgres_cpu_us_per_row": lambda r: (r.get("cpu") or {}).get("postgres_us_per_row"),
+    "postgres_busy": lambda r: (r.get("cpu") or {}).get("postgres_busy"),
     "nats_cpu_ms_per_msg": lambda r: (r.get("cpu") or {}).get("nats_ms_per_msg"),
     "supervisor_rss_mb": lambda r: (r.get("rss_mb") or {}).get("supervisor"),
     "worker_rss_mb": lambda r: (r.get("rss_mb") or {}).get("worker_max"),
@@ -87,16 +94,23 @@ def _by_repeat(results: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
 
 
 def ratios(results: Sequence[dict[str, Any]], opts: Options) -> list[dict[str, Any]]:
-    """Service (at opts.ratio_workers) over each baseline, paired repeat by repeat."""
+    """Service (at opts.ratio_workers, and at 0 workers against (c)) over each
+    baseline, paired repeat by repeat."""
     out = []
     fb = opts.primary_fetch_batch
     w = opts.ratio_workers
+    pairs_of = (
+        (f"service/w{w}", w, "baseline_a", "a"),
+        (f"service/w{w}", w, "inline", "b"),
+        (f"service/w{w}", w, "baseline_c", "c"),
+        ("inline/w0", 0, "baseline_c", "c"),
+    )
     for wl in opts.workloads:
         for path in opts.paths:
-            service = _by_repeat(results, f"{wl}/{path}/service/w{w}/fb{fb}")
-            for base, label in (("baseline_a", "a"), ("inline", "b")):
-                if base == "baseline_a" and path != "dlq":
+            for mine, workers, base, label in pairs_of:
+                if base.startswith("baseline_") and path != "dlq":
                     continue
+                service = _by_repeat(results, f"{wl}/{path}/{mine}/fb{fb}")
                 other = _by_repeat(results, f"{wl}/{path}/{base}/w0/fb{fb}")
                 pairs = [service[r] / other[r] for r in sorted(service) if r in other]
                 if not service or not other:
@@ -105,7 +119,7 @@ def ratios(results: Sequence[dict[str, Any]], opts: Options) -> list[dict[str, A
                     {
                         "workload": wl,
                         "path": path,
-                        "service_workers": w,
+                        "service_workers": workers,
                         "baseline": label,
                         "ratio": _stats(pairs),
                     }
@@ -114,14 +128,25 @@ def ratios(results: Sequence[dict[str, Any]], opts: Options) -> list[dict[str, A
 
 
 def targets(
-    summary: dict[str, dict[str, Any]], rat: Sequence[dict[str, Any]]
+    summary: dict[str, dict[str, Any]], rat: Sequence[dict[str, Any]], durable: bool = False
 ) -> list[dict[str, Any]]:
     """The README's targets, each met / missed / not measured, on medians."""
 
     def ratio(wl: str, baseline: str, path: str = "dlq") -> float | None:
+        """The service's (at its ratio worker count, not 0) median ratio."""
         for r in rat:
-            if (r["workload"], r["baseline"], r["path"]) == (wl, baseline, path) and r["ratio"]:
+            if (r["workload"], r["baseline"], r["path"]) != (wl, baseline, path) or not r["ratio"]:
+                continue
+            if r["service_workers"] != 0:
                 return float(r["ratio"]["median"])
+        return None
+
+    def pg_per_row(wl: str, mode: str) -> float | None:
+        for e in summary.values():
+            here = (e["workload"], e["path"], e["mode"]) == (wl, "dlq", mode)
+            ratio_run = mode != "service" or e["workers"] == 2
+            if here and ratio_run and e["postgres_cpu_us_per_row"]:
+                return float(e["postgres_cpu_us_per_row"]["median"])
         return None
 
     def check(
@@ -152,6 +177,42 @@ def targets(
                     partial(operator.le, goal),  # goal <= v
                 )
             )
+    out += [
+        check(
+            "heavy/dlq: service (2 workers) vs baseline (c)",
+            ratio("heavy", "c"),
+            f">= {TARGET_HEAVY_VS_C:g}x",
+            partial(operator.le, TARGET_HEAVY_VS_C),
+        ),
+        check(
+            "heavy/dlq: service (2 workers) vs service at 0 workers (b)",
+            ratio("heavy", "b"),
+            f">= {TARGET_HEAVY_VS_B_13:g}x",
+            partial(operator.le, TARGET_HEAVY_VS_B_13),
+        ),
+        check(
+            "light/dlq: service (2 workers) vs baseline (c)",
+            ratio("light", "c"),
+            f">= {TARGET_LIGHT_VS_C:g}x",
+            partial(operator.le, TARGET_LIGHT_VS_C),
+        ),
+        check(
+            "light/dlq: service (2 workers) vs baseline (a), durable PostgreSQL (--durable)",
+            ratio("light", "a") if durable else None,
+            f">= {TARGET_LIGHT_VS_A_DURABLE:g}x",
+            partial(operator.le, TARGET_LIGHT_VS_A_DURABLE),
+        ),
+    ]
+    for wl in ("heavy", "light"):
+        mine, theirs = pg_per_row(wl, "service"), pg_per_row(wl, "baseline_c")
+        out.append(
+            check(
+                f"{wl}/dlq: PostgreSQL CPU per row, service (2 workers) / baseline (c)",
+                None if mine is None or theirs is None or not theirs else mine / theirs,
+                "<= 1",
+                partial(operator.ge, 1.0),
+            )
+        )
     sup = [
         e["supervisor_rss_mb"]["max"]
         for e in summary.values()
@@ -191,6 +252,8 @@ def _fmt(stats: dict[str, float] | None, digits: int = 0) -> str:
 def _mode(entry: dict[str, Any]) -> str:
     if entry["mode"] == "baseline_a":
         return "baseline (a)"
+    if entry["mode"] == "baseline_c":
+        return "baseline (c): batched single process"
     if entry["mode"] == "inline":
         return "baseline (b): service, 0 workers"
     return f"service, {entry['workers']} workers"
@@ -224,11 +287,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| workload | path | consumer | fetch | msg/s | rows/s | backlog p99 ms"
         " | steady p50 / p95 / p99 ms | CPU sup ms/msg | CPU workers ms/msg"
-        " | CPU postgres / nats-server ms/msg | RSS sup MB | RSS worker MB | exhausted"
-        " | worker restarts |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        " | CPU postgres / nats-server ms/msg | PG CPU µs/row | PG busy | RSS sup MB"
+        " | RSS worker MB | exhausted | worker restarts |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    order = {"baseline_a": 0, "inline": 1, "service": 2}
+    order = {"baseline_a": 0, "baseline_c": 1, "inline": 2, "service": 3}
     entries = sorted(
         summary.values(),
         key=lambda e: (
@@ -249,6 +312,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f" | {_fmt(e['backlog_p99_ms'])} | {steady}"
             f" | {_fmt(e['supervisor_cpu_ms_per_msg'], 2)} | {_fmt(e['workers_cpu_ms_per_msg'], 2)}"
             f" | {_fmt(e['postgres_cpu_ms_per_msg'], 2)} / {_fmt(e['nats_cpu_ms_per_msg'], 2)}"
+            f" | {_fmt(e['postgres_cpu_us_per_row'], 1)} | {_fmt(e['postgres_busy'], 2)}"
             f" | {_fmt(e['supervisor_rss_mb'])} | {_fmt(e['worker_rss_mb'])}"
             f" | {_fmt(e['exhausted'])} | {_fmt(e['worker_restarts'])} |"
         )
@@ -260,7 +324,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---|---|--:|",
     ]
     for r in doc["ratios"]:
-        name = "baseline (a): plain consumer" if r["baseline"] == "a" else "baseline (b): 0 workers"
+        name = {
+            "a": "baseline (a): plain consumer",
+            "b": "baseline (b): 0 workers",
+            "c": "baseline (c): batched single process",
+        }[r["baseline"]]
         lines.append(
             f"| {r['workload']} | {r['path']} | {name} (service at {r['service_workers']} workers)"
             f" | {_fmt(r['ratio'], 2)} |"
@@ -366,7 +434,7 @@ def document(opts: Options, runs: list[dict[str, Any]], started: str) -> dict[st
         "runs": runs,
         "summary": summary,
         "ratios": rat,
-        "targets": targets(summary, rat),
+        "targets": targets(summary, rat, durable=opts.durable and not opts.postgres_dsn),
     }
 
 

@@ -37,7 +37,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
     opts = doc["options"]
     seen = {(r["workload"], r["path"]) for r in doc["runs"]}
     assert seen == {(w, p) for w in opts["workloads"] for p in opts["paths"]}
-    assert {r["mode"] for r in doc["runs"]} == {"service", "inline", "baseline_a"}
+    assert {r["mode"] for r in doc["runs"]} == {"service", "inline", "baseline_a", "baseline_c"}
 
     for run in doc["runs"]:
         where = f"{run['config']} r{run['repeat']}"
@@ -64,7 +64,7 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
 
     ratios = {(r["workload"], r["path"], r["baseline"]): r["ratio"] for r in doc["ratios"]}
     for workload in opts["workloads"]:
-        for baseline in ("a", "b"):
+        for baseline in ("a", "b", "c"):
             ratio = ratios[(workload, "dlq", baseline)]
             assert ratio is not None and ratio["median"] > 0
     # What a quick run measures is judged; the rest says "not measured".
