@@ -63,7 +63,7 @@ def dlq_policy(cfg: Config) -> RetryPolicy:
     return RetryPolicy(
         base_delay=cfg.nats.dlq_base_delay_minutes * 60,
         max_delay=cfg.nats.dlq_max_delay_minutes * 60,
-        jitter=cfg.nats.dlq_jitter,
+        jitter=cfg.nats.retry_jitter,
         max_retries=cfg.nats.dlq_max_retries,
     )
 
@@ -99,7 +99,7 @@ class Supervisor:
         self.store_ok = True
         self._held: dict[int, Held] = {}  # every message from fetch to settle
         self._held_bytes = 0
-        self._budget = Budget(cfg.nats.dlq_max_in_flight, cfg.nats.dlq_max_in_flight_bytes)
+        self._budget = Budget(cfg.nats.max_in_flight, cfg.nats.max_in_flight_bytes)
         # Lanes whose next message did not fit the room they asked for.
         self._oversized: set[Lane] = set()
         # Readiness: when each lane's fetch last returned, and the commit
@@ -273,8 +273,8 @@ class Supervisor:
             await self._pause(1.0)
 
     async def _dispatch_loop(self) -> None:
-        size = self.cfg.nats.dlq_worker_batch
-        max_bytes = self.cfg.nats.dlq_worker_batch_bytes
+        size = self.cfg.nats.worker_batch
+        max_bytes = self.cfg.nats.worker_batch_bytes
         while True:
             await self._work.wait()
             self._work.clear()
@@ -339,7 +339,7 @@ class Supervisor:
                 log.exception("worker pool failed a batch")
                 limits = Limits(
                     self.cfg.nats.dlq_subject,
-                    self.cfg.nats.dlq_max_payload_bytes,
+                    self.cfg.nats.max_payload_bytes,
                     timestamp_horizon=self.cfg.handlers.timestamp_horizon,
                 )
                 outcomes = [internal_failure(d, exc, limits) for d in deliveries]
@@ -526,7 +526,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         """Stop in an order that loses nothing; see the numbered steps."""
-        nak_delay = self.cfg.nats.dlq_shutdown_nak_delay
+        nak_delay = self.cfg.nats.shutdown_nak_delay
         self.stop_requested.set()
         log.info(
             "shutting down",
