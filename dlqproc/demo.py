@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dlqproc import app, logs, topology
@@ -101,9 +102,11 @@ async def _report(cfg: Config, published: int, invalid: int, dlq: int) -> None:
     )
 
 
-async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
+async def _run(
+    cfg: Config, count: int, exit_when_done: bool, on_forced_exit: Callable[[], None]
+) -> int:
     ready = asyncio.Event()
-    service = asyncio.create_task(app.serve(cfg, ready=ready))
+    service = asyncio.create_task(app.serve(cfg, ready=ready, on_forced_exit=on_forced_exit))
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():
@@ -160,7 +163,7 @@ def main(state: Path, count: int, config: Path | None, exit_when_done: bool = Fa
         print(f"NATS {nats_server.url}  Postgres {pg.dsn}")
         import uvloop
 
-        app.on_forced_exit = stop_servers
-        return uvloop.run(_run(cfg, count, exit_when_done))
+        # A second Ctrl-C exits at once: the servers are stopped first.
+        return uvloop.run(_run(cfg, count, exit_when_done, stop_servers))
     finally:
         stop_servers()
