@@ -186,9 +186,12 @@ class _Worker:
 
 
 async def _reaped(process: SpawnProcess, timeout: float) -> bool:
-    """Whether `process` exited within `timeout`; waits on its sentinel, never blocking the loop.
+    """Whether `process` exited within `timeout`, reaped; never blocks the loop.
 
-    The worker's own reader of the sentinel must be gone (`_Worker._exited`).
+    Waits on the process's sentinel (the worker's own reader of it must be
+    gone, see `_Worker._exited`). The sentinel turns readable as the child
+    closes its files, a moment before the kernel can report its exit, so the
+    final wait for its status runs in a thread: it returns at once then.
     """
     if process.exitcode is None:
         loop = asyncio.get_running_loop()
@@ -202,10 +205,10 @@ async def _reaped(process: SpawnProcess, timeout: float) -> bool:
         try:
             await asyncio.wait_for(exited, timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
             loop.remove_reader(process.sentinel)
-    # exitcode polls without blocking, and reaps the child once it has exited.
+        await asyncio.to_thread(process.join, timeout)
     return process.exitcode is not None
 
 
