@@ -7,6 +7,7 @@ reprocess each delivery, frames out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,19 +30,30 @@ class Hello(msgspec.Struct, frozen=True, array_like=True):
 
 
 def _encodable(encoder: msgspec.msgpack.Encoder, outcome: Outcome) -> Outcome:
-    """The outcome, or a handler_error failure when its rows cannot be sent."""
+    """The outcome, or a handler_error failure when its rows cannot be sent.
+
+    A failure whose text cannot be sent (an exception's message holding a lone
+    surrogate) stays that failure, the unencodable characters escaped.
+    """
     try:
         encoder.encode(outcome)
+        return outcome
     except (TypeError, ValueError, OverflowError) as exc:
-        return msgspec.structs.replace(
-            outcome,
-            ok=False,
-            rows=(),
-            kind=FailureKind.TRANSIENT,
-            reason=Reason.HANDLER_ERROR,
-            error=f"handler returned values that cannot be stored: {exc}"[:2000],
-        )
-    return outcome
+        problem = exc
+    if not outcome.ok:
+        escaped = outcome.error.encode("utf-8", "backslashreplace").decode("utf-8")
+        same = msgspec.structs.replace(outcome, error=escaped)
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            encoder.encode(same)
+            return same
+    return msgspec.structs.replace(
+        outcome,
+        ok=False,
+        rows=(),
+        kind=FailureKind.TRANSIENT,
+        reason=Reason.HANDLER_ERROR,
+        error=f"handler returned values that cannot be stored: {problem}"[:2000],
+    )
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:
