@@ -359,7 +359,7 @@ _RENAMED_ENV = {env_name(old): old for old in RENAMED}
 
 @functools.cache
 def _env_names(key: str) -> tuple[str, ...]:
-    """The env names that set `key`, the one read first when several are set first."""
+    """The env names that set `key`, in the order they are read: the first one set wins."""
     aliases = [env_name(old) for old, new in RENAMED.items() if new == key]
     return tuple(n for n in (_ENV_ALIASES.get(key), env_name(key), *aliases) if n)
 
@@ -372,12 +372,11 @@ def _from_env(
     if not found:
         return None
     name, value = found[0]
-    renamed = _RENAMED_ENV
-    if len({v for _, v in found}) > 1 and any(n in renamed for n, _ in found):
+    if len({v for _, v in found}) > 1 and any(n in _RENAMED_ENV for n, _ in found):
         shown = ", ".join(n for n, _ in found)
         raise ConfigError(key, value, f"set differently by {shown} (aliases of one setting)")
-    if name in renamed:
-        origin[key] = renamed[name]
+    if name in _RENAMED_ENV:
+        origin[key] = _RENAMED_ENV[name]
     else:
         origin.pop(key, None)
     return name, value
