@@ -1,25 +1,26 @@
-"""Running the service: wire the parts together, handle signals, map failures to exit codes.
+"""Running the service: its resources on one exit stack, signals, exit codes.
 
-Start-up order: logging, Postgres (migrate), NATS (topology), worker pool,
-supervisor. Shutdown is Supervisor.shutdown, then the pool, NATS and Postgres
-are closed in reverse order of start-up.
+Every resource the service holds is an async context manager entered on one
+AsyncExitStack, in the order written in `_serve`, and released in reverse.
+Start-up failures raise StartupError carrying the exit code; `serve` catches it
+once, after the stack has released what was already acquired.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from types import FrameType
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from dlqproc import redact, topology
 from dlqproc.broker import Broker, ConnectRefused
 from dlqproc.config import Config
-from dlqproc.handlers import RegistryError, load
+from dlqproc.handlers import Registry, RegistryError, load
 from dlqproc.health import HealthServer
 from dlqproc.metrics import Metrics, MetricsDir
 from dlqproc.model import Lane
@@ -37,6 +38,14 @@ EXIT_ERROR = 1  # a dependency failed at start-up, or an unexpected error
 EXIT_CONFIG = 2  # bad configuration
 EXIT_WORKERS = 3  # worker processes cannot start: respawning would only loop
 EXIT_FORCED = 130  # a second signal: exit at once
+
+
+class StartupError(Exception):
+    """Start-up cannot go on: the log line that says why, its fields, the exit code."""
+
+    def __init__(self, message: str, code: int, **fields: object) -> None:
+        super().__init__(message)
+        self.message, self.code, self.fields = message, code, fields
 
 
 async def _retrying(call: Callable[[], Awaitable[list[str]]], deadline: float) -> list[str]:
@@ -87,7 +96,7 @@ async def build_lanes(
                     # The producers' streams: created when missing, never altered.
                     False,
                     topology.events_consumer(cfg, main, historical),
-                    event_policy(main, n.dlq_jitter),
+                    event_policy(main, n.retry_jitter),
                     main.fetch_batch,
                     main.max_deliver,
                 )
@@ -121,55 +130,33 @@ async def build_lanes(
     return lanes
 
 
-class _Signals:
-    """The first SIGTERM/SIGINT sets a flag; a second one exits at once."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.event: asyncio.Event | None = None
-
-    def install(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-        self.loop, self.event = loop, event
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received += 1
-        if self.received > 1:
-            if on_forced_exit is not None:
-                on_forced_exit()
-            # Nothing is lost: unsettled messages come back after the ack wait,
-            # and every write is idempotent.
-            os._exit(EXIT_FORCED)
-        assert self.loop is not None and self.event is not None
-        self.loop.call_soon_threadsafe(self.event.set)
+# -- the resources, in the order _serve enters them ------------------------------------
 
 
-# Called before a forced exit (second signal); the demo stops its servers here.
-on_forced_exit: Callable[[], None] | None = None
-
-
-async def serve(cfg: Config, ready: asyncio.Event | None = None) -> int:
-    """Run the service until a signal; return the process exit code."""
+def _handlers(cfg: Config) -> Registry:
+    """The handlers, loaded in the supervisor first: workers would fail the same way."""
     try:
-        registry = load(cfg.handlers.module)
+        return load(cfg.handlers.module)
     except RegistryError as exc:
-        log.error("cannot start: handlers do not load", extra={"error": str(exc)})
-        return EXIT_WORKERS
-    # Before any metric exists: every series, the workers' too, goes to this directory.
+        raise StartupError(
+            "cannot start: handlers do not load", EXIT_WORKERS, error=str(exc)
+        ) from exc
+
+
+@contextlib.contextmanager
+def _metrics_dir(cfg: Config) -> Iterator[MetricsDir]:
     metrics_dir = MetricsDir(cfg.server.metrics_dir)
     try:
-        return await _serve(cfg, registry.tenant_ddl, metrics_dir, ready)
+        yield metrics_dir
     finally:
         metrics_dir.close()
 
 
-async def _serve(
-    cfg: Config, tenant_ddl: tuple[str, ...], metrics_dir: MetricsDir, ready: asyncio.Event | None
-) -> int:
-    metrics = Metrics(cfg.server.metrics_max_tenants)
-    # Listening from the start: alive while starting up, not yet ready.
+@contextlib.asynccontextmanager
+async def _health_server(
+    cfg: Config, metrics: Metrics, metrics_dir: MetricsDir
+) -> AsyncIterator[HealthServer]:
+    # Alive while starting up, not yet ready; the probes come with the supervisor.
     health = HealthServer(
         cfg.server.host,
         cfg.server.port,
@@ -180,22 +167,29 @@ async def _serve(
     try:
         await health.start()
     except OSError as exc:
-        log.error("cannot start: health port", extra={"port": cfg.server.port, "error": str(exc)})
-        return EXIT_ERROR
+        raise StartupError(
+            "cannot start: health port", EXIT_ERROR, port=cfg.server.port, error=str(exc)
+        ) from exc
     try:
-        return await _run(cfg, tenant_ddl, metrics_dir, metrics, ready, health)
+        yield health
     finally:
         await health.close()
 
 
-async def _run(
-    cfg: Config,
-    tenant_ddl: tuple[str, ...],
-    metrics_dir: MetricsDir,
-    metrics: Metrics,
-    ready: asyncio.Event | None,
-    health: HealthServer,
-) -> int:
+@contextlib.asynccontextmanager
+async def _store(cfg: Config, tenant_ddl: tuple[str, ...]) -> AsyncIterator[Store]:
+    problem = redact.dsn_problem(cfg.postgres.dsn)
+    if problem is not None:
+        # A configuration error, not an outage; libpq's reason comes scrubbed.
+        raise StartupError("cannot start: postgres.dsn does not parse", EXIT_CONFIG, error=problem)
+    # Where, never how: no connection string, no credentials.
+    log.info(
+        "connecting",
+        extra={
+            "postgres": redact.postgres_target(cfg.postgres.dsn),
+            "nats": redact.nats_targets(cfg.nats.url),
+        },
+    )
     store = Store(
         cfg.postgres.dsn,
         cfg.postgres.statement_timeout,
@@ -205,32 +199,28 @@ async def _run(
         allow=cfg.tenants.allowed,
         max_new_tenants_per_hour=cfg.tenants.max_new_per_hour,
     )
-    problem = redact.dsn_problem(cfg.postgres.dsn)
-    if problem is not None:
-        # A configuration error, not an outage; libpq's reason comes scrubbed.
-        log.error("cannot start: postgres.dsn does not parse", extra={"error": problem})
-        return EXIT_CONFIG
-    # Where, never how: no connection string, no credentials.
-    log.info(
-        "connecting",
-        extra={
-            "postgres": redact.postgres_target(cfg.postgres.dsn),
-            "nats": redact.nats_targets(cfg.nats.url),
-        },
-    )
     try:
-        # Retried for postgres.startupTimeout: a database starting beside us is not down.
-        applied = await store.start(
-            migrate=cfg.postgres.auto_migrate, timeout=cfg.postgres.startup_timeout
-        )
-        if applied:
-            log.info("applied migrations", extra={"migrations": applied})
-    except StoreUnavailable as exc:
-        log.error(
-            "cannot start: Postgres unavailable",
-            extra={"error": str(exc), "gave_up_after": cfg.postgres.startup_timeout},
-        )
-        return EXIT_ERROR
+        try:
+            # Retried for postgres.startupTimeout: a database starting beside us is not down.
+            applied = await store.start(
+                migrate=cfg.postgres.auto_migrate, timeout=cfg.postgres.startup_timeout
+            )
+            if applied:
+                log.info("applied migrations", extra={"migrations": applied})
+        except StoreUnavailable as exc:
+            raise StartupError(
+                "cannot start: Postgres unavailable",
+                EXIT_ERROR,
+                error=str(exc),
+                gave_up_after=cfg.postgres.startup_timeout,
+            ) from exc
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _broker(cfg: Config) -> AsyncIterator[Broker]:
     try:
         # Every server of nats.url is tried (nats-py's server list), until one accepts.
         broker = await Broker.connect(
@@ -242,10 +232,29 @@ async def _run(
     except Exception as exc:
         # Refused credentials end the wait at once, and say so.
         what = "refused the credentials" if isinstance(exc, ConnectRefused) else "unavailable"
-        log.error(f"cannot start: NATS {what}", extra={"error": str(exc) or type(exc).__name__})
-        await store.close()
-        return EXIT_ERROR
+        raise StartupError(
+            f"cannot start: NATS {what}", EXIT_ERROR, error=str(exc) or type(exc).__name__
+        ) from exc
+    try:
+        yield broker
+    finally:
+        await broker.close()
 
+
+async def _lanes(cfg: Config, broker: Broker) -> list[LaneRuntime]:
+    try:
+        return await build_lanes(cfg, broker, cfg.nats.startup_timeout)
+    except Exception as exc:
+        raise StartupError(
+            "cannot start: NATS topology",
+            EXIT_ERROR,
+            error=str(exc) or type(exc).__name__,
+            gave_up_after=cfg.nats.startup_timeout,
+        ) from exc
+
+
+@contextlib.asynccontextmanager
+async def _pool(cfg: Config, metrics: Metrics, metrics_dir: MetricsDir) -> AsyncIterator[Pool]:
     def worker_lost(reason: str, pid: int | None) -> None:
         metrics.worker_restarts.labels(reason).inc()
         if pid is not None:
@@ -255,7 +264,7 @@ async def _run(
 
     limits = Limits(
         cfg.nats.dlq_subject,
-        cfg.nats.dlq_max_payload_bytes,
+        cfg.nats.max_payload_bytes,
         timestamp_horizon=cfg.handlers.timestamp_horizon,
         allow=cfg.tenants.allowed,
     )
@@ -264,68 +273,136 @@ async def _run(
             cfg.nats.dlq_workers,
             cfg.handlers.module,
             limits,
-            cfg.nats.dlq_task_timeout,
+            cfg.nats.worker_task_timeout,
             on_restart=worker_lost,
         )
         if cfg.nats.dlq_workers > 0
         else InlinePool(cfg.handlers.module, limits)
     )
     try:
-        lanes = await build_lanes(cfg, broker, cfg.nats.startup_timeout)
         await pool.start()
     except WorkerStartError as exc:
-        log.error("cannot start: worker processes do not start", extra={"error": str(exc)})
-        await broker.close()
-        await store.close()
-        return EXIT_WORKERS
-    except Exception as exc:
-        log.error(
-            "cannot start: NATS topology",
-            extra={
-                "error": str(exc) or type(exc).__name__,
-                "gave_up_after": cfg.nats.startup_timeout,
-            },
+        raise StartupError(
+            "cannot start: worker processes do not start", EXIT_WORKERS, error=str(exc)
+        ) from exc
+    try:
+        yield pool
+    finally:
+        pids = pool.pids()
+        await pool.close()
+        for pid in pids:
+            await asyncio.to_thread(metrics_dir.process_exited, pid)
+
+
+class _Signals:
+    """SIGTERM/SIGINT, handled on the event loop rather than inside a signal handler.
+
+    The first asks the service to stop; a second exits at once, after
+    `on_forced_exit` (the demo stops its embedded servers there).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, on_forced_exit: Callable[[], None] | None) -> None:
+        self._on_forced_exit = on_forced_exit
+        self._received = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+        self._loop = loop
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self._handle, stop)
+
+    def remove(self) -> None:
+        if self._loop is not None:
+            for sig in self.SIGNALS:
+                self._loop.remove_signal_handler(sig)
+
+    def _handle(self, stop: Callable[[], None]) -> None:
+        self._received += 1
+        if self._received == 1:
+            stop()
+            return
+        if self._on_forced_exit is not None:
+            self._on_forced_exit()
+        # Nothing is lost: unsettled messages come back after the ack wait, and
+        # every write is idempotent.
+        os._exit(EXIT_FORCED)
+
+
+async def serve(
+    cfg: Config,
+    ready: asyncio.Event | None = None,
+    on_forced_exit: Callable[[], None] | None = None,
+) -> int:
+    """Run the service until a signal; return the process exit code."""
+    signals = _Signals(on_forced_exit)
+    try:
+        code = await _serve(cfg, ready, signals)
+    except StartupError as exc:
+        log.error(exc.message, extra=exc.fields)
+        return exc.code
+    finally:
+        # Only now: a second signal must still force the exit while resources close.
+        signals.remove()
+    log.info("stopped", extra={"exit_code": code})
+    return code
+
+
+async def _serve(cfg: Config, ready: asyncio.Event | None, signals: _Signals) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        registry = _handlers(cfg)
+        # 1. The metrics directory, before any metric exists: every series, the
+        #    workers' too, goes there. Removed last.
+        metrics_dir = stack.enter_context(_metrics_dir(cfg))
+        metrics = Metrics(cfg.server.metrics_max_tenants)
+        # 2. The health port, listening from the start (a probe must tell
+        #    "starting" from "dead") and until the end.
+        health = await stack.enter_async_context(_health_server(cfg, metrics, metrics_dir))
+        # 3. PostgreSQL, migrated; closed after everything that writes to it.
+        store = await stack.enter_async_context(_store(cfg, registry.tenant_ddl))
+        # 4. NATS, and every stream and consumer; closed (flushing the last
+        #    settles) once the pool is gone.
+        broker = await stack.enter_async_context(_broker(cfg))
+        lanes = await _lanes(cfg, broker)
+        # 5. The worker pool, stopped once the supervisor no longer hands it work.
+        pool = await stack.enter_async_context(_pool(cfg, metrics, metrics_dir))
+        # 6. The supervisor: its own ordered shutdown (Supervisor.shutdown) runs
+        #    first when the stack unwinds, the probes' task just after it.
+        sup = Supervisor(cfg, broker, store, pool, metrics, lanes)
+        probes = Probes(
+            broker, store, pool, lanes, metrics, flow=sup, stall_after=cfg.server.ready_stall_after
         )
-        pool.close()
-        await broker.close()
-        await store.close()
-        return EXIT_ERROR
-    sup = Supervisor(cfg, broker, store, pool, metrics, lanes)
-    probes = Probes(
-        broker, store, pool, lanes, metrics, flow=sup, stall_after=cfg.server.ready_stall_after
-    )
-    health.set_checks(alive=lambda: sup.alive, problems=probes.problems)
-    probing = asyncio.create_task(probes.run(), name="probes")
-    signals = _Signals()
-    signals.install(asyncio.get_running_loop(), sup.stop_requested)
-    code = EXIT_OK
-    if ready is not None:
-        ready.set()
+        probing = asyncio.create_task(probes.run(), name="probes")
+        stack.push_async_callback(_cancel, probing)
+        stack.push_async_callback(sup.shutdown)
+        health.set_checks(alive=lambda: sup.alive, problems=probes.problems)
+        signals.install(asyncio.get_running_loop(), sup.stop_requested.set)
+        if ready is not None:
+            ready.set()
+        return await _supervise(sup, pool)
+    raise AssertionError("unreachable")  # mypy: an exit stack may swallow exceptions
+
+
+async def _supervise(sup: Supervisor, pool: Pool) -> int:
+    """Serve until asked to stop; the exit code says why it stopped."""
     try:
         await sup.serve()
-        if pool.failed is not None and pool.failed.done():
-            log.error(
-                "worker processes cannot be replaced, stopping",
-                extra={"error": str(pool.failed.result())},
-            )
-            code = EXIT_WORKERS
     except Exception:
         log.exception("supervisor failed")
-        code = EXIT_ERROR
-    finally:
-        # The supervisor's own order first (see Supervisor.shutdown), then what
-        # it used, in reverse order of start-up.
-        await sup.shutdown()
-        probing.cancel()
-        await asyncio.gather(probing, return_exceptions=True)
-        pids = pool.pids()
-        pool.close()
-        for pid in pids:
-            metrics_dir.process_exited(pid)
-        await broker.close()
-        await store.close()
-        log.info("stopped", extra={"exit_code": code})
-    return code
+        return EXIT_ERROR
+    if pool.failed is not None and pool.failed.done():
+        log.error(
+            "worker processes cannot be replaced, stopping",
+            extra={"error": str(pool.failed.result())},
+        )
+        return EXIT_WORKERS
+    return EXIT_OK
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _log_failure(future: asyncio.Future[None]) -> None:

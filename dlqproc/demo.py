@@ -124,9 +124,11 @@ async def _report(
     )
 
 
-async def _run(cfg: Config, count: int, exit_when_done: bool) -> int:
+async def _run(
+    cfg: Config, count: int, exit_when_done: bool, on_forced_exit: Callable[[], None]
+) -> int:
     ready = asyncio.Event()
-    service = asyncio.create_task(app.serve(cfg, ready=ready))
+    service = asyncio.create_task(app.serve(cfg, ready=ready, on_forced_exit=on_forced_exit))
     started = asyncio.create_task(ready.wait())
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():
@@ -223,5 +225,5 @@ def _main(
     print(f"NATS {nats_server.url}  Postgres {pg.dsn}", flush=True)
     import uvloop
 
-    app.on_forced_exit = stop_servers
-    return uvloop.run(_run(cfg, count, exit_when_done))
+    # A second Ctrl-C exits at once: the servers are stopped first.
+    return uvloop.run(_run(cfg, count, exit_when_done, stop_servers))

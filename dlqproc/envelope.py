@@ -242,7 +242,7 @@ def build(
     max_retry: int,
     ts: str,
 ) -> bytes:
-    """The DLQ envelope (contract section 2) for a failed event.
+    """The DLQ envelope (model.Envelope, the old service's format) for a failed event.
 
     The event body is embedded as JSON when it is JSON (classify_json; an
     original_json that is not falls back to `raw` too); otherwise as

@@ -39,7 +39,22 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = record.stack_info
-        return _encoder.encode(entry).decode()
+        try:
+            return _encoder.encode(entry).decode()
+        except UnicodeEncodeError:
+            # Text that is not valid UTF-8 (a lone surrogate in an exception's
+            # message) is logged escaped rather than lost.
+            return _encoder.encode(_escaped(entry)).decode()
+
+
+def _escaped(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value
 
 
 class Scrub(logging.Filter):

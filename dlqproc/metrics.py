@@ -1,4 +1,6 @@
-"""Prometheus metrics: the operator guide's names, the workers' files, and the exposition.
+"""Prometheus metrics: the names operators already use, the workers' files, and the exposition.
+
+The series and what they count are listed in the README (Metrics, health and alerts).
 
 The only module that imports prometheus_client. The supervisor's series (every
 per-tenant one) live in its memory (`dlqproc.series`) and are written straight
@@ -368,7 +370,7 @@ class Metrics:
         )
         self.event_actions = Counter(
             "message_event_service_event_processing_actions",
-            "What the main consumers did with each delivery (contract section 6).",
+            "What the main consumers did with each delivery, by action and error type.",
             [*main_labels, "action", "error_type"],
             registry=r,
         )

@@ -30,7 +30,7 @@ def dlq_policy(cfg: Config) -> RetryPolicy:
     return RetryPolicy(
         base_delay=cfg.nats.dlq_base_delay_minutes * 60,
         max_delay=cfg.nats.dlq_max_delay_minutes * 60,
-        jitter=cfg.nats.dlq_jitter,
+        jitter=cfg.nats.retry_jitter,
         max_retries=cfg.nats.dlq_max_retries,
     )
 

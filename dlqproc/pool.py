@@ -136,7 +136,7 @@ class _Worker:
         except (WorkerLost, TimeoutError, msgspec.DecodeError) as exc:
             self.closing = True
             self.kill("timeout" if isinstance(exc, TimeoutError) else "crash")
-            self.process.join(1)
+            await _reaped(self.process, 1)
             code = self.process.exitcode
             raise WorkerStartError(
                 f"worker {self.index} did not start (exit code {code}): {exc!r}"
@@ -178,26 +178,53 @@ class _Worker:
             self.process.kill()
         self._exited()
 
-    def close(self, timeout: float) -> None:
+    async def close(self, timeout: float) -> None:
         """Ask the worker to exit by closing its socket; kill it if it lingers."""
         if self.closed:
             return
         self.closing = True
         self._exited()
         self._reading.cancel()
-        # Now, not on the loop's next turn: the worker must see EOF before we join it.
+        # Now, not on the loop's next turn: the worker must see EOF before we wait for it.
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         if self._writer is not None:
             self._writer.close()
         if not self._opening:
             self.sock.close()  # else _read_frames closes it once cancelled
-        self.process.join(timeout)
-        if self.process.is_alive():
+        if not await _reaped(self.process, timeout):
             self.process.kill()
-            self.process.join(timeout)
-        self.closed = True
-        self.process.close()
+            await _reaped(self.process, timeout)
+        if self.process.exitcode is not None:
+            self.closed = True
+            self.process.close()
+
+
+async def _reaped(process: SpawnProcess, timeout: float) -> bool:
+    """Whether `process` exited within `timeout`, reaped; never blocks the loop.
+
+    Waits on the process's sentinel (the worker's own reader of it must be
+    gone, see `_Worker._exited`). The sentinel turns readable as the child
+    closes its files, a moment before the kernel can report its exit, so the
+    final wait for its status runs in a thread: it returns at once then.
+    """
+    if process.exitcode is None:
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(process.sentinel, wake)
+        try:
+            await asyncio.wait_for(exited, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(process.sentinel)
+        await asyncio.to_thread(process.join, timeout)
+    return process.exitcode is not None
 
 
 class WorkerPool:
@@ -243,7 +270,7 @@ class WorkerPool:
         try:
             workers = await asyncio.gather(*(self._start_one(i) for i in range(self.size)))
         except WorkerStartError:
-            self.close()
+            await self.close()
             raise
         for w in workers:
             self._idle.put_nowait(w)
@@ -267,7 +294,7 @@ class WorkerPool:
                 if code == worker.EXIT_CANNOT_START:
                     raise
                 self._restarted(w, "died while starting, trying again")
-                w.close(timeout=5)
+                await w.close(timeout=5)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _START_BACKOFF_MAX)
 
@@ -303,7 +330,7 @@ class WorkerPool:
 
     async def _replace(self, lost: _Worker) -> None:
         try:
-            lost.close(timeout=5)
+            await lost.close(timeout=5)
             fresh = await self._start_one(lost.index)
         except Exception as exc:  # cannot start, or cannot even spawn (EMFILE, EAGAIN)
             failure = exc if isinstance(exc, WorkerStartError) else WorkerStartError(repr(exc))
@@ -334,12 +361,13 @@ class WorkerPool:
         self._idle.put_nowait(w)
         return _outcomes.decode(data)
 
-    def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker at once, each given `timeout` to exit before it is killed."""
         self._closing = True
         for task in self._replacing:
             task.cancel()
-        for w in self._workers.values():
-            w.close(timeout)
+        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*(w.close(timeout) for w in self._workers.values()))
         self._workers.clear()
 
 
@@ -386,7 +414,7 @@ class InlinePool:
     async def run(self, batch: Sequence[Delivery]) -> list[Outcome]:
         return self._run(batch)
 
-    def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         pass
 
 

@@ -99,7 +99,7 @@ class Supervisor:
         n = cfg.nats
         self.lanes = tuple(lane_types.build(spec, broker, metrics, n.dlq_subject) for spec in lanes)
         self.stop_requested = asyncio.Event()
-        self.ledger: Ledger[Held] = Ledger(Budget(n.dlq_max_in_flight, n.dlq_max_in_flight_bytes))
+        self.ledger: Ledger[Held] = Ledger(Budget(n.max_in_flight, n.max_in_flight_bytes))
         self._work = asyncio.Event()  # the queue gained messages
         self._room = asyncio.Event()  # held messages were released
         self.committer = Committer(store, self.ledger, metrics, self._room, random.Random())
@@ -112,7 +112,7 @@ class Supervisor:
         self._slots = asyncio.Semaphore(max(1, n.dlq_workers))
         self._batches: dict[asyncio.Task[None], tuple[int, ...]] = {}
         self._limits = Limits(
-            n.dlq_subject, n.dlq_max_payload_bytes, timestamp_horizon=cfg.handlers.timestamp_horizon
+            n.dlq_subject, n.max_payload_bytes, timestamp_horizon=cfg.handlers.timestamp_horizon
         )
         self._loops: _Loops | None = None  # once serving
 
@@ -260,8 +260,8 @@ class Supervisor:
             await self._pause(1.0)
 
     async def _dispatch_loop(self) -> None:
-        size = self.cfg.nats.dlq_worker_batch
-        max_bytes = self.cfg.nats.dlq_worker_batch_bytes
+        size = self.cfg.nats.worker_batch
+        max_bytes = self.cfg.nats.worker_batch_bytes
 
         def expired(held: Held) -> bool:
             return expired_locally(now - held.msg.touched, held.lane.spec.ack_wait)
@@ -331,7 +331,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         """Stop in an order that loses nothing; see the numbered steps."""
-        nak_delay = self.cfg.nats.dlq_shutdown_nak_delay
+        nak_delay = self.cfg.nats.shutdown_nak_delay
         hand_back = self.committer.hand_back
         self.stop_requested.set()
         log.info(

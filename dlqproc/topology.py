@@ -1,4 +1,6 @@
-"""The JetStream streams and consumers dlqproc uses, derived from the config (contract section 1).
+"""The JetStream streams and consumers dlqproc uses, derived from the config.
+
+See the README (Main consumers and the DLQ; On a NATS cluster).
 
 Pure: it only describes them; dlqproc.broker creates and reconciles them.
 """
@@ -38,7 +40,8 @@ def dlq_consumer(cfg: Config) -> ConsumerSpec:
         # budget (nats.dlqMaxRetries) and stores it in exhausted_events, so a
         # message whose write keeps failing while PostgreSQL is down is
         # redelivered until it can be stored, across any number of restarts.
-        # nats.dlqMaxDeliver is accepted for the operator guide's sake.
+        # nats.dlqMaxDeliver is still accepted (the old service's operators set
+        # it) but no longer handed to JetStream.
         max_deliver=-1,
         ack_wait=n.dlq_ack_wait,
         max_ack_pending=n.dlq_max_ack_pending,

@@ -7,6 +7,7 @@ reprocess each delivery, frames out.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import msgspec
 
 from dlqproc.handlers import Registry, RegistryError, load
 from dlqproc.metrics import WorkerMetrics
-from dlqproc.model import Delivery, FailureKind, Ok, Outcome, Reason, failure
+from dlqproc.model import Delivery, Failed, FailureKind, Ok, Outcome, Reason, failure
 from dlqproc.reprocess import Limits, handle
 
 # Exit code of a worker whose handlers module does not load: the supervisor
@@ -29,19 +30,32 @@ class Hello(msgspec.Struct, frozen=True, array_like=True):
 
 
 def _encodable(encoder: msgspec.msgpack.Encoder, outcome: Outcome) -> Outcome:
-    """The outcome, or a handler_error failure when its rows cannot be sent."""
+    """The outcome, or a handler_error failure when its rows cannot be sent.
+
+    A failure whose text cannot be sent (an exception's message holding a lone
+    surrogate) stays that failure, the unencodable characters escaped.
+    """
     try:
         encoder.encode(outcome)
+        return outcome
     except (TypeError, ValueError, OverflowError) as exc:
-        return failure(
-            outcome.token,
-            outcome.stored,
-            FailureKind.TRANSIENT,
-            Reason.HANDLER_ERROR,
-            f"handler returned values that cannot be stored: {exc}",
-            outcome.base,
+        problem = exc
+    if isinstance(outcome, Failed):
+        escaped = outcome.error.encode("utf-8", "backslashreplace").decode("utf-8")
+        same = failure(
+            outcome.token, outcome.stored, outcome.kind, outcome.reason, escaped, outcome.base
         )
-    return outcome
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            encoder.encode(same)
+            return same
+    return failure(
+        outcome.token,
+        outcome.stored,
+        FailureKind.TRANSIENT,
+        Reason.HANDLER_ERROR,
+        f"handler returned values that cannot be stored: {problem}",
+        outcome.base,
+    )
 
 
 def send_frame(sock: socket.socket, payload: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,10 @@ from pathlib import Path
 import psycopg
 
 import dlqproc
+from dlqproc.config import RENAMED
 from dlqproc.embedded import PostgresServer
+
+RENAMED_LEAVES = {old.split(".")[-1] for old in RENAMED}
 
 
 def dlqproc_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
@@ -44,6 +48,18 @@ def test_config_prints_effective_values_with_secrets_redacted() -> None:
     assert "postgresql://app:***@db:5432/events" in out.stdout
 
 
+def test_config_prints_the_new_names_of_settings_set_by_their_old_ones() -> None:
+    out = dlqproc_cmd(
+        "config", "--json", env={"NATS_DLQWORKERBATCH": "7", "NATS_DLQTASKTIMEOUT": "3s"}
+    )
+    assert out.returncode == 0, out.stderr
+    nats = json.loads(out.stdout)["nats"]
+    assert (nats["workerBatch"], nats["workerTaskTimeout"]) == (7, 3.0)
+    assert not [key for key in nats if key in RENAMED_LEAVES]
+    # The operator guide's keys keep their names.
+    assert nats["dlqWorkers"] == 8 and nats["dlqMaxDeliver"] == 10
+
+
 def test_bad_value_exits_2_with_one_line_naming_key_and_value(tmp_path: Path) -> None:
     out = dlqproc_cmd("config", env={"NATS_DLQWORKERS": "many"})
     assert out.returncode == 2
@@ -60,6 +76,12 @@ def test_bad_value_exits_2_with_one_line_naming_key_and_value(tmp_path: Path) ->
     out = dlqproc_cmd("run", env={"NATS_DLQMAXRETRIES": "10", "NATS_DLQMAXDELIVER": "10"})
     assert out.returncode == 2
     assert "nats.dlqMaxRetries" in out.stderr
+
+    # A rule on the type, said plainly, under the name the operator used.
+    out = dlqproc_cmd("run", env={"NATS_DLQMAXINFLIGHT": "0"})
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line == "dlqproc: invalid config nats.dlqMaxInFlight=0: must be positive"
 
 
 def test_migrate_is_idempotent(dsn: str) -> None:

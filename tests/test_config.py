@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlqproc.config import (
+    RENAMED,
     CompanyConfig,
     Config,
     ConfigError,
@@ -285,9 +286,9 @@ def test_parse_duration_rejects(text: object) -> None:
 )
 def test_duration_from_env(env: str, seconds: float) -> None:
     # the task timeout must stay below the ack wait
-    cfg = load(None, environ={"NATS_DLQACKWAIT": env, "NATS_DLQTASKTIMEOUT": "100ms"})
+    cfg = load(None, environ={"NATS_DLQACKWAIT": env, "NATS_WORKERTASKTIMEOUT": "100ms"})
     assert cfg.nats.dlq_ack_wait == seconds
-    assert cfg.nats.dlq_task_timeout == 0.1
+    assert cfg.nats.worker_task_timeout == 0.1
 
 
 @pytest.mark.parametrize(("text", "minutes"), [("0.01", 0.01), ("0.5", 0.5), ("2", 2.0)])
@@ -361,11 +362,11 @@ def test_file_missing(tmp_path: Path) -> None:
         ("NATS_DLQWORKERS", "abc", "nats.dlqWorkers", "abc"),
         ("NATS_DLQWORKERS", "", "nats.dlqWorkers", ""),
         ("SERVER_PORT", "80a", "server.port", "80a"),
-        ("NATS_DLQJITTER", "lots", "nats.dlqJitter", "lots"),
+        ("NATS_RETRYJITTER", "lots", "nats.retryJitter", "lots"),
         ("POSTGRES_AUTOMIGRATE", "maybe", "postgres.autoMigrate", "maybe"),
         ("NATS_DLQACKWAIT", "soon", "nats.dlqAckWait", "soon"),
         ("NATS_DLQACKWAIT", "-5s", "nats.dlqAckWait", "-5s"),
-        ("NATS_DLQTASKTIMEOUT", "5w", "nats.dlqTaskTimeout", "5w"),
+        ("NATS_WORKERTASKTIMEOUT", "5w", "nats.workerTaskTimeout", "5w"),
         ("POSTGRES_STATEMENTTIMEOUT", "x", "postgres.statementTimeout", "x"),
         ("NATS_DLQMAXRETRIES", "10", "nats.dlqMaxRetries", 10),
         ("NATS_DLQMAXRETRIES", "11", "nats.dlqMaxRetries", 11),
@@ -377,15 +378,26 @@ def test_file_missing(tmp_path: Path) -> None:
         ("NATS_DLQBASEDELAYMINUTES", "-1", "nats.dlqBaseDelayMinutes", -1.0),
         ("NATS_DLQMAXDELAYMINUTES", "-1", "nats.dlqMaxDelayMinutes", -1.0),
         ("NATS_DLQMAXDELAYMINUTES", "1", "nats.dlqMaxDelayMinutes", 1.0),
-        ("NATS_DLQJITTER", "1", "nats.dlqJitter", 1.0),
-        ("NATS_DLQJITTER", "-0.1", "nats.dlqJitter", -0.1),
+        ("NATS_RETRYJITTER", "1", "nats.retryJitter", 1.0),
+        ("NATS_RETRYJITTER", "-0.1", "nats.retryJitter", -0.1),
         ("COMPANY_ID", 'a";DROP SCHEMA x;--', "company.id", 'a";DROP SCHEMA x;--'),
         ("COMPANY_ID", "../x", "company.id", "../x"),
         ("COMPANY_ID", "a" * 200, "company.id", "a" * 200),
         ("COMPANY_ID", "ação", "company.id", "ação"),
-        ("NATS_DLQTASKTIMEOUT", "30s", "nats.dlqTaskTimeout", 30.0),
-        ("NATS_DLQTASKTIMEOUT", "1m", "nats.dlqTaskTimeout", 60.0),
-        ("NATS_DLQACKWAIT", "10s", "nats.dlqTaskTimeout", 20.0),
+        ("NATS_WORKERTASKTIMEOUT", "30s", "nats.workerTaskTimeout", 30.0),
+        ("NATS_WORKERTASKTIMEOUT", "1m", "nats.workerTaskTimeout", 60.0),
+        ("NATS_DLQACKWAIT", "10s", "nats.workerTaskTimeout", 20.0),
+        ("NATS_DLQACKWAIT", "0", "nats.dlqAckWait", 0.0),
+        ("NATS_STARTUPTIMEOUT", "0s", "nats.startupTimeout", 0.0),
+        ("NATS_STREAMREPLICAS", "0", "nats.streamReplicas", 0),
+        ("NATS_STREAMREPLICAS", "6", "nats.streamReplicas", 6),
+        ("NATS_WORKERBATCH", "0", "nats.workerBatch", 0),
+        ("NATS_REALTIME_FETCHBATCH", "0", "nats.realtime.fetchBatch", 0),
+        ("NATS_HISTORICAL_STREAM", "a b", "nats.historical.stream", "a b"),
+        ("NATS_REALTIME_DURABLE", "x\n", "nats.realtime.durable", "x\n"),
+        ("NATS_REALTIME_NAKMAXDELAY", "500ms", "nats.realtime.nakMaxDelay", 0.5),
+        ("SERVER_METRICSMAXTENANTS", "0", "server.metricsMaxTenants", 0),
+        ("TENANTS_MAXNEWPERHOUR", "-1", "tenants.maxNewPerHour", -1),
         ("NATS_DLQSUBJECT", "v1.dlq.>", "nats.dlqSubject", "v1.dlq.>"),
         ("NATS_DLQSTREAM", "a.b", "nats.dlqStream", "a.b"),
         ("NATS_DLQCONSUMER", "a b", "nats.dlqConsumer", "a b"),
@@ -434,8 +446,8 @@ INT_KEYS = [
     "nats.dlqWorkers",
     "nats.dlqMaxAckPending",
     "nats.dlqFetchBatch",
-    "nats.dlqWorkerBatch",
-    "nats.dlqMaxInFlight",
+    "nats.workerBatch",
+    "nats.maxInFlight",
     "postgres.maxNewPartitions",
 ]
 
@@ -448,7 +460,7 @@ def test_valid_int_from_env_round_trips(key: str, value: int) -> None:
 
 
 @given(
-    key=st.sampled_from(["nats.dlqMaxInFlightBytes", "nats.dlqWorkerBatchBytes"]),
+    key=st.sampled_from(["nats.maxInFlightBytes", "nats.workerBatchBytes"]),
     value=st.integers(min_value=1, max_value=2**40),
 )
 def test_byte_budgets_are_bounded(key: str, value: int) -> None:
@@ -461,13 +473,13 @@ def test_byte_budgets_are_bounded(key: str, value: int) -> None:
 
 @given(value=st.integers(min_value=1, max_value=2**40))
 def test_max_payload_is_bounded_by_what_nats_can_carry(value: int) -> None:
-    env = {"NATS_DLQMAXPAYLOADBYTES": str(value)}
+    env = {"NATS_MAXPAYLOADBYTES": str(value)}
     if value > 64 * 1024 * 1024:
         err = _error(**env)
-        assert err.key == "nats.dlqMaxPayloadBytes"
+        assert err.key == "nats.maxPayloadBytes"
         assert str(64 * 1024 * 1024) in err.reason
     else:
-        assert load(None, environ=env).nats.dlq_max_payload_bytes == value
+        assert load(None, environ=env).nats.max_payload_bytes == value
 
 
 @pytest.mark.parametrize(
@@ -494,7 +506,7 @@ def test_retries_below_max_deliver_round_trip(retries: int, extra: int) -> None:
 
 @given(jitter=st.floats(min_value=0.0, max_value=1.0, exclude_max=True))
 def test_valid_jitter_from_env_round_trips(jitter: float) -> None:
-    assert load(None, environ={"NATS_DLQJITTER": repr(jitter)}).nats.dlq_jitter == jitter
+    assert load(None, environ={"NATS_RETRYJITTER": repr(jitter)}).nats.retry_jitter == jitter
 
 
 @given(days=st.floats(min_value=0.0, max_value=1e6, exclude_min=True))
@@ -526,9 +538,12 @@ def test_valid_durations_from_env_round_trip(timeout_ms: int, extra_ms: int, uni
     timeout, wait = timeout_ms, timeout_ms + extra_ms
     cfg = load(
         None,
-        environ={"NATS_DLQTASKTIMEOUT": f"{timeout}{unit}", "NATS_DLQACKWAIT": f"{wait}{unit}"},
+        environ={
+            "NATS_WORKERTASKTIMEOUT": f"{timeout}{unit}",
+            "NATS_DLQACKWAIT": f"{wait}{unit}",
+        },
     )
-    assert cfg.nats.dlq_task_timeout == float(timeout) * factor
+    assert cfg.nats.worker_task_timeout == float(timeout) * factor
     assert cfg.nats.dlq_ack_wait == float(wait) * factor
 
 
@@ -565,6 +580,130 @@ def test_any_env_text_for_any_key_is_loaded_or_a_config_error(text: str) -> None
             load(None, environ={env_name(key): text})
         except ConfigError as err:
             assert err.key.startswith(key.split(".")[0])
+
+
+# --- renamed keys and their aliases ------------------------------------------------
+
+# A valid value for each renamed key, as an env string and as the Struct holds it.
+RENAMED_VALUES = {
+    "nats.retryJitter": ("0.5", 0.5),
+    "nats.workerBatch": ("7", 7),
+    "nats.workerBatchBytes": ("4096", 4096),
+    "nats.maxInFlight": ("9", 9),
+    "nats.maxInFlightBytes": ("65536", 65536),
+    "nats.workerTaskTimeout": ("3s", 3.0),
+    "nats.maxPayloadBytes": ("1000", 1000),
+    "nats.shutdownNakDelay": ("250ms", 0.25),
+}
+
+
+def test_renamed_keys_are_the_canonical_ones_and_the_guides_keys_stay() -> None:
+    keys = set(leaf_keys(as_dict(Config())))
+    assert set(RENAMED.values()) <= keys
+    assert not set(RENAMED) & keys
+    assert set(RENAMED_VALUES) == set(RENAMED.values())
+    # Keys of the old service's operators are not renamed.
+    for kept in ("nats.dlqWorkers", "nats.dlqMaxRetries", "nats.dlqMaxDeliver", "nats.dlqAckWait"):
+        assert kept in keys and kept not in RENAMED
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED.items()))
+def test_an_old_key_sets_its_new_name_from_env_and_from_file(
+    old: str, new: str, tmp_path: Path
+) -> None:
+    text, want = RENAMED_VALUES[new]
+    by_new = load(None, environ={env_name(new): text})
+    by_old = load(None, environ={env_name(old): text})
+    assert _get(by_new, new) == _get(by_old, new) == want
+    assert by_old == by_new != Config()
+    section, leaf = old.split(".")
+    from_file = load(_write(tmp_path, {section: {leaf: text}}), environ={})
+    assert from_file == by_new
+    # The environment still wins over the file, whichever name either uses.
+    other = load(_write(tmp_path, {section: {leaf: text}}), environ={env_name(new): text})
+    assert other == by_new
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED.items()))
+def test_a_key_and_its_alias_set_differently_is_an_error(
+    old: str, new: str, tmp_path: Path
+) -> None:
+    text, _ = RENAMED_VALUES[new]
+    default = str(as_dict(Config())["nats"][new.split(".")[1]])
+    err = _error(**{env_name(new): text, env_name(old): default})
+    assert err.key == new
+    assert env_name(old) in err.reason and env_name(new) in err.reason
+    # The same value under both names is no conflict.
+    assert _get(load(None, environ={env_name(new): text, env_name(old): text}), new)
+    section, leaf = old.split(".")
+    path = _write(tmp_path, {section: {leaf: default, new.split(".")[1]: text}})
+    err = _error(path)
+    assert err.key == old and new in err.reason
+
+
+def test_an_error_names_the_alias_the_operator_wrote(tmp_path: Path) -> None:
+    err = _error(NATS_DLQJITTER="1.5")
+    assert (err.key, err.value) == ("nats.dlqJitter", 1.5)
+    assert str(err) == "invalid config nats.dlqJitter=1.5: must be below 1.0"
+    err = _error(_write(tmp_path, {"nats": {"dlqWorkerBatchBytes": 0}}))
+    assert (err.key, err.value) == ("nats.dlqWorkerBatchBytes", 0)
+    # A cross-field rule names the canonical key.
+    assert _error(NATS_DLQTASKTIMEOUT="40s").key == "nats.workerTaskTimeout"
+
+
+@given(
+    new=st.sampled_from(sorted(RENAMED.values())),
+    value=st.integers(min_value=-(2**40), max_value=2**40),
+)
+def test_an_alias_and_its_key_accept_and_refuse_the_same_values(new: str, value: int) -> None:
+    [old] = [o for o, n in RENAMED.items() if n == new]
+    results = []
+    for name in (env_name(new), env_name(old)):
+        try:
+            results.append(("ok", _get(load(None, environ={name: str(value)}), new)))
+        except ConfigError as err:
+            assert err.key in (old, new)
+            results.append(("error", err.reason))
+    assert results[0] == results[1]
+
+
+# --- per-field rules said plainly ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "reason"),
+    [
+        ("NATS_DLQMAXDELIVER", "0", "must be positive"),
+        ("NATS_DLQWORKERS", "-2", "cannot be negative (0 runs the handlers in the supervisor)"),
+        ("NATS_DLQACKWAIT", "0s", "must be positive"),
+        ("NATS_DLQMAXAGEDAYS", "inf", "must be a finite number"),
+        ("NATS_DLQBASEDELAYMINUTES", "nan", "must be a finite number"),
+        ("NATS_STREAMREPLICAS", "9", "must be at most 5 (JetStream's bound"),
+        ("NATS_MAXINFLIGHTBYTES", str(2**31), "must be at most 1073741824"),
+        ("NATS_MAXPAYLOADBYTES", str(2**27), "must be at most 67108864"),
+        ("SERVER_PORT", "-1", "cannot be negative"),
+        ("NATS_DLQSUBJECT", "v1.*", "not a literal NATS subject"),
+        ("NATS_DLQSUBJECT", "v1..dlq", "not a literal NATS subject"),
+        ("NATS_DLQSTREAM", "dlq\n", "not a valid name"),
+        ("NATS_DLQCONSUMER", "a.b", "not a valid durable name"),
+        ("COMPANY_ID", "_invalid", "not a valid tenant id"),
+        ("LOG_LEVEL", "chatty", "expected DEBUG, INFO, WARNING or ERROR"),
+        ("NATS_DLQWORKERS", "many", "Expected `int`, got `str`"),
+    ],
+)
+def test_a_field_rule_is_reported_as_the_rule_naming_the_key(
+    env: str, value: str, reason: str
+) -> None:
+    err = _error(**{env: value})
+    key = next(k for k in leaf_keys(as_dict(Config())) if env_name(k) == env)
+    assert err.key == key
+    assert err.reason.startswith(reason), err.reason
+    assert str(err).startswith(f"invalid config {key}=")
+    assert "$." not in str(err)  # msgspec's own path syntax never reaches the operator
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert load(None, environ={"LOG_LEVEL": "debug"}).log.level == "debug"
 
 
 # --- redaction ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,13 @@ from typing import Any
 
 import pytest
 from conftest import fresh_database
+from test_alert_rules import (
+    alert_rules,
+    dashboard_exprs,
+    exposed_families,
+    metric_names,
+    sample_names,
+)
 
 from dlqproc.embedded import NatsServer, PostgresServer, free_port
 from support.service import Service, envelope, wait_until
@@ -101,6 +109,12 @@ def test_health_ready_and_metrics_endpoints(service: Make) -> None:
     wait_until(
         lambda: value(scrape(svc), "dlq_exhausted_unresolved", company_id="acme") == 5, timeout=15
     )
+    # The alert rules and the dashboard query series this running service serves.
+    served = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    assert served == exposed_families()
+    used = {n for rule in alert_rules() for n in metric_names(rule["expr"])}
+    used |= {n for _, expr in dashboard_exprs() for n in metric_names(expr)}
+    assert used and not used - sample_names(served), sorted(used - sample_names(served))
 
 
 def test_tenants_past_server_metrics_max_tenants_are_counted_under_other(

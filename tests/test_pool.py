@@ -33,7 +33,7 @@ def run(batches: list[list[Delivery]], workers: int = 1, timeout: float = 10.0) 
         try:
             return [await pool.run(b) for b in batches]
         finally:
-            pool.close()
+            await pool.close()
 
     return uvloop.run(main())
 
@@ -100,7 +100,7 @@ def test_a_worker_killed_while_idle_costs_its_next_batch_nothing() -> None:
             assert pool.alive == 1 and pool.pids() != [pid]
             return outcomes
         finally:
-            pool.close()
+            await pool.close()
 
     loop_errors: list[dict[str, object]] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,8 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nats
 import pytest
 
+from support.barrier import Barrier
 from support.service import Service, envelope, wait_until
 
 Make = Callable[..., Service]
@@ -110,16 +113,31 @@ def test_exhausted_row_written_once_even_if_term_is_lost(service: Make) -> None:
     [seq] = svc.publish("acme", [body])
     wait_until(svc.exhausted)
     wait_until(svc.settled)
-    # Simulate the lost TERM: the same DLQ message (same stream sequence, same
-    # bytes) is stored again by a redelivery.
-    svc.execute(
-        "INSERT INTO exhausted_events (company_id, source_subject, dlq_payload, dlq_stream,"
-        " dlq_sequence, payload_digest) SELECT company_id, source_subject, dlq_payload,"
-        " dlq_stream, dlq_sequence, payload_digest FROM exhausted_events"
-        " ON CONFLICT DO NOTHING"
+    [first] = svc.exhausted()
+    assert svc.stop() == 0
+    # As if the TERM had been lost: the consumer is gone, and the next process
+    # gets the same DLQ message (same stream sequence, same bytes) again from
+    # JetStream and exhausts it a second time.
+    asyncio.run(_delete_consumer(svc))
+    again = service(NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject)
+    wait_until(
+        lambda: again.find(
+            "Max retries exceeded, attempting to persist to exhausted store", stream_seq=seq
+        ),
+        timeout=30,
     )
-    assert len(svc.exhausted()) == 1
-    assert svc.exhausted()[0]["dlq_sequence"] == seq
+    wait_until(again.settled)
+    assert again.find("Starting DLQ worker...")
+    assert again.exhausted() == [first]
+    assert first["dlq_sequence"] == seq
+
+
+async def _delete_consumer(svc: Service) -> None:
+    nc = await nats.connect(svc.nats_url)
+    try:
+        await nc.jetstream().delete_consumer(svc.stream, svc.durable)
+    finally:
+        await nc.close()
 
 
 def test_operator_sql_runs_unchanged(service: Make) -> None:
@@ -273,24 +291,32 @@ def test_in_progress_keeps_slow_work_from_redelivery(service: Make) -> None:
     assert svc.consumer()["redelivered"] == 0
 
 
-def test_sigterm_with_work_in_flight_exits_zero_and_loses_nothing(service: Make) -> None:
+def test_sigterm_with_work_in_flight_exits_zero_and_loses_nothing(
+    service: Make, tmp_path: Path
+) -> None:
     # A long ack wait: a message left neither ACKed nor NAKed would only come
     # back after 120 s, far beyond the bounded waits below.
     slow_ack = {"NATS_DLQACKWAIT": "120s", "NATS_DLQTASKTIMEOUT": "60s"}
-    svc = service(NATS_SHUTDOWNGRACE="1s", NATS_DLQWORKERBATCH="2", **slow_ack)
-    n = 40
-    svc.publish(
-        "acme", [envelope("t.slow", "acme", {"id": f"t{i}", "sleep": 0.3}) for i in range(n)]
-    )
-    wait_until(lambda: len(svc.rows("acme")) >= 2)
+    barrier = Barrier(tmp_path / "barrier")
+    svc = service(NATS_SHUTDOWNGRACE="30s", NATS_DLQWORKERBATCH="1", **barrier.env, **slow_ack)
+    n = 12
+    svc.publish("acme", [envelope("t.barrier", "acme", {"id": f"t{i}"}) for i in range(n)])
+    # Both workers are inside a handler: work in flight, as a fact.
+    started = wait_until(lambda: len(barrier.started()) == 2 and barrier.started())
     svc.signal(signal.SIGTERM)
+    wait_until(lambda: svc.find("shutting down"))
+    barrier.release()
     assert svc.wait_exit(60) == 0
     assert svc.find("stopped", exit_code=0)
+    # What was in flight finished within the grace: committed (and ACKed).
+    assert started <= set(svc.rows("acme"))
     # Every ACK followed its commit.
     assert len(svc.rows("acme")) >= svc.consumer()["ack_floor"]
     # Every other message was NAKed (short delay), not left to its ack wait: a
     # fresh process finishes all of them well before the 120 s ack wait.
-    svc2 = service(NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **slow_ack)
+    svc2 = service(
+        NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **barrier.env, **slow_ack
+    )
     wait_until(lambda: len(svc2.rows("acme")) == n, timeout=40)
     wait_until(svc2.settled)
     assert svc2.exhausted() == []
@@ -370,22 +396,28 @@ def test_workers_that_cannot_start_stop_the_service(service: Make) -> None:
     assert "worker processes do not start" in svc.log_text()
 
 
-def test_second_signal_exits_at_once_and_loses_nothing(service: Make) -> None:
+def test_second_signal_exits_at_once_and_loses_nothing(service: Make, tmp_path: Path) -> None:
     slow_ack = {"NATS_DLQACKWAIT": "8s", "NATS_DLQTASKTIMEOUT": "7s"}
-    svc = service(NATS_SHUTDOWNGRACE="60s", NATS_DLQWORKERBATCH="1", **slow_ack)
+    barrier = Barrier(tmp_path / "barrier")
+    svc = service(NATS_SHUTDOWNGRACE="60s", NATS_DLQWORKERBATCH="1", **barrier.env, **slow_ack)
     n = 6
-    svc.publish(
-        "acme", [envelope("t.slow", "acme", {"id": f"d{i}", "sleep": 6.0}) for i in range(n)]
-    )
-    wait_until(lambda: svc.consumer()["ack_pending"] == n)
+    svc.publish("acme", [envelope("t.barrier", "acme", {"id": f"d{i}"}) for i in range(n)])
+    # Both workers are held inside a handler until released: in flight, as a fact.
+    wait_until(lambda: len(barrier.started()) == 2)
     svc.signal(signal.SIGTERM)
     wait_until(lambda: svc.find("shutting down"))
     svc.signal(signal.SIGTERM)
-    # Forced exit: it does not wait for the 6 s of work in flight, nor the grace.
+    # Forced exit: it does not wait for the work in flight, nor the grace.
     assert svc.wait_exit(4) == 130
+    assert not svc.find("stopped")
+    barrier.release()
     # Unsettled messages come back after their ack wait; a new process finishes all.
     svc2 = service(
-        NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, NATS_DLQWORKERS="6", **slow_ack
+        NATS_DLQSTREAM=svc.stream,
+        NATS_DLQSUBJECT=svc.subject,
+        NATS_DLQWORKERS="6",
+        **barrier.env,
+        **slow_ack,
     )
     wait_until(lambda: len(svc2.rows("acme")) == n, timeout=60)
     wait_until(svc2.settled, timeout=30)

@@ -1,6 +1,6 @@
-"""The WhatsApp event payloads of contract section 3, as msgspec Structs.
+"""The WhatsApp event payloads, one per subject base of topology, as msgspec Structs.
 
-One frozen Struct per subject base. Required fields (bold in the contract) have
+One frozen Struct per subject base. Required fields (sent by every producer) have
 no default; every other field defaults to None, which the handlers read as
 "absent". `company_id` is optional everywhere: when absent it is taken from the
 subject's tenant. Unknown fields are ignored (producers may add fields).

@@ -1,4 +1,4 @@
-"""Handler registry for the WhatsApp events domain (contract sections 1 and 3).
+"""Handler registry for the WhatsApp events domain (topology.REALTIME_BASES, HISTORY_BASES).
 
 Each handler decodes and validates its payload (dlqproc.handlers.payloads) and
 returns the rows to write into the tenant's schema. Every RowOp is idempotent:
