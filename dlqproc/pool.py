@@ -77,6 +77,8 @@ class _Worker:
         self.ready = False  # said hello: its handlers loaded
         self.closing = False  # the pool is stopping it on purpose
         self.closed = False  # its process handle is released: never touch it again
+        # One close at a time: the pool's shutdown and a failed start may both ask.
+        self._close: asyncio.Future[None] | None = None
         self.lost_reason = "crash"
         self._on_lost = on_lost
         self._writer: asyncio.StreamWriter | None = None
@@ -180,6 +182,11 @@ class _Worker:
 
     async def close(self, timeout: float) -> None:
         """Ask the worker to exit by closing its socket; kill it if it lingers."""
+        if self._close is None:
+            self._close = asyncio.ensure_future(self._closed(timeout))
+        await asyncio.shield(self._close)
+
+    async def _closed(self, timeout: float) -> None:
         if self.closed:
             return
         self.closing = True
@@ -216,13 +223,14 @@ async def _reaped(process: SpawnProcess, timeout: float) -> bool:
             if not exited.done():
                 exited.set_result(None)
 
-        loop.add_reader(process.sentinel, wake)
+        sentinel = process.sentinel
+        loop.add_reader(sentinel, wake)
         try:
             await asyncio.wait_for(exited, timeout)
         except TimeoutError:
             return False
         finally:
-            loop.remove_reader(process.sentinel)
+            loop.remove_reader(sentinel)
         await asyncio.to_thread(process.join, timeout)
     return process.exitcode is not None
 

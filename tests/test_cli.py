@@ -141,7 +141,7 @@ def test_demo_runs_the_pipeline_and_leaves_no_process(pg_home: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "published 200, acknowledged 200, failed 0" in out.stdout
     # Some events failed into the DLQ; the invalid ones were exhausted there.
-    dead = int(out.stdout.split("dead-lettered by the main consumers: ")[1].split()[0])
+    dead = int(out.stdout.split("dead-lettered by the main consumers in this run: ")[1].split()[0])
     assert dead > 0
     assert "validation" in out.stdout and "rows per tenant" in out.stdout
     assert "/metrics" in out.stdout
