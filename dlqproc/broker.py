@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger("dlqproc.broker")
 
@@ -357,6 +357,18 @@ class PublishFailed(Exception):
     """JetStream did not acknowledge a publish."""
 
 
+class PublishRejected(PublishFailed):
+    """JetStream answered the publish with an error: sending it again cannot help."""
+
+
+class PubResult(msgspec.Struct, frozen=True):
+    """A publish JetStream acknowledged; `duplicate` when its Nats-Msg-Id was already stored."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
 class ConnectFailed(ConnectionError):
     """No NATS server accepted the connection within the time allowed."""
 
@@ -608,6 +620,32 @@ class Broker:
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return int(ack.seq)
+
+    async def publish_acked(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float = 5.0
+    ) -> PubResult:
+        """Publish and wait for the PubAck, saying whether JetStream deduplicated it.
+
+        PublishRejected when JetStream refused the message (its API error);
+        PublishFailed for no answer in time, no responders or no connection,
+        which an outage explains and a retry of the same message may cure.
+        """
+        try:
+            ack = await self._js.publish(subject, data, headers=headers, timeout=timeout)
+        except APIError as exc:
+            raise PublishRejected(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+        return PubResult(str(ack.stream), int(ack.seq), bool(ack.duplicate))
+
+    async def stream_binding(self, subject: str) -> tuple[str, float] | None:
+        """(stream, duplicate window in seconds) of the stream storing `subject`, or None."""
+        answer = await self._api("STREAM.NAMES", {"subject": subject})
+        names = answer.get("streams") or []
+        if not names:
+            return None
+        config = await self._stream_config(str(names[0]))
+        return str(names[0]), int(config.get("duplicate_window") or 0) / 1e9
 
     async def close(self) -> None:
         """Flush settles already sent, then close. Safe to call twice."""

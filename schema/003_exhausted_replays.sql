@@ -1,0 +1,157 @@
+-- Operating exhausted events (`dlqproc exhausted ...`): replays, replay jobs,
+-- the audit trail, and indexes so that `list` with any single filter is fast.
+-- Additive only: the operators' own queries and their
+-- `UPDATE exhausted_events SET resolved = true ...` keep working unchanged.
+
+-- replay_of: the row this one is a failed replay of (set by the trigger below);
+-- replayed_at / replay_count: the last acknowledged replay and how many there were.
+ALTER TABLE public.exhausted_events
+    ADD COLUMN IF NOT EXISTS replay_of    bigint,
+    ADD COLUMN IF NOT EXISTS replayed_at  timestamptz,
+    ADD COLUMN IF NOT EXISTS replay_count integer NOT NULL DEFAULT 0;
+
+-- `list` pages by id (newest first); each single filter has an index that
+-- reaches its first page without reading the table.
+CREATE INDEX IF NOT EXISTS exhausted_events_created_at ON public.exhausted_events (created_at);
+CREATE INDEX IF NOT EXISTS exhausted_events_company_id_id ON public.exhausted_events (company_id, id);
+CREATE INDEX IF NOT EXISTS exhausted_events_reason_id ON public.exhausted_events (reason, id);
+-- A subject pattern's literal prefix is a LIKE 'prefix%' range on this index.
+CREATE INDEX IF NOT EXISTS exhausted_events_subject_prefix
+    ON public.exhausted_events (source_subject text_pattern_ops);
+CREATE INDEX IF NOT EXISTS exhausted_events_unresolved_id
+    ON public.exhausted_events (id) WHERE NOT resolved;
+CREATE INDEX IF NOT EXISTS exhausted_events_replay_of
+    ON public.exhausted_events (replay_of) WHERE replay_of IS NOT NULL;
+CREATE INDEX IF NOT EXISTS exhausted_events_replayed_at
+    ON public.exhausted_events (replayed_at) WHERE replayed_at IS NOT NULL;
+
+-- `--error TEXT` is a case-insensitive substring: a trigram index serves it
+-- where pg_trgm can be installed (it is a trusted extension since PostgreSQL 13);
+-- elsewhere the filter still works, by scanning.
+DO $$
+BEGIN
+    BEGIN
+        CREATE EXTENSION IF NOT EXISTS pg_trgm;
+    EXCEPTION WHEN others THEN
+        RAISE NOTICE 'pg_trgm unavailable (%), --error filters will scan', SQLERRM;
+    END;
+    IF EXISTS (SELECT 1 FROM pg_opclass WHERE opcname = 'gin_trgm_ops') THEN
+        EXECUTE 'CREATE INDEX IF NOT EXISTS exhausted_events_last_error_trgm'
+                ' ON public.exhausted_events USING gin (last_error gin_trgm_ops)';
+    END IF;
+END $$;
+
+-- A bulk (or single) replay. Its filter is stored resolved (absolute times), so
+-- a resumed job selects exactly what it selected; `cursor` is the highest row
+-- id it has claimed, committed with the claims.
+CREATE TABLE IF NOT EXISTS public.exhausted_replay_jobs (
+    id               bigserial   PRIMARY KEY,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    actor            text        NOT NULL,
+    state            text        NOT NULL DEFAULT 'running'
+        CHECK (state IN ('running', 'paused', 'stopped', 'done', 'failed')),
+    filter           jsonb       NOT NULL,
+    target           text        NOT NULL CHECK (target IN ('source', 'dlq')),
+    resolve          boolean     NOT NULL DEFAULT false,
+    include_resolved boolean     NOT NULL DEFAULT false,
+    rate             double precision,
+    max_rows         bigint,
+    note             text,
+    -- Rows replayed at or after this time by another job are not replayed
+    -- again by this one (two jobs never both publish a row).
+    not_before       timestamptz NOT NULL,
+    cursor           bigint      NOT NULL DEFAULT 0,
+    published        bigint      NOT NULL DEFAULT 0,
+    refused          bigint      NOT NULL DEFAULT 0,
+    failed           bigint      NOT NULL DEFAULT 0,
+    skipped          bigint      NOT NULL DEFAULT 0,
+    uncertain        bigint      NOT NULL DEFAULT 0,
+    message          text
+);
+
+CREATE INDEX IF NOT EXISTS exhausted_replay_jobs_active
+    ON public.exhausted_replay_jobs (created_at) WHERE state IN ('running', 'paused');
+
+-- One row per exhausted row a job took: claimed before its publish, then
+-- published / refused / failed (or uncertain: in flight when the job died, and
+-- resumed after JetStream's duplicate window). A row is claimed by one job at a time.
+CREATE TABLE IF NOT EXISTS public.exhausted_replay_items (
+    job_id       bigint      NOT NULL REFERENCES public.exhausted_replay_jobs (id) ON DELETE CASCADE,
+    exhausted_id bigint      NOT NULL,
+    company_id   text        NOT NULL,
+    state        text        NOT NULL
+        CHECK (state IN ('claimed', 'published', 'refused', 'failed', 'uncertain')),
+    claimed_at   timestamptz NOT NULL DEFAULT now(),
+    done_at      timestamptz,
+    msg_id       text,
+    stream_seq   bigint,
+    duplicate    boolean,
+    detail       text,
+    PRIMARY KEY (job_id, exhausted_id)
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS exhausted_replay_items_one_claim
+    ON public.exhausted_replay_items (exhausted_id) WHERE state = 'claimed';
+CREATE INDEX IF NOT EXISTS exhausted_replay_items_row ON public.exhausted_replay_items (exhausted_id);
+
+-- Every operator action on a row: replay, resolve, unresolve, annotate, purge.
+-- Kept when the row is purged. replay_key (replays only) lets a replayed event
+-- that is exhausted again find the row it replays (trigger below).
+CREATE TABLE IF NOT EXISTS public.exhausted_audit (
+    id           bigserial   PRIMARY KEY,
+    exhausted_id bigint      NOT NULL,
+    company_id   text        NOT NULL,
+    action       text        NOT NULL
+        CHECK (action IN ('replay', 'resolve', 'unresolve', 'annotate', 'purge')),
+    actor        text        NOT NULL,
+    at           timestamptz NOT NULL DEFAULT now(),
+    note         text,
+    job_id       bigint,
+    detail       jsonb,
+    replay_key   text
+);
+
+CREATE INDEX IF NOT EXISTS exhausted_audit_row ON public.exhausted_audit (exhausted_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS exhausted_audit_one_replay_per_job
+    ON public.exhausted_audit (exhausted_id, job_id) WHERE action = 'replay';
+CREATE INDEX IF NOT EXISTS exhausted_audit_replay_key
+    ON public.exhausted_audit (replay_key, id) WHERE replay_key IS NOT NULL;
+
+-- Replays by tenant and result, kept as totals so the service can report
+-- dlq_replays_total from a table that stays small.
+CREATE TABLE IF NOT EXISTS public.exhausted_replay_totals (
+    company_id text   NOT NULL,
+    result     text   NOT NULL,
+    n          bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (company_id, result)
+);
+
+-- A replayed event that fails again arrives as a new exhausted row, through
+-- the service's unchanged write path. Its subject and original payload are
+-- those of the row replayed, so the replay's audit row names it. Never fails
+-- the insert: exhausting must not fail for an item reason.
+CREATE OR REPLACE FUNCTION public.dlqproc_link_replay() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.replay_of IS NULL AND NEW.original_payload IS NOT NULL THEN
+        BEGIN
+            SELECT a.exhausted_id INTO NEW.replay_of
+            FROM public.exhausted_audit a
+            WHERE a.replay_key = md5(NEW.source_subject || ' ' || NEW.original_payload::text)
+              AND a.action = 'replay'
+              AND a.at > now() - interval '30 days'
+            ORDER BY a.id DESC
+            LIMIT 1;
+        EXCEPTION WHEN others THEN
+            NEW.replay_of := NULL;
+        END;
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS exhausted_events_link_replay ON public.exhausted_events;
+CREATE TRIGGER exhausted_events_link_replay
+    BEFORE INSERT ON public.exhausted_events
+    FOR EACH ROW EXECUTE FUNCTION public.dlqproc_link_replay();
