@@ -17,6 +17,7 @@ row, the job's counts) in one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
@@ -180,6 +181,9 @@ class ExhaustedDB:
         self._timeout_ms = int(statement_timeout * 1000)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._locked_jobs: set[int] = set()
+        # One transaction at a time on the one connection: the engine settles
+        # acknowledged rows while it claims the next chunk.
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
@@ -216,15 +220,16 @@ class ExhaustedDB:
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A transaction; an outage during it becomes DBUnavailable (and it rolled back)."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                yield conn
-        except psycopg.Error as exc:
-            if not _usable(conn) or (exc.sqlstate or "").startswith("08"):
-                await self.close()
-                raise DBUnavailable(f"PostgreSQL connection lost: {exc}".strip()) from exc
-            raise
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                async with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                if not _usable(conn) or (exc.sqlstate or "").startswith("08"):
+                    await self.close()
+                    raise DBUnavailable(f"PostgreSQL connection lost: {exc}".strip()) from exc
+                raise
 
     async def ping(self) -> bool:
         try:
@@ -427,12 +432,13 @@ class ExhaustedDB:
     async def lock_job(self, job_id: int) -> None:
         """Hold the job for this process (JobBusy if another holds it); released when the
         connection ends, a SIGKILL included."""
-        conn = await self._connection()
-        try:
-            ok = await self._try_lock(conn, job_id)
-        except psycopg.Error as exc:
-            await self.close()
-            raise DBUnavailable(str(exc).strip()) from exc
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                ok = await self._try_lock(conn, job_id)
+            except psycopg.Error as exc:
+                await self.close()
+                raise DBUnavailable(str(exc).strip()) from exc
         if not ok:
             raise JobBusy(f"job {job_id} is being run by another process")
         self._locked_jobs.add(job_id)

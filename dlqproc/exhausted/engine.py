@@ -130,6 +130,15 @@ class Engine:
             self._resumed()
             return result
 
+    async def _wait_for_nats(self) -> None:
+        """Publish nothing new while the connection is down (nats-py would buffer it)."""
+        attempt = 0
+        while not self.broker.connected and not self._stop.is_set():
+            await self._pause("NATS unavailable (disconnected)", attempt)
+            attempt += 1
+        if attempt:
+            self._resumed()
+
     async def _binding(self, subject: str) -> tuple[str, float] | None:
         if subject not in self._bindings:
             attempt = 0
@@ -203,6 +212,7 @@ class Engine:
                 pub = await self._prepare(job, row)
                 if pub is None:
                     continue
+                await self._wait_for_nats()
                 if limiter is not None:
                     await limiter.acquire()
                 await slots.acquire()

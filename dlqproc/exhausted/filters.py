@@ -51,7 +51,7 @@ class Filter(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defau
     def describe(self) -> str:
         """One line for a terminal or a log: the filters that are set."""
         fields = msgspec.structs.asdict(self).items()
-        return ", ".join(f"{k}={v!r}" for k, v in fields if v not in ((), None))
+        return ", ".join(f"{k}={v!r}" for k, v in fields if v not in ((), None, False))
 
 
 def _text(option: str, value: str) -> str:

@@ -102,7 +102,7 @@ def bulk_rows(dsn: str, n: int, tenant: str, base: str = "v1.chats.upsert") -> N
             " dlq_payload, original_payload, reason, dlq_stream, dlq_sequence, payload_digest)"
             " SELECT %(t)s, %(s)s, 'failed ' || g, 5, '{}'::jsonb,"
             "  jsonb_build_object('chat_id', 'c-' || g, 'agent_id', 'ag1'),"
-            "  'retries_exhausted', 'bulk', g, md5(g::text)"
+            "  'retries_exhausted', %(s)s, g, md5(g::text)"
             " FROM generate_series(1, %(n)s) g",
             {"t": tenant, "s": f"{base}.{tenant}", "n": n},
         )
