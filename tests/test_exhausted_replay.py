@@ -88,7 +88,8 @@ def test_replay_by_id_publishes_once_and_refuses_what_cannot_be_replayed(
     assert headers["Nats-Msg-Id"] == f"replay-{headers['Dlqproc-Replay-Job']}-{good}"
     assert query(
         dsn,
-        "SELECT replay_count, replayed_at IS NOT NULL, resolved FROM exhausted_events WHERE id = %s",
+        "SELECT replay_count, replayed_at IS NOT NULL, resolved"
+        " FROM exhausted_events WHERE id = %s",
         (good,),
     ) == [(1, True, False)]
     assert query(
