@@ -154,6 +154,7 @@ def test_bulk_replay_sigkilled_and_resumed_publishes_each_row_once(
         if proc.poll() is None:
             proc.kill()
     killed_at = _job(dsn, job)
+    assert f"running (no process: --resume {job})" in cli("jobs", dsn=dsn).stdout
     assert killed_at["state"] == "running" and 3000 <= killed_at["published"] < 10_000  # type: ignore[operator]
     out = cli("replay", "--resume", str(job), dsn=dsn, nats_url=own_nats.url, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -113,6 +113,9 @@ class Job(msgspec.Struct, frozen=True):
     skipped: int
     uncertain: int
     message: str | None
+    # Some process holds the job's advisory lock (filled by jobs()): a running
+    # job without one was killed, and waits for `--resume`.
+    alive: bool = False
 
     @property
     def done(self) -> int:
@@ -354,9 +357,12 @@ class ExhaustedDB:
     async def jobs(self, limit: int = 20) -> list[Job]:
         async with self._tx() as conn:
             cur = await conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM public.exhausted_replay_jobs"
-                " ORDER BY id DESC LIMIT %s",
-                (limit,),
+                f"SELECT {_JOB_COLUMNS},"
+                " EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory'"
+                "  AND l.granted AND l.objsubid = 2 AND l.classid::bigint = %s"
+                "  AND l.objid::bigint = j.id %% 2147483648)"
+                " FROM public.exhausted_replay_jobs j ORDER BY id DESC LIMIT %s",
+                (_JOB_LOCK, limit),
             )
             return [_job(r) for r in await cur.fetchall()]
 

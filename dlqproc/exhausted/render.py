@@ -217,7 +217,9 @@ def jobs_table(jobs: Sequence[Job], now: datetime) -> list[str]:
         [
             (
                 str(j.id),
-                j.state,
+                j.state
+                if j.alive or j.state not in ("running", "paused")
+                else f"{j.state} (no process: --resume {j.id})",
                 age((now - j.created_at).total_seconds()),
                 safe(j.actor, 20),
                 j.target,
