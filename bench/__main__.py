@@ -8,6 +8,8 @@ PostgreSQL (bench/writepath.py).
 
 python -m bench replicas [options]: one replica, then several on the same durable
 consumer, for the same backlog (bench/replicas.py).
+python -m bench exhausted [options]: `dlqproc exhausted list` on 1,000,000 rows and the
+unthrottled bulk replay rate (bench/exhausted.py).
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import writepath
 
         return writepath.main(args[1:])
+    if args[:1] == ["exhausted"]:
+        from bench import exhausted
+
+        return exhausted.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.

@@ -415,6 +415,89 @@ class PublishFailed(Exception):
     """JetStream did not acknowledge a publish."""
 
 
+class PublishRejected(PublishFailed):
+    """JetStream answered the publish with an error: sending it again cannot help."""
+
+
+class PubResult(msgspec.Struct, frozen=True):
+    """A publish JetStream acknowledged; `duplicate` when its Nats-Msg-Id was already stored."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+class AckedPublisher:
+    """Publishes that each wait for their PubAck, without a request object each.
+
+    One subscription receives every PubAck on `<inbox>.<n>`; a publish is a
+    plain PUB with that reply subject and a future. nats-py's js.publish pays
+    for a request (its own future, timer and response parsing into a
+    dataclass) per message, which bounded bulk replays at about a thousand a
+    second here.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._inbox = nc.new_inbox()
+        self._n = 0
+        self._waiting: dict[str, asyncio.Future[PubResult]] = {}
+        self._subscribed = False
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float = 5.0
+    ) -> PubResult:
+        """Publish and wait for the PubAck, saying whether JetStream deduplicated it.
+
+        PublishRejected when JetStream refused the message (its error answer);
+        PublishFailed for no answer in time, no responders or no connection,
+        which an outage explains and a retry of the same message may cure.
+        """
+        if not self._subscribed:
+            await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
+            self._subscribed = True
+        self._n += 1
+        reply = f"{self._inbox}.{self._n}"
+        future: asyncio.Future[PubResult] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = future
+        try:
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            return await asyncio.wait_for(future, timeout)
+        except (PublishFailed, PublishRejected):
+            raise
+        except TimeoutError:
+            raise PublishFailed(f"no PubAck within {timeout:g} s") from None
+        except Exception as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._waiting.pop(reply, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject)
+        if future is None or future.done():
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "503":
+            future.set_exception(PublishFailed("no responders: no stream took the message"))
+            return
+        try:
+            answer = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            future.set_exception(PublishFailed(f"unreadable PubAck {msg.data[:200]!r}"))
+            return
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error or not isinstance(answer, dict):
+            future.set_exception(PublishRejected(f"JetStream refused the message: {error}"))
+            return
+        future.set_result(
+            PubResult(
+                str(answer.get("stream")),
+                int(answer.get("seq") or 0),
+                bool(answer.get("duplicate")),
+            )
+        )
+
+
 class ConnectFailed(ConnectionError):
     """No NATS server accepted the connection within the time allowed."""
 
@@ -732,6 +815,18 @@ class Broker:
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return int(ack.seq)
+
+    def acked_publisher(self) -> AckedPublisher:
+        return AckedPublisher(self._nc)
+
+    async def stream_binding(self, subject: str) -> tuple[str, float] | None:
+        """(stream, duplicate window in seconds) of the stream storing `subject`, or None."""
+        answer = await self._api("STREAM.NAMES", {"subject": subject})
+        names = answer.get("streams") or []
+        if not names:
+            return None
+        config = await self._stream_config(str(names[0]))
+        return str(names[0]), int(config.get("duplicate_window") or 0) / 1e9
 
     async def close(self) -> None:
         """Flush settles already sent, then close. Safe to call twice."""

@@ -1,4 +1,4 @@
-"""The `dlqproc` command: run, migrate, config, demo, publish, --version.
+"""The `dlqproc` command: run, migrate, config, demo, publish, exhausted, --version.
 
 Every line it prints on stderr, and every log line, is scrubbed of the
 config's secrets (redact.Secrets); `config` prints them masked.
@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         help="stop once the workload is settled instead of serving on",
     )
     _publish_parser(sub)
+    from dlqproc.exhausted import command as exhausted
+
+    exhausted.add_parser(sub)
     return p
 
 
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 def _command(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> int:
     if args.command == "publish":
         return _publish(args, cfg, secrets)
+    if args.command == "exhausted":
+        from dlqproc.exhausted import command as exhausted
+
+        return exhausted.run(args, cfg, secrets)
     if args.command == "migrate":
         from dlqproc.store import Store, StoreUnavailable
 

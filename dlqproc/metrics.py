@@ -35,7 +35,15 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
-from dlqproc.series import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, TenantLabels
+from dlqproc.series import (
+    CONTENT_TYPE,
+    Counter,
+    CounterValue,
+    Gauge,
+    Histogram,
+    Registry,
+    TenantLabels,
+)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A private directory is named after its owner's pid and holds a lock file its
@@ -338,6 +346,13 @@ class Metrics:
             "Tenants recorded in public.dlqproc_tenants (admitted, or found existing).",
             registry=r,
         )
+        self.replays = Counter(
+            "dlq_replays",
+            "Exhausted events replayed by operators, by result (published, refused, failed,"
+            " uncertain); counted in PostgreSQL, whoever replays.",
+            ["company_id", "result"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "dlq_worker_restarts", "Worker processes replaced, by reason.", ["reason"], registry=r
         )
@@ -391,6 +406,23 @@ class Metrics:
         """
         self.exhausted_unresolved.replace({(t,): n for t, (n, _) in stats.items()})
         self.exhausted_oldest_age.replace({(t,): age for t, (_, age) in stats.items()}, max)
+
+    def set_replays(self, totals: dict[tuple[str, str], int]) -> None:
+        """dlq_replays_total from PostgreSQL's totals ((company_id, result) -> replays).
+
+        Replays run in short-lived processes (the CLI, the console), so they are
+        counted in PostgreSQL and the service reports them like the backlog:
+        every replica shows the same, restart-proof values (take max, not sum,
+        across replicas). Tenants under `_other` add up; a total never goes down.
+        """
+        folded: dict[int, tuple[CounterValue, int]] = {}
+        for (tenant, result), n in totals.items():
+            child = self.replays.labels(tenant, result)
+            _, seen = folded.get(id(child), (child, 0))
+            folded[id(child)] = (child, seen + n)
+        for child, total in folded.values():
+            if total > child.value:
+                child.inc(total - child.value)
 
 
 class WorkerMetrics:
