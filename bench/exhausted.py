@@ -6,7 +6,7 @@ Measures, on embedded PostgreSQL and nats-server (or --postgres-dsn/--nats-url):
 - the unthrottled bulk replay rate: a job over --replay rows published to a
   JetStream stream, each waiting for its PubAck, settled and audited.
 
-The queries are the ones the command runs (dlqproc.exhausted.db), timed in
+The queries are the ones the command runs (dlqproc.store.exhausted_ops), timed in
 process so that Python's start-up is not counted. Figures go to the README;
 nothing is asserted.
 """
@@ -34,9 +34,9 @@ import uvloop
 from dlqproc.broker import Broker
 from dlqproc.embedded import NatsServer, PostgresServer
 from dlqproc.exhausted import filters
-from dlqproc.exhausted.db import ExhaustedDB
 from dlqproc.exhausted.engine import Engine
 from dlqproc.store import Store
+from dlqproc.store.exhausted_ops import ExhaustedDB
 
 BASES = (
     "v1.chats.upsert",

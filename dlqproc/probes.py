@@ -135,5 +135,6 @@ class Probes:
             m.set_exhausted(stats)
             try:
                 m.tenants_known.set(await self.store.tenants_known())
+                m.set_replays(await self.store.replay_totals())
             except StoreUnavailable as exc:
-                log.debug("tenant count failed", extra={"error": str(exc)})
+                log.debug("tenant count or replay totals failed", extra={"error": str(exc)})

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlqproc.exhausted import filters
-from dlqproc.exhausted.db import ExhaustedDB
 from dlqproc.exhausted.filters import FilterError
+from dlqproc.store.exhausted_ops import ExhaustedDB
 from support.exhausted import cli, exhausted_row, migrate, query, store_rows
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
+from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dlqproc.exhausted.db import ExhaustedDB
 from dlqproc.metrics import Metrics
+from dlqproc.store.exhausted_ops import ExhaustedDB
 from support.exhausted import migrate, query
+from support.service import Service, wait_until
 
 
 def replays(m: Metrics) -> dict[tuple[str, str], float]:
@@ -48,3 +51,25 @@ def test_totals_from_postgres_become_the_counter(dsn: str) -> None:
     # Later totals raise it; a total that went down (rows deleted) never lowers it.
     m.set_replays({("acme", "published"): 9, ("acme", "refused"): 1})
     assert replays(m)[("acme", "published")] == 9 and replays(m)[("acme", "refused")] == 2
+
+
+def test_the_service_reports_the_replay_totals(service: Callable[..., Service]) -> None:
+    svc = service()
+    svc.execute(
+        "INSERT INTO exhausted_replay_totals"
+        " VALUES ('acme', 'published', 5), ('acme', 'refused', 1)"
+    )
+
+    def scraped() -> dict[tuple[str, str], float]:
+        url = f"http://127.0.0.1:{svc.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        return {
+            (s.labels["company_id"], s.labels["result"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "dlq_replays_total"
+        }
+
+    seen = wait_until(lambda: scraped() or None, timeout=30)
+    assert seen == {("acme", "published"): 5, ("acme", "refused"): 1}

@@ -4,7 +4,7 @@ The layer under `dlqproc exhausted ...` (and the web console):
 - `filters`: pure; parses the operator's filter values into a `Filter` and
   turns one into a WHERE clause of constant SQL text and named parameters;
 - `refusals`: pure; which rows can be replayed, and what is published for them;
-- `db`: the only module here that talks to PostgreSQL (moves under the store);
+- its PostgreSQL side is `dlqproc.store.exhausted_ops` (psycopg stays in the store);
 - `engine`: the replay engine (jobs, claims, rate, pauses, resume);
 - `render`: pure; tables, NDJSON and the detail view for a terminal.
 """

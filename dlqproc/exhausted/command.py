@@ -20,9 +20,9 @@ from typing import TextIO
 from dlqproc import redact
 from dlqproc.config import Config
 from dlqproc.exhausted import filters, render
-from dlqproc.exhausted.db import DBUnavailable, ExhaustedDB, Job, JobBusy
 from dlqproc.exhausted.engine import Counts, Engine
 from dlqproc.exhausted.filters import Filter, FilterError, State
+from dlqproc.store.exhausted_ops import DBUnavailable, ExhaustedDB, Job, JobBusy
 
 DEFAULT_RATE = 100.0  # events a second: modest next to the service's thousands
 SAMPLE = 10

@@ -32,9 +32,9 @@ import msgspec
 
 from dlqproc.broker import Broker, PublishFailed, PublishRejected
 from dlqproc.exhausted import refusals
-from dlqproc.exhausted.db import Claimed, DBUnavailable, ExhaustedDB, Job, JobState, Settled
 from dlqproc.exhausted.refusals import ReplayRow
 from dlqproc.publish import RateLimiter
+from dlqproc.store.exhausted_ops import Claimed, DBUnavailable, ExhaustedDB, Job, JobState, Settled
 
 log = logging.getLogger("dlqproc.exhausted")
 

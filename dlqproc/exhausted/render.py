@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from dlqproc.exhausted.db import AuditEntry, Detail, Job, Row, Stats
+from dlqproc.store.exhausted_ops import AuditEntry, Detail, Job, Row, Stats
 
 _ERROR_WIDTH = 60
 _SUBJECT_WIDTH = 40

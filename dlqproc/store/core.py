@@ -237,6 +237,11 @@ class Store:
         rows = await self._read(exhausted.STATS)
         return {str(r[0]): (int(r[1]), float(r[2])) for r in rows}
 
+    async def replay_totals(self) -> dict[tuple[str, str], int]:
+        """dlq_replays_total's values, counted in PostgreSQL by the replay jobs."""
+        rows = await self._read(exhausted.REPLAY_TOTALS)
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
     async def _read(self, query: str) -> list[tuple[Any, ...]]:
         conn = await self._connection()
         try:

@@ -50,6 +50,9 @@ STATS = (
     " FROM public.exhausted_events WHERE NOT resolved GROUP BY company_id"
 )
 
+# Kept by the replay jobs (migration 003), read for dlq_replays_total.
+REPLAY_TOTALS = "SELECT company_id, result, n FROM public.exhausted_replay_totals"
+
 
 def text(value: str) -> str:
     """A string PostgreSQL's text type accepts: no NUL, no lone surrogates."""

@@ -1,9 +1,9 @@
 """PostgreSQL for operating exhausted events: queries, replay jobs, claims, the audit trail.
 
-The only module of dlqproc.exhausted that imports psycopg (it belongs with the
-store). One connection of its own, opened from the DSN and reopened after it
-breaks; an outage (the connection cannot be made or broke) is DBUnavailable,
-which callers treat as "pause and try again", never as a row's failure.
+The store's side of dlqproc.exhausted (psycopg stays in the store). One
+connection of its own, opened from the DSN and reopened after it breaks; an
+outage (the connection cannot be made or broke) is DBUnavailable, which
+callers treat as "pause and try again", never as a row's failure.
 
 SQL text is constant or composed from filters.where's constant fragments;
 every value is a parameter.
