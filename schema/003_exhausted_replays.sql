@@ -89,16 +89,20 @@ CREATE TABLE IF NOT EXISTS public.exhausted_replay_items (
     stream_seq   bigint,
     duplicate    boolean,
     detail       text,
+    -- md5(source_subject || ' ' || original_payload::text) of the row, taken
+    -- when it is claimed (before its publish): see dlqproc_link_replay below.
+    replay_key   text,
     PRIMARY KEY (job_id, exhausted_id)
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS exhausted_replay_items_one_claim
     ON public.exhausted_replay_items (exhausted_id) WHERE state = 'claimed';
 CREATE INDEX IF NOT EXISTS exhausted_replay_items_row ON public.exhausted_replay_items (exhausted_id);
+CREATE INDEX IF NOT EXISTS exhausted_replay_items_replay_key
+    ON public.exhausted_replay_items (replay_key, claimed_at) WHERE replay_key IS NOT NULL;
 
 -- Every operator action on a row: replay, resolve, unresolve, annotate, purge.
--- Kept when the row is purged. replay_key (replays only) lets a replayed event
--- that is exhausted again find the row it replays (trigger below).
+-- Kept when the row is purged.
 CREATE TABLE IF NOT EXISTS public.exhausted_audit (
     id           bigserial   PRIMARY KEY,
     exhausted_id bigint      NOT NULL,
@@ -109,15 +113,12 @@ CREATE TABLE IF NOT EXISTS public.exhausted_audit (
     at           timestamptz NOT NULL DEFAULT now(),
     note         text,
     job_id       bigint,
-    detail       jsonb,
-    replay_key   text
+    detail       jsonb
 );
 
 CREATE INDEX IF NOT EXISTS exhausted_audit_row ON public.exhausted_audit (exhausted_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS exhausted_audit_one_replay_per_job
     ON public.exhausted_audit (exhausted_id, job_id) WHERE action = 'replay';
-CREATE INDEX IF NOT EXISTS exhausted_audit_replay_key
-    ON public.exhausted_audit (replay_key, id) WHERE replay_key IS NOT NULL;
 
 -- Replays by tenant and result, kept as totals so the service can report
 -- dlq_replays_total from a table that stays small.
@@ -130,19 +131,20 @@ CREATE TABLE IF NOT EXISTS public.exhausted_replay_totals (
 
 -- A replayed event that fails again arrives as a new exhausted row, through
 -- the service's unchanged write path. Its subject and original payload are
--- those of the row replayed, so the replay's audit row names it. Never fails
--- the insert: exhausting must not fail for an item reason.
+-- those of the row replayed, so the replay's item (claimed before the publish,
+-- so it is there before the replay can fail) names it. Never fails the
+-- insert: exhausting must not fail for an item reason.
 CREATE OR REPLACE FUNCTION public.dlqproc_link_replay() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.replay_of IS NULL AND NEW.original_payload IS NOT NULL THEN
         BEGIN
-            SELECT a.exhausted_id INTO NEW.replay_of
-            FROM public.exhausted_audit a
-            WHERE a.replay_key = md5(NEW.source_subject || ' ' || NEW.original_payload::text)
-              AND a.action = 'replay'
-              AND a.at > now() - interval '30 days'
-            ORDER BY a.id DESC
+            SELECT i.exhausted_id INTO NEW.replay_of
+            FROM public.exhausted_replay_items i
+            WHERE i.replay_key = md5(NEW.source_subject || ' ' || NEW.original_payload::text)
+              AND i.state IN ('claimed', 'published')
+              AND i.claimed_at > now() - interval '30 days'
+            ORDER BY i.claimed_at DESC
             LIMIT 1;
         EXCEPTION WHEN others THEN
             NEW.replay_of := NULL;

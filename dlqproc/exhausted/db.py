@@ -509,9 +509,12 @@ class ExhaustedDB:
             if wanted:
                 cur = await conn.execute(
                     "INSERT INTO public.exhausted_replay_items (job_id, exhausted_id, company_id,"
-                    " state) SELECT %s, i, c, 'claimed' FROM unnest(%s::bigint[], %s::text[])"
-                    " AS t(i, c) ON CONFLICT DO NOTHING RETURNING exhausted_id",
-                    (job.id, [w.id for w in wanted], [w.company_id for w in wanted]),
+                    " state, replay_key)"
+                    " SELECT %s, e.id, e.company_id, 'claimed',"
+                    "  md5(e.source_subject || ' ' || e.original_payload::text)"
+                    " FROM public.exhausted_events e WHERE e.id = ANY(%s)"
+                    " ON CONFLICT DO NOTHING RETURNING exhausted_id",
+                    (job.id, [w.id for w in wanted]),
                 )
                 got = {int(r[0]) for r in await cur.fetchall()}
             skipped += len(wanted) - len(got)
@@ -612,9 +615,8 @@ class ExhaustedDB:
             ]
             await conn.execute(
                 "INSERT INTO public.exhausted_audit"
-                " (exhausted_id, company_id, action, actor, note, job_id, detail, replay_key)"
-                " SELECT e.id, e.company_id, 'replay', %s, %s, %s, t.d::jsonb,"
-                "  md5(e.source_subject || ' ' || e.original_payload::text)"
+                " (exhausted_id, company_id, action, actor, note, job_id, detail)"
+                " SELECT e.id, e.company_id, 'replay', %s, %s, %s, t.d::jsonb"
                 " FROM unnest(%s::bigint[], %s::text[]) AS t(i, d)"
                 " JOIN public.exhausted_events e ON e.id = t.i"
                 " ON CONFLICT DO NOTHING",
