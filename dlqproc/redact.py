@@ -9,8 +9,9 @@ This module owns three things:
   text in its parse errors). nats.url is split as Broker.connect splits it and
   each server read by nats-py's own parser: the password of `user:password@`,
   or the token of `token@`. A DSN libpq cannot parse has its whole
-  password-ish part taken as secret instead. The config holds no other
-  credential (no NKey seed, .creds file or token setting).
+  password-ish part taken as secret instead. console.token (the web
+  console's operator token) is secret as a whole; the config holds no other
+  credential (no NKey seed or .creds file).
 * the printable forms of the two settings, rebuilt from the parsed parameters
   with every password and token replaced by MASK (never the string as given),
   and the host / port / database summary log lines carry instead.
@@ -91,7 +92,9 @@ class Secrets:
 
 def secrets_of(cfg: Config) -> Secrets:
     """Every secret in the loaded config."""
-    return Secrets([*postgres_secrets(cfg.postgres.dsn), *nats_secrets(cfg.nats.url)])
+    return Secrets(
+        [*postgres_secrets(cfg.postgres.dsn), *nats_secrets(cfg.nats.url), cfg.console.token]
+    )
 
 
 # --------------------------------------------------------------------------- PostgreSQL
