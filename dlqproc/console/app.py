@@ -27,7 +27,7 @@ from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
-from multidict import MultiDictProxy
+from multidict import MultiDictProxy, MultiMapping
 
 from dlqproc import redact
 from dlqproc.broker import Broker
@@ -67,6 +67,8 @@ FLASH = {
     "annotated": "Note added.",
     "replayed": "Replayed.",
 }
+SESSION = web.RequestKey("session", auth.Session)
+OPERATOR = web.RequestKey("operator", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -161,18 +163,19 @@ class Console:
             operator = request.headers.get("X-Operator", "api")
             if not auth.valid_operator(operator):
                 return self._refuse(request, 400, "X-Operator is not a valid operator name")
-            request["operator"] = operator
+            request[OPERATOR] = operator
             return await handler(request)
         session = self.sessions.get(request.cookies.get(auth.COOKIE))
         if path in ("/login", "/logout"):
-            request["session"] = session
+            if session is not None:
+                request[SESSION] = session
             return await handler(request)
         if session is None or session.operator is None:
             if request.method == "GET" and not path.startswith("/api/"):
                 raise web.HTTPSeeOther("/login?" + urlencode({"next": request.path_qs}))
             return self._refuse(request, 401, "sign in first")
-        request["session"] = session
-        request["operator"] = session.operator
+        request[SESSION] = session
+        request[OPERATOR] = session.operator
         if request.method == "POST":
             form = await request.post()
             if not auth.csrf_ok(session, _str(form.get("csrf"))):
@@ -192,8 +195,8 @@ class Console:
     def render(
         self, request: web.Request, name: str, status: int = 200, **ctx: Any
     ) -> web.Response:
-        session: auth.Session | None = request.get("session")
-        ctx.setdefault("operator", request.get("operator"))
+        session: auth.Session | None = request.get(SESSION)
+        ctx.setdefault("operator", request.get(OPERATOR))
         ctx.setdefault("csrf", session.csrf if session is not None else "")
         ctx.setdefault("now", filters.utcnow())
         body = self.env.get_template(name).render(**ctx)
@@ -202,8 +205,8 @@ class Console:
     # -- signing in
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
-        session = request.get("session") or self.sessions.anonymous()
-        request["session"] = session
+        session = request.get(SESSION) or self.sessions.anonymous()
+        request[SESSION] = session
         response = self._login_form(request, 200, "")
         self._set_cookie(request, response, session)
         return response
@@ -221,7 +224,7 @@ class Console:
         )
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        session: auth.Session | None = request.get("session")
+        session: auth.Session | None = request.get(SESSION)
         form = await request.post()
         if not auth.csrf_ok(session, _str(form.get("csrf"))):
             return self._refuse(request, 403, "missing or wrong CSRF token; reload the page")
@@ -240,7 +243,7 @@ class Console:
         raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        session: auth.Session | None = request.get("session")
+        session: auth.Session | None = request.get(SESSION)
         form = await request.post()
         if session is not None and auth.csrf_ok(session, _str(form.get("csrf"))):
             self.sessions.drop(session)
@@ -285,7 +288,7 @@ class Console:
 
     async def list_page(self, request: web.Request) -> web.StreamResponse:
         now = filters.utcnow()
-        q = forms.parse(request.query, now)
+        q = forms.parse(_multi(request.query), now)
         rows = await self.db.list_rows(q.filter, q.limit, q.after)
         total = await self.db.count(q.filter)
         more = q.link(after=rows[-1].id, limit=q.limit) if len(rows) == q.limit else None
@@ -335,8 +338,8 @@ class Console:
         if note is not None:
             note = filters.parse_note(note)
         f = Filter(ids=(row_id,), state="all")
-        n = await self.db.act(action, f, request["operator"], note)  # type: ignore[arg-type]
-        log.info("console: %s of %d by %s (%d rows)", action, row_id, request["operator"], n)
+        n = await self.db.act(action, f, request[OPERATOR], note)  # type: ignore[arg-type]
+        log.info("console: %s of %d by %s (%d rows)", action, row_id, request[OPERATOR], n)
         done = {"resolve": "resolved", "unresolve": "unresolved", "annotate": "annotated"}[action]
         raise web.HTTPSeeOther(f"/events/{row_id}?done={done}")
 
@@ -345,7 +348,7 @@ class Console:
         form = await request.post()
         job = await self._start_job(
             Filter(ids=(row_id,), state="all"),
-            request["operator"],
+            request[OPERATOR],
             target=_target(form),
             resolve=_checked(form, "resolve"),
             include_resolved=_checked(form, "include_resolved"),
@@ -366,7 +369,7 @@ class Console:
 
     async def bulk_page(self, request: web.Request) -> web.StreamResponse:
         now = filters.utcnow()
-        q = forms.parse(request.query, now)
+        q = forms.parse(_multi(request.query), now)
         total = await self.db.count(q.filter)
         sample = await self.db.list_rows(q.filter, 10)
         return self.render(
@@ -382,11 +385,10 @@ class Console:
 
     async def bulk_start(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        values = {k: [v for v in form.getall(k) if isinstance(v, str)] for k in set(form.keys())}
-        q = forms.parse(values, filters.utcnow())
+        q = forms.parse(_multi(form), filters.utcnow())
         job = await self._start_job(
             q.filter,
-            request["operator"],
+            request[OPERATOR],
             target=_target(form),
             resolve=_checked(form, "resolve"),
             include_resolved=q.filter.state != "unresolved",
@@ -447,7 +449,7 @@ class Console:
         got = self.running.get(job_id)
         if got is not None:
             got[0].stop()
-            log.info("console: job %d stopped by %s", job_id, request["operator"])
+            log.info("console: job %d stopped by %s", job_id, request[OPERATOR])
         raise web.HTTPSeeOther(f"/jobs/{job_id}")
 
     async def _broker_conn(self) -> Broker:
@@ -525,6 +527,11 @@ class Console:
         finally:
             await db.close()
             self.running.pop(job.id, None)
+
+
+def _multi(values: MultiMapping[Any]) -> dict[str, list[str]]:
+    """Every value of every name (a repeated name is kept, for `reason`)."""
+    return {k: [v for v in values.getall(k) if isinstance(v, str)] for k in set(values.keys())}
 
 
 def _all_states(f: Filter) -> Filter:
