@@ -142,8 +142,9 @@ def test_requests_without_auth_or_csrf_are_refused(dsn: str) -> None:
             allow_redirects=False,
         )
         assert r.status == 303
-        audit = query(dsn, "SELECT action, actor, note FROM exhausted_audit WHERE exhausted_id = %s",
-                      (good,))  # fmt: skip
+        audit = query(
+            dsn, "SELECT action, actor, note FROM exhausted_audit WHERE exhausted_id = %s", (good,)
+        )
         assert audit == [("resolve", "ann", "fixed upstream")]
         # A bearer token acts without a session (no browser sends one by itself).
         r = await client.post(
