@@ -81,7 +81,7 @@ def _headers_ok(r: ClientResponse) -> None:
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
     assert r.headers["X-Frame-Options"] == "DENY"
     assert r.headers["X-Content-Type-Options"] == "nosniff"
-    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert r.headers["Referrer-Policy"] == "same-origin"
 
 
 def test_requests_without_auth_or_csrf_are_refused(dsn: str) -> None:

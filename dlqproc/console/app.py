@@ -55,7 +55,9 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin rather than no-referrer: with no-referrer, Chrome sends
+    # `Origin: null` on the console's own form posts, and the origin check refuses it.
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Server": "dlqproc",
