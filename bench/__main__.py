@@ -2,6 +2,9 @@
 
 python -m bench metrics [options]: /metrics render time, size and RSS by tenant count
 (bench/metrics.py).
+
+python -m bench exhausted [options]: `dlqproc exhausted list` on 1,000,000 rows and the
+unthrottled bulk replay rate (bench/exhausted.py).
 """
 
 from __future__ import annotations
@@ -126,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import metrics
 
         return metrics.main(args[1:])
+    if args[:1] == ["exhausted"]:
+        from bench import exhausted
+
+        return exhausted.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.

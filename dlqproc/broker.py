@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import NotFoundError
 
 log = logging.getLogger("dlqproc.broker")
 
@@ -369,6 +369,77 @@ class PubResult(msgspec.Struct, frozen=True):
     duplicate: bool
 
 
+class AckedPublisher:
+    """Publishes that each wait for their PubAck, without a request object each.
+
+    One subscription receives every PubAck on `<inbox>.<n>`; a publish is a
+    plain PUB with that reply subject and a future. nats-py's js.publish pays
+    for a request (its own future, timer and response parsing into a
+    dataclass) per message, which bounded bulk replays at about a thousand a
+    second here.
+    """
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+        self._inbox = nc.new_inbox()
+        self._n = 0
+        self._waiting: dict[str, asyncio.Future[PubResult]] = {}
+        self._subscribed = False
+
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float = 5.0
+    ) -> PubResult:
+        """Publish and wait for the PubAck, saying whether JetStream deduplicated it.
+
+        PublishRejected when JetStream refused the message (its error answer);
+        PublishFailed for no answer in time, no responders or no connection,
+        which an outage explains and a retry of the same message may cure.
+        """
+        if not self._subscribed:
+            await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
+            self._subscribed = True
+        self._n += 1
+        reply = f"{self._inbox}.{self._n}"
+        future: asyncio.Future[PubResult] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = future
+        try:
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            return await asyncio.wait_for(future, timeout)
+        except (PublishFailed, PublishRejected):
+            raise
+        except TimeoutError:
+            raise PublishFailed(f"no PubAck within {timeout:g} s") from None
+        except Exception as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._waiting.pop(reply, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject)
+        if future is None or future.done():
+            return
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "503":
+            future.set_exception(PublishFailed("no responders: no stream took the message"))
+            return
+        try:
+            answer = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            future.set_exception(PublishFailed(f"unreadable PubAck {msg.data[:200]!r}"))
+            return
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error or not isinstance(answer, dict):
+            future.set_exception(PublishRejected(f"JetStream refused the message: {error}"))
+            return
+        future.set_result(
+            PubResult(
+                str(answer.get("stream")),
+                int(answer.get("seq") or 0),
+                bool(answer.get("duplicate")),
+            )
+        )
+
+
 class ConnectFailed(ConnectionError):
     """No NATS server accepted the connection within the time allowed."""
 
@@ -621,22 +692,8 @@ class Broker:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return int(ack.seq)
 
-    async def publish_acked(
-        self, subject: str, data: bytes, headers: dict[str, str], timeout: float = 5.0
-    ) -> PubResult:
-        """Publish and wait for the PubAck, saying whether JetStream deduplicated it.
-
-        PublishRejected when JetStream refused the message (its API error);
-        PublishFailed for no answer in time, no responders or no connection,
-        which an outage explains and a retry of the same message may cure.
-        """
-        try:
-            ack = await self._js.publish(subject, data, headers=headers, timeout=timeout)
-        except APIError as exc:
-            raise PublishRejected(f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
-            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
-        return PubResult(str(ack.stream), int(ack.seq), bool(ack.duplicate))
+    def acked_publisher(self) -> AckedPublisher:
+        return AckedPublisher(self._nc)
 
     async def stream_binding(self, subject: str) -> tuple[str, float] | None:
         """(stream, duplicate window in seconds) of the stream storing `subject`, or None."""

@@ -22,8 +22,6 @@ CREATE INDEX IF NOT EXISTS exhausted_events_unresolved_id
     ON public.exhausted_events (id) WHERE NOT resolved;
 CREATE INDEX IF NOT EXISTS exhausted_events_replay_of
     ON public.exhausted_events (replay_of) WHERE replay_of IS NOT NULL;
-CREATE INDEX IF NOT EXISTS exhausted_events_replayed_at
-    ON public.exhausted_events (replayed_at) WHERE replayed_at IS NOT NULL;
 
 -- `--error TEXT` is a case-insensitive substring: a trigram index serves it
 -- where pg_trgm can be installed (it is a trusted extension since PostgreSQL 13);

@@ -175,7 +175,9 @@ def run(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> int:
     if problem is not None:
         return fail(f"invalid config postgres.dsn: {problem}")
     try:
-        return asyncio.run(_run(args, cfg, out))
+        import uvloop
+
+        return uvloop.run(_run(args, cfg, out))
     except FilterError as exc:
         return fail(str(exc))
     except DBUnavailable as exc:

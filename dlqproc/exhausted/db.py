@@ -126,6 +126,8 @@ class Claimed(msgspec.Struct, frozen=True):
     refused: int
     skipped: int
     more: bool
+    cursor: int  # the job's cursor after this chunk
+    asked: int  # the chunk size asked for
 
 
 class Settled(msgspec.Struct, frozen=True):
@@ -184,6 +186,10 @@ class ExhaustedDB:
         # One transaction at a time on the one connection: the engine settles
         # acknowledged rows while it claims the next chunk.
         self._lock = asyncio.Lock()
+
+    def sibling(self) -> ExhaustedDB:
+        """Another connection to the same database (the engine settles on its own)."""
+        return ExhaustedDB(self._dsn, self._timeout_ms / 1000)
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
@@ -489,7 +495,7 @@ class ExhaustedDB:
             )
             found = await cur.fetchall()
             if not found:
-                return Claimed((), 0, 0, False)
+                return Claimed((), 0, 0, False, job.cursor, chunk)
             skipped = 0
             wanted: list[ReplayRow] = []
             refused: list[tuple[ReplayRow, str]] = []
@@ -531,7 +537,7 @@ class ExhaustedDB:
                 (int(found[-1][0]), skipped, job.id),
             )
         rows = tuple(w for w in wanted if w.id in got)
-        return Claimed(rows, len(refused), skipped, len(found) == chunk)
+        return Claimed(rows, len(refused), skipped, len(found) == chunk, int(found[-1][0]), chunk)
 
     async def settle(self, job: Job, results: Sequence[Settled]) -> None:
         """Commit the results of claimed rows (published ones after their PubAck)."""

@@ -21,6 +21,7 @@ callback and its `counts`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -37,7 +38,7 @@ from dlqproc.publish import RateLimiter
 
 log = logging.getLogger("dlqproc.exhausted")
 
-MAX_CHUNK = 500
+MAX_CHUNK = 1000
 SETTLE_EVERY = 0.2  # seconds between commits of acknowledged rows
 SETTLE_BATCH = 1000
 # A claimed row republished on resume must still be inside the duplicate
@@ -92,6 +93,10 @@ class Engine:
         self._bindings: dict[str, tuple[str, float] | None] = {}
         self._stop = asyncio.Event()
         self._flushing = True
+        self._publisher = broker.acked_publisher()
+        # Settling commits on a connection of its own, so that claiming the
+        # next chunk never waits behind it.
+        self._settle_db = db.sibling()
 
     def stop(self) -> None:
         """Finish the publishes in flight, commit them, give back the rest (Ctrl-C)."""
@@ -185,30 +190,39 @@ class Engine:
                             f" stream's {window:.0f} s duplicate window: not republished",
                         )
                     )
-            rows: list[ReplayRow] = again
+            rows: collections.deque[ReplayRow] = collections.deque(again)
             more = True
             taken = job.done + len(again)
+            claiming: asyncio.Task[Claimed] | None = None
+
+            def next_claim() -> asyncio.Task[Claimed] | None:
+                # The next chunk is claimed while this one is published.
+                nonlocal taken
+                room = MAX_CHUNK if job.max_rows is None else job.max_rows - taken
+                if not more or room <= 0:
+                    return None
+                chunk = min(chunk_for(job.rate), room)
+                taken += chunk  # at most; corrected when the claim returns
+                return asyncio.create_task(self._claim(job, chunk), name=f"claim-{chunk}")
+
             while not self._stop.is_set():
+                if claiming is None and len(rows) <= chunk_for(job.rate) // 2:
+                    claiming = next_claim()
                 if not rows:
-                    if not more:
+                    if claiming is None:
                         finished = True
                         break
-                    room = MAX_CHUNK if job.max_rows is None else job.max_rows - taken
-                    if room <= 0:
-                        finished = True
-                        break
-                    chunk = min(chunk_for(job.rate), room)
-                    claimed = await self._claim(job, chunk)
-                    job = await self._reload(job)
+                    claimed = await claiming
+                    claiming = None
+                    job = msgspec.structs.replace(job, cursor=claimed.cursor)
                     self.counts.refused += claimed.refused
                     self.counts.skipped += claimed.skipped
-                    taken += claimed.refused
-                    rows = list(claimed.rows)
+                    taken += claimed.refused + len(claimed.rows) - claimed.asked
+                    rows.extend(claimed.rows)
                     more = claimed.more
-                    taken += len(rows)
                     self._progress()
                     continue
-                row = rows.pop(0)
+                row = rows.popleft()
                 pub = await self._prepare(job, row)
                 if pub is None:
                     continue
@@ -218,11 +232,14 @@ class Engine:
                 await slots.acquire()
                 if self._stop.is_set():
                     slots.release()
-                    rows.insert(0, row)
+                    rows.appendleft(row)
                     break
                 task = asyncio.create_task(self._publish(job, row, pub, slots))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            if claiming is not None:
+                # Claimed meanwhile: given back with the rest.
+                rows.extend((await claiming).rows)
             unattempted = [r.id for r in rows]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -233,7 +250,10 @@ class Engine:
             self._flushing = False
             with contextlib.suppress(DBUnavailable):
                 await flusher
-        await self._flush_all(job)
+        try:
+            await self._flush_all(job)
+        finally:
+            await self._settle_db.close()
         if unattempted:
             await self._db(lambda: self.db.release(job, unattempted))
         state: JobState = "done" if finished else "stopped"
@@ -280,7 +300,7 @@ class Engine:
         try:
             while True:
                 try:
-                    ack = await self.broker.publish_acked(
+                    ack = await self._publisher.publish(
                         pub.subject, pub.body, pub.headers, timeout=self.publish_timeout
                     )
                 except PublishRejected as exc:
@@ -330,7 +350,7 @@ class Engine:
         while self._pending:
             batch = self._pending[:SETTLE_BATCH]
             try:
-                await self.db.settle(job, batch)
+                await self._settle_db.settle(job, batch)
             except DBUnavailable as exc:
                 if (self._stop.is_set() or not self._flushing) and attempt >= 3:
                     raise
