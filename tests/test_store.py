@@ -109,11 +109,16 @@ def test_migrate_applies_once(dsn: str) -> None:
         return await store.migrate(), await store.migrate()
 
     first, second = run(dsn, body, migrate=False)
-    assert first == ["001_exhausted_events.sql", "002_tenants.sql"]
+    assert first == [
+        "001_exhausted_events.sql",
+        "002_tenants.sql",
+        "003_exhausted_replays.sql",
+    ]
     assert second == []
     assert query(dsn, "SELECT version, name FROM public.dlqproc_migrations ORDER BY 1") == [
         (1, "001_exhausted_events.sql"),
         (2, "002_tenants.sql"),
+        (3, "003_exhausted_replays.sql"),
     ]
     assert query(dsn, "SELECT count(*) FROM public.exhausted_events") == [(0,)]
     # A new Store on the same database finds nothing left to apply.
