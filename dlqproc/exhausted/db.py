@@ -341,7 +341,9 @@ class ExhaustedDB:
             oldest = [(str(t), float(a)) for t, a in await cur.fetchall()]
             start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
             cur = await conn.execute(
-                "SELECT date_trunc('hour', created_at), count(*) FROM public.exhausted_events"
+                # Whole UTC hours, whatever the session's time zone.
+                "SELECT to_timestamp(floor(extract(epoch FROM created_at) / 3600) * 3600),"
+                " count(*) FROM public.exhausted_events"
                 " WHERE created_at >= %s GROUP BY 1",
                 (start,),
             )
