@@ -120,12 +120,22 @@ def test_replay_by_id_publishes_once_and_refuses_what_cannot_be_replayed(
     assert [json.loads(line)["state"] for line in jobs.stdout.splitlines()] == ["done", "done"]
 
 
-def test_filter_replay_is_a_dry_run_without_yes(dsn: str, own_nats: NatsServer) -> None:
+def test_filter_replay_is_a_dry_run_without_yes_and_max_bounds_it(
+    dsn: str, own_nats: NatsServer
+) -> None:
     migrate(dsn)
     bulk_rows(dsn, 30, "acme")
     out = cli("replay", "--tenant", "acme", dsn=dsn, nats_url=own_nats.url)
     assert out.returncode == 0 and "would apply to 30 rows" in out.stdout
     assert query(dsn, "SELECT count(*) FROM exhausted_replay_jobs") == [(0,)]
+    add_stream(own_nats.url, EVENTS, SUBJECTS)
+    out = cli("replay", "--tenant", "acme", "--yes", "--max", "12", dsn=dsn, nats_url=own_nats.url)
+    assert out.returncode == 0, out.stderr
+    (job,) = query(dsn, "SELECT id FROM exhausted_replay_jobs")
+    assert _job(dsn, job[0])["published"] == 12 and _job(dsn, job[0])["state"] == "done"
+    assert len(ids_published(own_nats.url, EVENTS)) == 12
+    listed = cli("list", "--never-replayed", "--json", dsn=dsn)
+    assert json.loads(listed.stdout.splitlines()[-1]) == {"total": 18}
 
 
 @pytest.mark.slow
