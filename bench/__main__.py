@@ -5,6 +5,9 @@ python -m bench metrics [options]: /metrics render time, size and RSS by tenant 
 
 python -m bench exhausted [options]: `dlqproc exhausted list` on 1,000,000 rows and the
 unthrottled bulk replay rate (bench/exhausted.py).
+
+python -m bench console [options]: the web console's pages on 1,000,000 exhausted rows
+(bench/console.py).
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import exhausted
 
         return exhausted.main(args[1:])
+    if args[:1] == ["console"]:
+        from bench import console
+
+        return console.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.
