@@ -10,14 +10,19 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dlqproc.config import ConsoleConfig, load
-from dlqproc.console import auth, serve
-from dlqproc.console.app import Console
+from dlqproc.console import auth, forms, serve
+from dlqproc.console.app import Console, _local_path
+from dlqproc.exhausted import filters
+from dlqproc.exhausted.filters import FilterError
 from support.exhausted import exhausted_row, migrate, query, store_rows
 from support.service import TESTS_DIR
 
@@ -250,3 +255,35 @@ def test_signing_in_without_a_configured_token(dsn: str) -> None:
         assert r.status == 401
 
     _run(dsn, "", test)
+
+
+_NAMES = ["tenant", "subject", "error", "since", "until", "reason", "state", "replayed"]
+_NAMES += ["hide_superseded", "limit", "after", "other"]
+_values = st.lists(st.tuples(st.sampled_from(_NAMES), st.text(max_size=30)), max_size=8)
+
+
+@given(_values)
+def test_any_query_is_a_filter_or_a_filter_error(pairs: list[tuple[str, str]]) -> None:
+    values: dict[str, list[str]] = {}
+    for k, v in pairs:
+        values.setdefault(k, []).append(v)
+    now = filters.utcnow()
+    try:
+        q = forms.parse(values, now)
+    except FilterError:
+        return
+    # The view's own link opens the same view.
+    again = forms.parse(parse_qs(urlsplit(q.link()).query, keep_blank_values=True), now)
+    assert again.filter == q.filter
+    # A confirmed bulk replay selects what its page counted.
+    frozen: dict[str, list[str]] = {}
+    for k, v in forms.frozen_values(q.filter):
+        frozen.setdefault(k, []).append(v)
+    assert forms.parse(frozen, filters.utcnow()).filter == q.filter
+
+
+@given(st.text(max_size=40))
+def test_a_redirect_after_sign_in_stays_on_the_console(path: str) -> None:
+    got = _local_path(path)
+    assert got == "/" or (got.startswith("/") and not got.startswith("//"))
+    assert urlsplit(got).netloc == "" and urlsplit(got).scheme == ""

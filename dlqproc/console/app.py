@@ -87,6 +87,9 @@ class Console:
         self.secrets = secrets if secrets is not None else redact.secrets_of(cfg)
         self.db = ExhaustedDB(self.dsn, statement_timeout=30.0)
         self.sessions = auth.Sessions()
+        # Sessions of the login form, apart: a client fetching it in a loop
+        # evicts only its own kind, never an operator's session.
+        self.pending = auth.Sessions(ttl=3600.0)
         self.running: dict[int, tuple[Engine, asyncio.Task[None]]] = {}
         self.totals: dict[int, int] = {}
         self._broker: Broker | None = None
@@ -167,8 +170,10 @@ class Console:
                 return self._refuse(request, 400, "X-Operator is not a valid operator name")
             request[OPERATOR] = operator
             return await handler(request)
-        session = self.sessions.get(request.cookies.get(auth.COOKIE))
+        sid = request.cookies.get(auth.COOKIE)
+        session = self.sessions.get(sid)
         if path in ("/login", "/logout"):
+            session = session or self.pending.get(sid)
             if session is not None:
                 request[SESSION] = session
             return await handler(request)
@@ -207,7 +212,7 @@ class Console:
     # -- signing in
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
-        session = request.get(SESSION) or self.sessions.anonymous()
+        session = request.get(SESSION) or self.pending.anonymous()
         request[SESSION] = session
         response = self._login_form(request, 200, "")
         self._set_cookie(request, response, session)
@@ -238,6 +243,7 @@ class Console:
             log.warning("console: failed sign-in as %r from %s", operator, request.remote)
             await asyncio.sleep(1.0)  # slows guessing; the token is long anyway
             return self._login_form(request, 401, "Wrong token.")
+        self.pending.drop(session)
         new = self.sessions.sign_in(session, operator)
         log.info("console: %s signed in from %s", operator, request.remote)
         response = web.HTTPSeeOther(_local_path(_str(form.get("next")) or "/"))
