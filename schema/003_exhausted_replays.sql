@@ -18,6 +18,9 @@ CREATE INDEX IF NOT EXISTS exhausted_events_reason_id ON public.exhausted_events
 -- A subject pattern's literal prefix is a LIKE 'prefix%' range on this index.
 CREATE INDEX IF NOT EXISTS exhausted_events_subject_prefix
     ON public.exhausted_events (source_subject text_pattern_ops);
+-- ... and its literal suffix (usually the tenant: v1.messages.*.acme) one on the reverse.
+CREATE INDEX IF NOT EXISTS exhausted_events_subject_suffix
+    ON public.exhausted_events (reverse(source_subject) text_pattern_ops);
 CREATE INDEX IF NOT EXISTS exhausted_events_unresolved_id
     ON public.exhausted_events (id) WHERE NOT resolved;
 CREATE INDEX IF NOT EXISTS exhausted_events_replay_of
@@ -130,23 +133,23 @@ CREATE TABLE IF NOT EXISTS public.exhausted_replay_totals (
 -- A replayed event that fails again arrives as a new exhausted row, through
 -- the service's unchanged write path. Its subject and original payload are
 -- those of the row replayed, so the replay's item (claimed before the publish,
--- so it is there before the replay can fail) names it. Never fails the
--- insert: exhausting must not fail for an item reason.
+-- so it is there before the replay can fail) names it. Exhausting must not
+-- fail for an item reason, and nothing below depends on a row's values.
 CREATE OR REPLACE FUNCTION public.dlqproc_link_replay() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- No EXCEPTION block: it would open a subtransaction per row, and a commit
+    -- group of many exhausted rows would overflow the backend's subtransaction
+    -- cache. Nothing here can fail on a row's values: jsonb always has a text
+    -- form, md5 takes any text, and the lookup is one index probe.
     IF NEW.replay_of IS NULL AND NEW.original_payload IS NOT NULL THEN
-        BEGIN
-            SELECT i.exhausted_id INTO NEW.replay_of
-            FROM public.exhausted_replay_items i
-            WHERE i.replay_key = md5(NEW.source_subject || ' ' || NEW.original_payload::text)
-              AND i.state IN ('claimed', 'published')
-              AND i.claimed_at > now() - interval '30 days'
-            ORDER BY i.claimed_at DESC
-            LIMIT 1;
-        EXCEPTION WHEN others THEN
-            NEW.replay_of := NULL;
-        END;
+        SELECT i.exhausted_id INTO NEW.replay_of
+        FROM public.exhausted_replay_items i
+        WHERE i.replay_key = md5(NEW.source_subject || ' ' || NEW.original_payload::text)
+          AND i.state IN ('claimed', 'published')
+          AND i.claimed_at > now() - interval '30 days'
+        ORDER BY i.claimed_at DESC
+        LIMIT 1;
     END IF;
     RETURN NEW;
 END $$;

@@ -89,7 +89,7 @@ def test_subject_patterns_match_like_nats(
     except FilterError:
         return
     subject = ".".join(subject_tokens)
-    prefix, regex = filters.subject_sql(pattern)
+    prefix, suffix, regex = filters.subject_sql(pattern)
 
     def nats_match(p: list[str], s: list[str]) -> bool:
         if p and p[-1] == ">":
@@ -100,8 +100,9 @@ def test_subject_patterns_match_like_nats(
     # Python's re reads this escaped subset as PostgreSQL's AREs do.
     assert bool(re.fullmatch(regex, subject)) == expected
     literal = prefix[:-1].replace("\\%", "%").replace("\\_", "_").replace("\\\\", "\\")
+    tail = suffix[:-1].replace("\\%", "%").replace("\\_", "_").replace("\\\\", "\\")
     if expected:
-        assert subject.startswith(literal)
+        assert subject.startswith(literal) and subject[::-1].startswith(tail)
 
 
 def test_times_and_durations() -> None:

@@ -166,30 +166,38 @@ def _regex_escape(token: str) -> str:
     return "".join("\\" + c if c.isascii() and not c.isalnum() else c for c in token)
 
 
-def subject_sql(pattern: str) -> tuple[str, str]:
-    """(LIKE prefix pattern, anchored regex) matching exactly the pattern's subjects.
+def subject_sql(pattern: str) -> tuple[str, str, str]:
+    """(LIKE prefix, LIKE prefix of the reversed subject, anchored regex) for a pattern.
 
-    The prefix (the literal tokens before the first wildcard) lets the
-    text_pattern_ops index narrow the rows; the regex decides.
+    The literal tokens before the first wildcard narrow the rows through the
+    text_pattern_ops index on the subject, those after the last wildcard
+    through the one on its reverse (`v1.messages.*.acme` is mostly its
+    tenant); the regex decides.
     """
     tokens = pattern.split(".")
-    literal: list[str] = []
-    for t in tokens:
-        if t in ("*", ">"):
-            break
-        literal.append(t)
-    prefix = ".".join(literal)
-    if literal and len(literal) < len(tokens):
-        prefix += "."
-    regex = []
+    wild = [i for i, t in enumerate(tokens) if t in ("*", ">")]
+    if not wild:
+        return like_escape(pattern), like_escape(pattern[::-1]), "^" + _regex(tokens) + "$"
+    head, tail = tokens[: wild[0]], tokens[wild[-1] + 1 :]
+    prefix = ".".join(head) + "." if head else ""
+    suffix = "." + ".".join(tail) if tail else ""
+    return (
+        like_escape(prefix) + "%",
+        like_escape(suffix[::-1]) + "%",
+        "^" + _regex(tokens) + "$",
+    )
+
+
+def _regex(tokens: list[str]) -> str:
+    parts = []
     for t in tokens:
         if t == "*":
-            regex.append(r"[^.]+")
+            parts.append(r"[^.]+")
         elif t == ">":
-            regex.append(r".+")
+            parts.append(r".+")
         else:
-            regex.append(_regex_escape(t))
-    return like_escape(prefix) + "%", "^" + r"\.".join(regex) + "$"
+            parts.append(_regex_escape(t))
+    return r"\.".join(parts)
 
 
 def where(f: Filter, alias: str = "e") -> tuple[str, dict[str, object]]:
@@ -209,11 +217,13 @@ def where(f: Filter, alias: str = "e") -> tuple[str, dict[str, object]]:
         clauses.append(f"{a}.company_id = %(tenant)s")
         params["tenant"] = f.tenant
     if f.subject is not None:
-        prefix, regex = subject_sql(f.subject)
+        prefix, suffix, regex = subject_sql(f.subject)
         clauses.append(
-            f"{a}.source_subject LIKE %(subject_prefix)s AND {a}.source_subject ~ %(subject_re)s"
+            f"{a}.source_subject LIKE %(subject_prefix)s"
+            f" AND reverse({a}.source_subject) LIKE %(subject_suffix)s"
+            f" AND {a}.source_subject ~ %(subject_re)s"
         )
-        params["subject_prefix"], params["subject_re"] = prefix, regex
+        params.update(subject_prefix=prefix, subject_suffix=suffix, subject_re=regex)
     if f.reasons:
         clauses.append(f"{a}.reason = ANY(%(reasons)s)")
         params["reasons"] = list(f.reasons)
