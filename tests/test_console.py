@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from dlqproc.config import ConsoleConfig, load
 from dlqproc.console import auth, forms, serve
-from dlqproc.console.app import Console, _local_path
+from dlqproc.console.app import COUNT_CAP, Console, _local_path
 from dlqproc.exhausted import filters
 from dlqproc.exhausted.filters import FilterError
-from support.exhausted import exhausted_row, migrate, query, store_rows
+from support.exhausted import bulk_rows, exhausted_row, migrate, query, store_rows
 from support.service import TESTS_DIR
 
 TOKEN = "console-token-" + "x7Qp" * 6
@@ -287,3 +287,17 @@ def test_a_redirect_after_sign_in_stays_on_the_console(path: str) -> None:
     got = _local_path(path)
     assert got == "/" or (got.startswith("/") and not got.startswith("//"))
     assert urlsplit(got).netloc == "" and urlsplit(got).scheme == ""
+
+
+def test_the_list_counts_up_to_a_cap_and_the_bulk_page_exactly(dsn: str) -> None:
+    migrate(dsn)
+    bulk_rows(dsn, COUNT_CAP + 5, "acme")
+
+    async def test(client: Client) -> None:
+        await _sign_in(client)
+        listed = await (await client.get("/list?tenant=acme")).text()
+        assert f'<span id="total">{COUNT_CAP} or more</span>' in listed
+        bulk = await (await client.get("/replay?tenant=acme")).text()
+        assert f'<b id="bulk-count">{COUNT_CAP + 5}</b>' in bulk
+
+    _run(dsn, TOKEN, test)
