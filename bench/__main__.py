@@ -8,8 +8,12 @@ PostgreSQL (bench/writepath.py).
 
 python -m bench replicas [options]: one replica, then several on the same durable
 consumer, for the same backlog (bench/replicas.py).
+
 python -m bench exhausted [options]: `dlqproc exhausted list` on 1,000,000 rows and the
 unthrottled bulk replay rate (bench/exhausted.py).
+
+python -m bench console [options]: the web console's pages on 1,000,000 exhausted rows
+(bench/console.py).
 """
 
 from __future__ import annotations
@@ -146,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import exhausted
 
         return exhausted.main(args[1:])
+    if args[:1] == ["console"]:
+        from bench import console
+
+        return console.main(args[1:])
     opts = parse_args(argv)
     # SIGTERM stops a benchmark as Ctrl-C does: through the finally blocks that
     # stop the consumer and the embedded servers.

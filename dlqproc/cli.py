@@ -1,4 +1,4 @@
-"""The `dlqproc` command: run, migrate, config, demo, publish, exhausted, --version.
+"""The `dlqproc` command: run, migrate, config, demo, publish, exhausted, console, --version.
 
 Every line it prints on stderr, and every log line, is scrubbed of the
 config's secrets (redact.Secrets); `config` prints them masked.
@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     from dlqproc.exhausted import command as exhausted
 
     exhausted.add_parser(sub)
+    sub.add_parser(
+        "console",
+        help="serve the web console for exhausted events (console.host:console.port)",
+        description="A web console to find, inspect, replay and resolve exhausted events."
+        " Operators sign in with console.token; without one it listens on loopback only.",
+    )
     return p
 
 
@@ -256,6 +262,10 @@ def _command(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> 
         from dlqproc.exhausted import command as exhausted
 
         return exhausted.run(args, cfg, secrets)
+    if args.command == "console":
+        from dlqproc.console import serve
+
+        return serve.run(cfg, secrets)
     if args.command == "migrate":
         from dlqproc.store import Store, StoreUnavailable
 

@@ -242,6 +242,14 @@ def allow_entries(text: str) -> list[str]:
     return [entry.strip() for entry in text.split(",")] if text.strip() else []
 
 
+class ConsoleConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    """`dlqproc console`: where it listens, and the token that admits operators."""
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    token: str = ""  # secret: masked by `config`, scrubbed from logs
+
+
 class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     nats: NatsConfig = NatsConfig()
     postgres: PostgresConfig = PostgresConfig()
@@ -250,6 +258,7 @@ class Config(_Section, frozen=True, forbid_unknown_fields=True, rename="camel"):
     log: LogConfig = LogConfig()
     company: CompanyConfig = CompanyConfig()
     tenants: TenantsConfig = TenantsConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @property
     def dlq_durable(self) -> str:

@@ -5,7 +5,7 @@
 with a JSON body naming what is wrong (readiness); /metrics the exposition of
 the supervisor and every worker process (`dlqproc.metrics`).
 
-The only module that imports aiohttp. Probes are never queued behind scrapes:
+The service's only module that imports aiohttp (the console is its own process). Probes are never queued behind scrapes:
 /health and /ready are answered on the event loop from state in memory and
 never wait for a scrape slot or a render. /metrics is bounded three ways:
 

@@ -9,8 +9,9 @@ This module owns three things:
   text in its parse errors). nats.url is split as Broker.connect splits it and
   each server read by nats-py's own parser: the password of `user:password@`,
   or the token of `token@`. A DSN libpq cannot parse has its whole
-  password-ish part taken as secret instead. nats.password and nats.token
-  are secret too; NKey seeds and .creds files stay in their files.
+  password-ish part taken as secret instead. nats.password, nats.token and
+  console.token (the web console's operator token) are secret too; NKey seeds
+  and .creds files stay in their files.
 * the printable forms of the two settings, rebuilt from the parsed parameters
   with every password and token replaced by MASK (never the string as given),
   and the host / port / database summary log lines carry instead.
@@ -97,6 +98,7 @@ def secrets_of(cfg: Config) -> Secrets:
             *nats_secrets(cfg.nats.url),
             cfg.nats.password,
             cfg.nats.token,
+            cfg.console.token,
         ]
     )
 

@@ -272,12 +272,18 @@ class ExhaustedDB:
             cur = await conn.execute(query.encode(), params)
             return [_row(r) for r in await cur.fetchall()]
 
-    async def count(self, f: Filter) -> int:
+    async def count(self, f: Filter, cap: int | None = None) -> int:
+        """Rows `f` matches; with `cap`, counting stops there (a page's "10,000 or more")."""
         clause, params = filters.where(f)
-        async with self._tx() as conn:
-            cur = await conn.execute(
-                f"SELECT count(*) FROM public.exhausted_events e WHERE {clause}".encode(), params
+        query = f"SELECT count(*) FROM public.exhausted_events e WHERE {clause}"
+        if cap is not None:
+            query = (
+                "SELECT count(*) FROM (SELECT 1 FROM public.exhausted_events e"
+                f" WHERE {clause} LIMIT %(cap)s) c"
             )
+            params["cap"] = cap
+        async with self._tx() as conn:
+            cur = await conn.execute(query.encode(), params)
             got = await cur.fetchone()
             return int(got[0]) if got else 0
 

@@ -1,0 +1,303 @@
+"""The web console's security properties through aiohttp's test client, on a
+real PostgreSQL: authentication, CSRF, headers, escaping, start-up refusals.
+(The browser suite, tests/test_console_browser.py, drives the pages.)"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dlqproc.config import ConsoleConfig, load
+from dlqproc.console import auth, forms, serve
+from dlqproc.console.app import COUNT_CAP, Console, _local_path
+from dlqproc.exhausted import filters
+from dlqproc.exhausted.filters import FilterError
+from support.exhausted import bulk_rows, exhausted_row, migrate, query, store_rows
+from support.service import TESTS_DIR
+
+TOKEN = "console-token-" + "x7Qp" * 6
+XSS = {
+    "chat_id": "<script>window.pwned=1</script>",
+    "name": '"><img src=x onerror="window.pwned=2">',
+    "url": "javascript:alert(1)",
+}
+
+Client = TestClient[Any, Any]
+
+
+def _rows(dsn: str) -> list[int]:
+    migrate(dsn)
+    return store_rows(
+        dsn,
+        [
+            exhausted_row(1, "acme", "v1.chats.upsert", XSS, error="<b>bold</b> failure"),
+            exhausted_row(2, "globex", "v1.chats.upsert", {"chat_id": "c2"}),
+        ],
+    )
+
+
+def _run(dsn: str, token: str, test: Callable[[Client], Awaitable[None]]) -> None:
+    cfg = load(
+        environ={"POSTGRES_DSN": dsn, "CONSOLE_TOKEN": token, "NATS_URL": "nats://127.0.0.1:1"}
+    )
+
+    async def go() -> None:
+        console = Console(cfg)
+        async with TestClient(TestServer(console.app())) as client:
+            await test(client)
+
+    asyncio.run(go())
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html
+    return found[1]
+
+
+async def _sign_in(client: Client, operator: str = "ann") -> str:
+    page = await client.get("/login")
+    csrf = _csrf(await page.text())
+    got = await client.post(
+        "/login",
+        data={"csrf": csrf, "operator": operator, "token": TOKEN, "next": "/"},
+        allow_redirects=False,
+    )
+    assert got.status == 303, await got.text()
+    home = await client.get("/")
+    assert home.status == 200
+    return _csrf(await home.text())
+
+
+def _headers_ok(r: ClientResponse) -> None:
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_requests_without_auth_or_csrf_are_refused(dsn: str) -> None:
+    good, _ = _rows(dsn)
+
+    async def test(client: Client) -> None:
+        r = await client.get("/", allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"].startswith("/login")
+        _headers_ok(r)
+        assert (await client.get("/api/jobs/1")).status == 401
+        r = await client.post(f"/events/{good}/resolve", data={"note": "x"})
+        assert r.status == 401
+        r = await client.post(
+            f"/events/{good}/resolve",
+            data={"note": "x"},
+            headers={"Authorization": "Bearer wrong-token-wrong-token"},
+        )
+        assert r.status == 401
+        # Signing in needs the login form's CSRF token, and the right console token.
+        page = await client.get("/login")
+        _headers_ok(page)
+        r = await client.post("/login", data={"operator": "ann", "token": TOKEN})
+        assert r.status == 403
+        csrf = _csrf(await page.text())
+        r = await client.post("/login", data={"csrf": csrf, "operator": "ann", "token": "nope"})
+        assert r.status == 401
+        r = await client.post(
+            "/login",
+            data={"csrf": csrf, "operator": "ann", "token": TOKEN, "next": "//evil.example/x"},
+            allow_redirects=False,
+        )
+        assert r.status == 303 and r.headers["Location"] == "/"
+        cookie = r.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # The pre-login session id is worthless now: a new one was issued.
+        assert r.cookies[auth.COOKIE].value not in page.headers["Set-Cookie"]
+        home = await client.get("/")
+        csrf = _csrf(await home.text())
+        # Signed in, a POST still needs the session's CSRF token.
+        for data in ({"note": "x"}, {"note": "x", "csrf": "forged"}):
+            r = await client.post(f"/events/{good}/resolve", data=data)
+            assert r.status == 403
+        r = await client.post(
+            f"/events/{good}/resolve",
+            data={"note": "x", "csrf": csrf},
+            headers={"Origin": "http://evil.example"},
+        )
+        assert r.status == 403
+        assert query(dsn, "SELECT resolved FROM exhausted_events WHERE id = %s", (good,)) == [
+            (False,)
+        ]
+        # A resolve needs a note.
+        r = await client.post(f"/events/{good}/resolve", data={"csrf": csrf, "note": " "})
+        assert r.status == 400
+        r = await client.post(
+            f"/events/{good}/resolve",
+            data={"csrf": csrf, "note": "fixed upstream"},
+            allow_redirects=False,
+        )
+        assert r.status == 303
+        audit = query(
+            dsn, "SELECT action, actor, note FROM exhausted_audit WHERE exhausted_id = %s", (good,)
+        )
+        assert audit == [("resolve", "ann", "fixed upstream")]
+        # A bearer token acts without a session (no browser sends one by itself).
+        r = await client.post(
+            f"/events/{good}/annotate",
+            data={"note": "via api"},
+            headers={"Authorization": f"Bearer {TOKEN}", "X-Operator": "bot"},
+            allow_redirects=False,
+        )
+        assert r.status == 303
+        assert query(dsn, "SELECT actor FROM exhausted_audit WHERE action = 'annotate'") == [
+            ("bot",)
+        ]
+        # Signing out ends the session.
+        await client.post("/logout", data={"csrf": csrf})
+        assert (await client.get("/", allow_redirects=False)).status == 303
+
+    _run(dsn, TOKEN, test)
+
+
+def test_pages_escape_values_and_never_show_the_token_or_the_dsn(dsn: str) -> None:
+    good, _ = _rows(dsn)
+
+    async def test(client: Client) -> None:
+        await _sign_in(client)
+        pages = ["/", "/list", "/list?tenant=acme", f"/events/{good}", "/replay?tenant=acme",
+                 "/list?error=%3Cscript%3E", "/list?since=bogus"]  # fmt: skip
+        bodies = {}
+        for path in pages:
+            r = await client.get(path)
+            assert r.status in (200, 400), path
+            _headers_ok(r)
+            bodies[path] = await r.text()
+        password = dsn.split("://", 1)[1].split("@", 1)[0].partition(":")[2]
+        for path, body in bodies.items():
+            assert TOKEN not in body, path
+            assert dsn not in body and (not password or password not in body), path
+            assert "<script>window" not in body and "<img src=x" not in body, path
+            assert re.findall(r"<script[^>]*>", body) == ['<script src="/static/console.js" defer>']
+        detail = bodies[f"/events/{good}"]
+        assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in detail
+        assert "&lt;b&gt;bold&lt;/b&gt; failure" in detail
+        assert 'href="javascript' not in detail
+        assert "&lt;script&gt;" in bodies["/list?error=%3Cscript%3E"]
+        assert "since" in bodies["/list?since=bogus"]
+        r = await client.get("/static/console.js")
+        assert r.status == 200 and r.headers["X-Content-Type-Options"] == "nosniff"
+
+    _run(dsn, TOKEN, test)
+
+
+def test_without_a_token_only_a_name_is_asked() -> None:
+    assert serve.startup_problem(ConsoleConfig(host="127.0.0.1")) is None
+    assert serve.startup_problem(ConsoleConfig(host="::1")) is None
+    for host in ("0.0.0.0", "::", "10.1.2.3", "console.example"):
+        problem = serve.startup_problem(ConsoleConfig(host=host))
+        assert problem is not None and "without a token" in problem
+    assert serve.startup_problem(ConsoleConfig(host="0.0.0.0", token=TOKEN)) is None
+    short = serve.startup_problem(ConsoleConfig(host="127.0.0.1", token="short"))
+    assert short is not None and "16 characters" in short
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"CONSOLE_HOST": "0.0.0.0"}, "refusing to listen on '0.0.0.0' without a token"),
+        ({"CONSOLE_TOKEN": "tiny-secret"}, "at least 16 characters"),
+    ],
+)
+def test_console_refuses_to_start(env: dict[str, str], line: str) -> None:
+    import os
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dlqproc", "console"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(TESTS_DIR), "CONSOLE_HOST": "127.0.0.1", **env},
+    )
+    assert out.returncode == 2, out.stderr
+    assert line in out.stderr
+    assert "tiny-secret" not in out.stderr + out.stdout
+
+
+def test_signing_in_without_a_configured_token(dsn: str) -> None:
+    _rows(dsn)
+
+    async def test(client: Client) -> None:
+        page = await client.get("/login")
+        body = await page.text()
+        assert 'name="token"' not in body
+        r = await client.post(
+            "/login", data={"csrf": _csrf(body), "operator": "<script>"}, allow_redirects=False
+        )
+        assert r.status == 400
+        r = await client.post(
+            "/login", data={"csrf": _csrf(body), "operator": "ann"}, allow_redirects=False
+        )
+        assert r.status == 303
+        # No bearer token exists to match.
+        r = await client.get("/", headers={"Authorization": "Bearer "}, allow_redirects=False)
+        assert r.status == 200
+        r = await client.get("/api/jobs/1", headers={"Authorization": "Bearer anything"})
+        assert r.status == 401
+
+    _run(dsn, "", test)
+
+
+_NAMES = ["tenant", "subject", "error", "since", "until", "reason", "state", "replayed"]
+_NAMES += ["hide_superseded", "limit", "after", "other"]
+_values = st.lists(st.tuples(st.sampled_from(_NAMES), st.text(max_size=30)), max_size=8)
+
+
+@given(_values)
+def test_any_query_is_a_filter_or_a_filter_error(pairs: list[tuple[str, str]]) -> None:
+    values: dict[str, list[str]] = {}
+    for k, v in pairs:
+        values.setdefault(k, []).append(v)
+    now = filters.utcnow()
+    try:
+        q = forms.parse(values, now)
+    except FilterError:
+        return
+    # The view's own link opens the same view.
+    again = forms.parse(parse_qs(urlsplit(q.link()).query, keep_blank_values=True), now)
+    assert again.filter == q.filter
+    # A confirmed bulk replay selects what its page counted.
+    frozen: dict[str, list[str]] = {}
+    for k, v in forms.frozen_values(q.filter):
+        frozen.setdefault(k, []).append(v)
+    assert forms.parse(frozen, filters.utcnow()).filter == q.filter
+
+
+@given(st.text(max_size=40))
+def test_a_redirect_after_sign_in_stays_on_the_console(path: str) -> None:
+    got = _local_path(path)
+    assert got == "/" or (got.startswith("/") and not got.startswith("//"))
+    assert urlsplit(got).netloc == "" and urlsplit(got).scheme == ""
+
+
+def test_the_list_counts_up_to_a_cap_and_the_bulk_page_exactly(dsn: str) -> None:
+    migrate(dsn)
+    bulk_rows(dsn, COUNT_CAP + 5, "acme")
+
+    async def test(client: Client) -> None:
+        await _sign_in(client)
+        listed = await (await client.get("/list?tenant=acme")).text()
+        assert f'<span id="total">{COUNT_CAP} or more</span>' in listed
+        bulk = await (await client.get("/replay?tenant=acme")).text()
+        assert f'<b id="bulk-count">{COUNT_CAP + 5}</b>' in bulk
+
+    _run(dsn, TOKEN, test)
