@@ -5,9 +5,10 @@
 with a JSON body naming what is wrong (readiness); /metrics the exposition of
 the supervisor and every worker process (`dlqproc.metrics`).
 
-The service's only module that imports aiohttp (the console is its own process). Probes are never queued behind scrapes:
-/health and /ready are answered on the event loop from state in memory and
-never wait for a scrape slot or a render. /metrics is bounded three ways:
+The service's only module that imports aiohttp (the console is a process of
+its own). Probes are never queued behind scrapes: /health and /ready are
+answered on the event loop from state in memory and never wait for a scrape
+slot or a render. /metrics is bounded three ways:
 
 - at most `scrape_slots` scrapes are served at once, a slot held until the
   body is written; a scrape that waits longer than `render_timeout` for one
