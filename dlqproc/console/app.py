@@ -33,7 +33,7 @@ from dlqproc import redact
 from dlqproc.broker import Broker
 from dlqproc.config import Config
 from dlqproc.console import auth, forms
-from dlqproc.exhausted import filters
+from dlqproc.exhausted import filters, render
 from dlqproc.exhausted.engine import Engine
 from dlqproc.exhausted.filters import Filter, FilterError
 from dlqproc.exhausted.refusals import Target
@@ -101,7 +101,7 @@ class Console:
             undefined=jinja2.StrictUndefined,
         )
         self.env.globals.update(
-            age=forms.age, first_line=forms.first_line, when=when, chart_h=forms.CHART_H
+            age=render.age, first_line=forms.first_line, when=when, chart_h=forms.CHART_H
         )
 
     # -- the application

@@ -128,17 +128,6 @@ def frozen_values(f: Filter) -> list[tuple[str, str]]:
     return out
 
 
-def age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
 def first_line(text: str | None, limit: int = 120) -> str:
     line = (text or "").strip().split("\n", 1)[0]
     return line if len(line) <= limit else line[: limit - 1] + "…"
