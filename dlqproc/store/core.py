@@ -225,13 +225,11 @@ class Store:
 
     # --------------------------------------------------------------- probes
 
-    @_serialized
     async def tenants_known(self) -> int:
         """How many tenants public.dlqproc_tenants records (admitted, or found existing)."""
         rows = await self._read(tenants.COUNT)
         return int(rows[0][0]) if rows else 0
 
-    @_serialized
     async def exhausted_stats(self) -> dict[str, tuple[int, float]]:
         """Per tenant: unresolved exhausted events, and the oldest one's age in seconds."""
         rows = await self._read(exhausted.STATS)
@@ -242,7 +240,10 @@ class Store:
         rows = await self._read(exhausted.REPLAY_TOTALS)
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
 
+    @_serialized
     async def _read(self, query: str) -> list[tuple[Any, ...]]:
+        # Serialized here, not in each probe: a probe that forgot the lock ran
+        # its transaction inside a commit group's and hung the commit loop.
         conn = await self._connection()
         try:
             async with conn.transaction():
