@@ -661,3 +661,47 @@ def test_oversized_exhausted_subject_is_stored_truncated(dsn: str) -> None:
             )
         ]
     assert lengths[0] == 1024 and lengths[1] < 1024
+
+
+def test_probes_wait_for_a_commit_group_they_never_join(dsn: str) -> None:
+    # The probes share the commit loop's connection: a read that slipped in
+    # while a group was being written would run inside its transaction (a
+    # replica's commit loop once hung that way in the cluster test).
+    async def body(store: Store) -> None:
+        blocker = await psycopg.AsyncConnection.connect(dsn)
+        try:
+            await blocker.execute("LOCK TABLE public.exhausted_events IN ACCESS EXCLUSIVE MODE")
+            write = asyncio.ensure_future(store.write([Write(exhausted=exhausted())]))
+            await _until_a_dlqproc_backend_waits_on_a_lock(dsn)
+            finished_after_write: list[bool] = []
+            probes = [
+                asyncio.ensure_future(p())
+                for p in (store.exhausted_stats, store.tenants_known, store.replay_totals)
+            ]
+            for probe in probes:
+                probe.add_done_callback(lambda _: finished_after_write.append(write.done()))
+            done, _ = await asyncio.wait(probes, timeout=0.5)
+            assert not done, "a probe ran while a commit group held the connection"
+        finally:
+            await blocker.rollback()
+            await blocker.close()
+        assert await write == [Written(inserted=True)]
+        stats, _, _ = await asyncio.gather(*probes)
+        assert stats["acme"][0] == 1
+        assert finished_after_write == [True, True, True]
+
+    run(dsn, body)
+
+
+async def _until_a_dlqproc_backend_waits_on_a_lock(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(200):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dlqproc'"
+                " AND wait_event_type = 'Lock'"
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("the commit group never waited on the lock")
