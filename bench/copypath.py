@@ -42,6 +42,7 @@ from psycopg import sql
 
 from dlqproc.model import Rows
 from dlqproc.rows import plan
+from dlqproc.store.sql import assignment
 
 # --- Rows as COPY text lines ---
 
@@ -207,11 +208,7 @@ def _statement(
     staged = sql.SQL("WITH s AS (DELETE FROM {} RETURNING {}) ").format(sql.Identifier(name), cols)
 
     def assign(col: str, source: str) -> sql.Composable:
-        ident = sql.Identifier(col)
-        value = sql.SQL("{}.{}").format(sql.Identifier(source), ident)
-        if col in monotonic:
-            return sql.SQL("{} = GREATEST({}.{}, {})").format(ident, target, ident, value)
-        return sql.SQL("{} = {}").format(ident, value)
+        return assignment(target, col, source, monotonic)
 
     if op == "upsert":
         updates = [assign(c, "excluded") for c in columns if c not in key and c not in insert_only]

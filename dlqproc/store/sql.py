@@ -134,6 +134,17 @@ def block_sql(schema: str, block: Rows) -> bytes:
     return statement(schema, shape(block))
 
 
+def assignment(
+    target: sql.Identifier, col: str, source: str, monotonic: Sequence[str]
+) -> sql.Composable:
+    """`col = source.col`; a monotonic column takes the greater (GREATEST ignores NULL)."""
+    ident = sql.Identifier(col)
+    value = sql.SQL("{}.{}").format(sql.Identifier(source), ident)
+    if col in monotonic:
+        return sql.SQL("{} = GREATEST({}.{}, {})").format(ident, target, ident, value)
+    return sql.SQL("{} = {}").format(ident, value)
+
+
 @lru_cache(maxsize=1024)
 def statement(schema: str, block_shape: Shape) -> bytes:
     """SQL for one block shape; its one parameter is the rows as a jsonb array.
@@ -148,11 +159,7 @@ def statement(schema: str, block_shape: Shape) -> bytes:
     rows = sql.SQL("jsonb_populate_recordset(NULL::{}, %s)").format(target)
 
     def assign(col: str, source: str) -> sql.Composable:
-        ident = sql.Identifier(col)
-        value = sql.SQL("{}.{}").format(sql.Identifier(source), ident)
-        if col in monotonic:
-            return sql.SQL("{} = GREATEST({}.{}, {})").format(ident, target, ident, value)
-        return sql.SQL("{} = {}").format(ident, value)
+        return assignment(target, col, source, monotonic)
 
     if op == "upsert":
         updates = [assign(c, "excluded") for c in columns if c not in key and c not in insert_only]
