@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = "serving; Ctrl-C stops"
 
@@ -109,6 +111,7 @@ def _exhausted_by_reason(out: str) -> dict[str, int]:
     return {m[2]: int(m[1]) for m in re.finditer(r"^\s+(\d+)\s+(\w+)$", section, re.M)}
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_settling_stops_everything_with_one_line(pg_home: Path) -> None:
     state = pg_home / "demo"
     demo = Demo(state, "--messages", "2000")
@@ -116,6 +119,7 @@ def test_ctrl_c_while_settling_stops_everything_with_one_line(pg_home: Path) -> 
     _ctrl_c_and_check(demo, state)
 
 
+@pytest.mark.slow
 def test_ctrl_c_when_serving_and_a_second_run_reports_its_own_work(pg_home: Path) -> None:
     state = pg_home / "demo"
     first = Demo(state, "--messages", "200")

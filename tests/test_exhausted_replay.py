@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from dlqproc.embedded import NatsServer, PostgresServer
 from support.exhausted import (
     add_stream,
@@ -136,6 +138,7 @@ def test_filter_replay_is_a_dry_run_without_yes_and_max_bounds_it(
     assert json.loads(listed.stdout.splitlines()[-1]) == {"total": 18}
 
 
+@pytest.mark.slow
 def test_bulk_replay_sigkilled_and_resumed_publishes_each_row_once(
     dsn: str, own_nats: NatsServer
 ) -> None:
