@@ -182,9 +182,16 @@ class _Worker:
 
     async def close(self, timeout: float) -> None:
         """Ask the worker to exit by closing its socket; kill it if it lingers."""
-        if self._close is None:
-            self._close = asyncio.ensure_future(self._closed(timeout))
-        await asyncio.shield(self._close)
+        if self._close is not None:
+            await asyncio.shield(self._close)  # another caller is closing it
+            return
+        # The first caller closes at once (the socket now, not on a later loop
+        # turn); any other waits for it.
+        self._close = asyncio.get_running_loop().create_future()
+        try:
+            await self._closed(timeout)
+        finally:
+            self._close.set_result(None)
 
     async def _closed(self, timeout: float) -> None:
         if self.closed:

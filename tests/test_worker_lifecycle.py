@@ -88,10 +88,20 @@ def test_ready_counts_a_replacement_only_once_it_has_started(service: Make) -> N
     assert restarts(svc) == 1
 
 
-def test_a_worker_orphaned_while_starting_exits_without_a_traceback(service: Make) -> None:
-    svc = service(start=False, **{**SLOW_START, "TEST_WORKER_START_SECONDS": "2"})
+def test_a_worker_orphaned_while_starting_exits_without_a_traceback(
+    service: Make, tmp_path: Path
+) -> None:
+    loading = tmp_path / "loading"
+    loading.mkdir()
+    svc = service(
+        start=False,
+        **{**SLOW_START, "TEST_WORKER_START_SECONDS": "2", "TEST_WORKER_LOADING_DIR": str(loading)},
+    )
     svc.start(wait=False)
-    pids = wait_until(lambda: len(svc.worker_pids()) == 2 and svc.worker_pids(), timeout=30)
+    # Past the spawn hand-over (killed before it, a child dies in multiprocessing's
+    # own bootstrap, before any dlqproc code runs) and loading their handlers.
+    wait_until(lambda: len(list(loading.iterdir())) == 2, timeout=30)
+    pids = svc.worker_pids()
     svc.signal(signal.SIGKILL)  # while both workers still load their handlers
     svc.wait_exit(10)
     # They say hello to nobody, find the socket closed and leave quietly.
@@ -117,7 +127,7 @@ _CLOSE_WHILE_OPENING = textwrap.dedent(
                 await asyncio.sleep(0)
             w.process.kill()
             w.closing = True
-            w.close(timeout=5)
+            await w.close(timeout=5)
             for _ in range(10):
                 await asyncio.sleep(0)
             await asyncio.sleep(0.05)
