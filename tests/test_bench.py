@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.timeout(600)
+# A 90-second benchmark run: with the slow suites.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def test_quick_benchmark_writes_a_complete_report(tmp_path: Path) -> None:
