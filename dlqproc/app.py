@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-from dlqproc import redact, topology
+from dlqproc import redact, retry, topology
 from dlqproc.broker import Broker, ConnectRefused
 from dlqproc.config import Config
 from dlqproc.handlers import Registry, RegistryError, load
@@ -49,20 +49,9 @@ class StartupError(Exception):
 
 
 async def _retrying(call: Callable[[], Awaitable[list[str]]], deadline: float) -> list[str]:
-    """`call` until it succeeds, backing off from 0.1 s to 2 s; past `deadline`, its error."""
-    delay = 0.1
-    while True:
-        try:
-            return await call()
-        except Exception as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning(
-                "NATS topology not ready, retrying",
-                extra={"error": str(exc) or type(exc).__name__, "retry_in": delay},
-            )
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+    return await retry.until_deadline(
+        call, deadline, log=log, message="NATS topology not ready, retrying"
+    )
 
 
 async def build_lanes(

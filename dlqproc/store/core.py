@@ -19,6 +19,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from dlqproc import retry
 from dlqproc.store import exhausted, migrations, tenants
 from dlqproc.store.partitions import PartitionBudget, Partitions
 from dlqproc.store.results import (
@@ -156,27 +157,23 @@ class Store:
         crash-loop it. Raises StoreUnavailable past that, and at once when the
         server refuses the credentials.
         """
-        deadline = time.monotonic() + max(0.0, timeout)
-        delay = 0.1
-        while True:
-            try:
-                if migrate:
-                    return await self.migrate()
-                async with self._lock:
-                    await self._select_1()
-                return []
-            except CredentialsRefused:
-                raise
-            except StoreUnavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                # The error is libpq's (host, port, reason): never the DSN itself.
-                log.warning(
-                    "Postgres not reachable yet, retrying",
-                    extra={"error": str(exc), "retry_in": delay},
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+        async def attempt() -> list[str]:
+            if migrate:
+                return await self.migrate()
+            async with self._lock:
+                await self._select_1()
+            return []
+
+        # The error logged is libpq's (host, port, reason): never the DSN itself.
+        return await retry.until_deadline(
+            attempt,
+            time.monotonic() + max(0.0, timeout),
+            log=log,
+            message="Postgres not reachable yet, retrying",
+            retry_on=(StoreUnavailable,),
+            give_up_on=(CredentialsRefused,),
+        )
 
     # ---------------------------------------------------------------- writes
 
