@@ -87,13 +87,6 @@ class NatsCluster:
 
         return str(self.run(go))
 
-    def consumer_leader(self, stream: str, durable: str) -> str:
-        async def go(js):  # type: ignore[no-untyped-def]
-            info = await js.consumer_info(stream, durable)
-            return info.cluster.leader if info.cluster else ""
-
-        return str(self.run(go))
-
     def await_new_leaders(
         self, killed: str, stream: str, durable: str, timeout: float = 60.0
     ) -> dict[str, float]:
