@@ -282,3 +282,58 @@ def test_exposed_series_are_the_metrics_modules() -> None:
     assert families["dlq_queue_length"] == "gauge"
     assert "dlq_tasks_dropped" not in EXPOSED  # a counter is queried with its _total
     assert "dlq_processing_duration_seconds" not in EXPOSED  # a histogram by its parts
+
+
+# Read from PostgreSQL or from JetStream's consumer info: every replica reports
+# the same value, so a sum across replicas would count it once per replica.
+REPLICA_SHARED = {
+    "dlq_exhausted_unresolved",
+    "dlq_exhausted_oldest_unresolved_age_seconds",
+    "dlq_tenants_known",
+    "dlq_replays_total",
+    "dlq_consumer_pending",
+    "dlq_consumer_ack_pending",
+}
+_AGGREGATION = re.compile(r"\b(sum|max|min|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\($")
+
+
+def innermost_aggregation(expr: str, metric: str) -> tuple[str, set[str]] | None:
+    """The aggregation operator (and its `by` labels) that first encloses `metric`."""
+    found = re.search(rf"(?<![A-Za-z0-9_:]){re.escape(metric)}(?![A-Za-z0-9_:])", expr)
+    assert found, metric
+    at = found.start()
+    depth = 0
+    for i in range(at - 1, -1, -1):
+        if expr[i] == ")":
+            depth += 1
+        elif expr[i] == "(":
+            if depth:
+                depth -= 1
+                continue
+            m = _AGGREGATION.search(expr[: i + 1])
+            if m:
+                return m.group(1), {x.strip() for x in (m.group(2) or "").split(",") if x.strip()}
+    return None
+
+
+def test_innermost_aggregation_helper() -> None:
+    assert innermost_aggregation("sum(max by (c) (rate(x[5m])))", "x") == ("max", {"c"})
+    assert innermost_aggregation("sum by (instance) (x)", "x") == ("sum", {"instance"})
+    assert innermost_aggregation("x > 0", "x") is None
+    assert innermost_aggregation("sum(x_total) + max(x)", "x") == ("max", set())
+
+
+def test_dashboard_counts_replica_shared_values_once() -> None:
+    """A value every replica reports alike is taken with max (or kept per instance)."""
+    assert REPLICA_SHARED <= EXPOSED | {"dlq_replays_total"}
+    seen: set[str] = set()
+    for title, expr in dashboard_exprs():
+        for metric in metric_names(expr) & REPLICA_SHARED:
+            seen.add(metric)
+            agg = innermost_aggregation(expr, metric)
+            assert agg is not None, f"panel {title!r}: {metric} shown per series"
+            op, by = agg
+            assert op == "max" or "instance" in by, (
+                f"panel {title!r}: {op} over {metric} counts it once per replica"
+            )
+    assert seen == REPLICA_SHARED, f"no panel shows {sorted(REPLICA_SHARED - seen)}"
