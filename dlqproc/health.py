@@ -302,6 +302,13 @@ def _client_error(exc: HttpProcessingError) -> int:
     return 400
 
 
+def quiet_protocol(server: web.Server) -> Callable[[], web.RequestHandler]:
+    """Connections of `server` (the console's) answered and logged as this port's are."""
+    kwargs: dict[str, Any] = server._kwargs
+    loop = asyncio.get_running_loop()
+    return lambda: _Protocol(server, loop=loop, **kwargs)
+
+
 class _Server(web.Server):
     """aiohttp's low-level server, making its connections with _Protocol."""
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -222,7 +224,6 @@ def test_without_a_token_only_a_name_is_asked() -> None:
     ],
 )
 def test_console_refuses_to_start(env: dict[str, str], line: str) -> None:
-    import os
 
     out = subprocess.run(
         [sys.executable, "-m", "dlqproc", "console"],
@@ -455,3 +456,62 @@ def test_sign_in_and_bearer_guesses_get_429_per_address(
     for record in caplog.records:
         text = record.getMessage() + repr(record.__dict__)
         assert TOKEN not in text and "guess-" not in text
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and len(data) > 64 and data.startswith(b"HTTP/1.0"):
+                break
+            if len(data) > 4096:
+                break
+        return data
+
+
+def test_the_served_console_refuses_smuggling_and_reflects_nothing(dsn: str) -> None:
+    """`dlqproc console` itself, over real sockets: what aiohttp's defaults would have done."""
+    migrate(dsn)
+    env = {**os.environ, "POSTGRES_DSN": dsn, "CONSOLE_TOKEN": TOKEN, "CONSOLE_PORT": "0",
+           "CONSOLE_HOST": "127.0.0.1", "PYTHONPATH": str(TESTS_DIR)}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlqproc", "console"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    try:
+        found = None
+        while found is None:
+            line = proc.stderr.readline()
+            assert line, "the console exited"
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
+        port = int(found[1])
+        smuggled = {
+            "duplicate length": b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Content-Length: 5\r\n\r\nabcde",
+            "length and chunked": b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "long uri": b"GET /list?" + b"reason=a&" * 600 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        }
+        for name, request in smuggled.items():
+            got = _raw(port, request)
+            status = 414 if name == "long uri" else 400
+            assert got.startswith(b"HTTP/1.0 %d " % status), (name, got)
+            assert b"aiohttp" not in got and b"Content-Length: 5" not in got, (name, got)
+            assert b"Server: dlqproc" in got  # HTTP/1.0: the connection closes
+        # A Host header is never echoed, nor is a preflight answered with CORS.
+        host = b'evil.example"><script>x</script>'
+        got = _raw(port, b"GET /login HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and b"evil.example" not in got
+        got = _raw(
+            port,
+            b"OPTIONS /api/jobs/1 HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n"
+            b"Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+        )
+        assert got.startswith(b"HTTP/1.1 401 ") and b"Access-Control" not in got
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Error handling request" not in err, err

@@ -18,7 +18,7 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from dlqproc import redact
+from dlqproc import health, redact
 from dlqproc.config import Config, ConsoleConfig
 from dlqproc.console import auth
 from dlqproc.console.app import Console
@@ -82,11 +82,19 @@ async def _serve(cfg: Config, secrets: redact.Secrets) -> int:
         await console.db.close()
         return 1
     runner = web.AppRunner(
-        console.app(), access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE
+        console.app(),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=KEEPALIVE,
+        max_line_size=health.MAX_REQUEST_LINE,
+        max_field_size=health.MAX_HEADER_LINE,
+        max_headers=health.MAX_HEADERS,
     )
     await runner.setup()
     assert runner.server is not None
-    listener = Listener(runner.server, Limits(MAX_CONNECTIONS), log, "console")
+    # Malformed requests get 400/414/431 without aiohttp's name, echo or traceback.
+    protocol = health.quiet_protocol(runner.server)
+    listener = Listener(protocol, Limits(MAX_CONNECTIONS), log, "console")
     try:
         await listener.start(cfg.console.host, cfg.console.port)
     except OSError as exc:
