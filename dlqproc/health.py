@@ -26,6 +26,13 @@ bytes gets 414, a header line over MAX_HEADER_LINE or more than MAX_HEADERS
 headers 431; a body is never read (the response to a request carrying one
 closes the connection); a /metrics body not taken within `write_timeout`
 drops the connection and frees its slot.
+
+At most MAX_CONNECTIONS connections are open at once (`dlqproc.listener`):
+file descriptors this port holds are ones NATS and PostgreSQL cannot have.
+The last PROBE_RESERVE of those places serve one /health or /ready request
+each (anything else 503) and close within PROBE_LIFETIME, at most
+PROBE_RESERVE_PER_ADDRESS per client address, so scrapers or slow clients
+filling the port from a few addresses leave room for the kubelet's probes.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from dlqproc.listener import Limits, Listener
+
 log = logging.getLogger("dlqproc.health")
 
 REQUEST_TIMEOUT: Final = 5.0  # seconds to send a whole request head (and idle keep-alive)
@@ -54,6 +63,13 @@ SCRAPE_SLOTS: Final = 4
 MAX_REQUEST_LINE: Final = 4096
 MAX_HEADER_LINE: Final = 8190
 MAX_HEADERS: Final = 64
+# A scrape and a probe or two at a time is the normal load; the rest is headroom
+# a flood may take, bounded well below a default 1,024-descriptor limit.
+MAX_CONNECTIONS: Final = 256
+PROBE_RESERVE: Final = 32
+PROBE_RESERVE_PER_ADDRESS: Final = 4  # a kubelet probes liveness and readiness at once
+PROBE_LIFETIME: Final = 2.0
+_PROBES: Final = ("/health", "/ready")
 _ALLOW: Final = "GET, HEAD"
 _SERVER: Final = {"Server": "dlqproc"}  # not aiohttp's name and version
 
@@ -73,6 +89,9 @@ class HealthServer:
         reuse: float = RENDER_REUSE,
         scrape_slots: int = SCRAPE_SLOTS,
         write_timeout: float = WRITE_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        probe_reserve: int = PROBE_RESERVE,
+        probe_lifetime: float = PROBE_LIFETIME,
     ) -> None:
         self.host, self.port = host, port
         self._alive = alive
@@ -83,6 +102,13 @@ class HealthServer:
         self._write_timeout = write_timeout
         self._slots = asyncio.Semaphore(scrape_slots)
         self._runner: web.ServerRunner | None = None
+        self._limits = Limits(
+            max_connections,
+            reserve=probe_reserve,
+            reserve_per_address=PROBE_RESERVE_PER_ADDRESS,
+            reserve_lifetime=probe_lifetime,
+        )
+        self.listener: Listener | None = None
         self._rendering: asyncio.Future[Rendered] | None = None
         self._last: tuple[float, Rendered] | None = None  # when it finished, what it gave
         self.renders = 0  # renders started
@@ -102,20 +128,32 @@ class HealthServer:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
         await self._runner.setup()
+        self.listener = Listener(server, self._limits, log, "health port")
         try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
+            await self.listener.start(self.host, self.port)
         except OSError:
+            await self.listener.close()
             await self._runner.cleanup()
             raise
-        self.port = self._runner.addresses[0][1]  # the one bound when port 0 was asked
+        self.port = self.listener.port  # the one bound when port 0 was asked
         log.info("health server listening", extra={"host": self.host, "port": self.port})
 
     async def close(self) -> None:
+        if self.listener is not None:
+            await self.listener.close()
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.listener is not None and self.listener.reserved(request.transport):
+            # A place kept for probes: one short answer, then the place is free again.
+            if request.rel_url.path in _PROBES:
+                response = await self._route(request)
+            else:
+                response = _text(503, "too many connections\n", **{"Retry-After": "1"})
+            response.force_close()
+            return response
         response = await self._route(request)
         if request.body_exists:
             # Never read: closing is cheaper than draining it.
@@ -262,6 +300,13 @@ def _client_error(exc: HttpProcessingError) -> int:
     if isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message:
         return 431
     return 400
+
+
+def quiet_protocol(server: web.Server) -> Callable[[], web.RequestHandler]:
+    """Connections of `server` (the console's) answered and logged as this port's are."""
+    kwargs: dict[str, Any] = server._kwargs
+    loop = asyncio.get_running_loop()
+    return lambda: _Protocol(server, loop=loop, **kwargs)
 
 
 class _Server(web.Server):

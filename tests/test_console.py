@@ -5,13 +5,17 @@ real PostgreSQL: authentication, CSRF, headers, escaping, start-up refusals.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,8 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlqproc.config import ConsoleConfig, load
-from dlqproc.console import auth, forms, serve
+from dlqproc.console import auth, forms, serve, throttle
 from dlqproc.console.app import COUNT_CAP, Console, _local_path
+from dlqproc.console.throttle import Throttle
 from dlqproc.exhausted import filters
 from dlqproc.exhausted.filters import FilterError
 from support.exhausted import bulk_rows, exhausted_row, migrate, query, store_rows
@@ -219,7 +224,6 @@ def test_without_a_token_only_a_name_is_asked() -> None:
     ],
 )
 def test_console_refuses_to_start(env: dict[str, str], line: str) -> None:
-    import os
 
     out = subprocess.run(
         [sys.executable, "-m", "dlqproc", "console"],
@@ -301,3 +305,213 @@ def test_the_list_counts_up_to_a_cap_and_the_bulk_page_exactly(dsn: str) -> None
         assert f'<b id="bulk-count">{COUNT_CAP + 5}</b>' in bulk
 
     _run(dsn, TOKEN, test)
+
+
+# -- throttling token guesses
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_address_waits_after_five_failures_doubling_and_others_do_not() -> None:
+    clock = Clock()
+    t = Throttle(clock)
+    for _ in range(throttle.FREE_FAILURES - 1):
+        t.failed("10.0.0.1")
+        assert t.wait("10.0.0.1") == 0
+    waits = []
+    for _ in range(14):
+        t.failed("10.0.0.1")
+        waits.append(t.wait("10.0.0.1"))
+    assert waits[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(waits) == throttle.MAX_DELAY
+    assert t.wait("10.0.0.2") == 0
+    clock.now += throttle.MAX_DELAY
+    assert t.wait("10.0.0.1") == 0  # the window passed
+    t.succeeded("10.0.0.1")
+    t.failed("10.0.0.1")
+    assert t.wait("10.0.0.1") == 0  # a success cleared the count
+
+
+def test_an_ipv6_host_is_its_64_and_failures_are_forgotten() -> None:
+    clock = Clock()
+    t = Throttle(clock)
+    for i in range(throttle.FREE_FAILURES):
+        t.failed(f"2001:db8:1:2::{i + 1:x}")
+    assert t.wait("2001:db8:1:2:ffff::1") == 1.0
+    assert t.wait("2001:db8:1:3::1") == 0
+    assert throttle.client_key("::ffff:10.1.2.3") == "10.1.2.3"
+    assert throttle.client_key(None) == throttle.client_key("not an address") == "?"
+    clock.now += throttle.FORGET_AFTER + 1
+    t.failed("2001:db8:1:2::1")
+    assert t.wait("2001:db8:1:2::1") == 0
+
+
+def test_the_map_stays_bounded_under_100000_addresses() -> None:
+    t = Throttle(Clock(), rate=1e9)
+    for i in range(100_000):
+        t.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(t) == throttle.MAX_ADDRESSES
+    t.succeeded("10.1.134.159")  # the last address, one entry moves to the known ones
+    assert len(t) == throttle.MAX_ADDRESSES
+
+
+def test_guesses_spread_over_addresses_spend_one_global_budget() -> None:
+    clock = Clock()
+    t = Throttle(clock)
+    t.succeeded("192.0.2.1")  # an operator who signed in
+    for i in range(int(throttle.GLOBAL_BURST)):
+        assert t.wait(f"10.0.{i}.1") == 0
+        t.failed(f"10.0.{i}.1")
+    assert t.wait("10.9.9.9") == pytest.approx(1.0 / throttle.GLOBAL_RATE)
+    assert t.wait("192.0.2.1") == 0  # known operators are not locked out
+    clock.now += 1.0 / throttle.GLOBAL_RATE
+    assert t.wait("10.9.9.9") == 0
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["fail", "ok", "wait"]),
+        st.sampled_from(["10.0.0.1", "10.0.0.2", "2001:db8::1", "2001:db8::2", "", "x"]),
+        st.floats(0, 5000),
+    ),
+    max_size=60,
+)
+
+
+@given(_ops)
+def test_any_history_keeps_the_bounds(ops: list[tuple[str, str, float]]) -> None:
+    clock = Clock()
+    t = Throttle(clock, max_addresses=3)
+    for op, address, advance in ops:
+        clock.now += advance
+        if op == "fail":
+            t.failed(address)
+        elif op == "ok":
+            t.succeeded(address)
+        wait = t.wait(address)
+        assert 0 <= wait <= throttle.MAX_DELAY
+        assert len(t._by_key) <= 3
+        if op == "ok":
+            assert wait == 0
+
+
+def test_sign_in_and_bearer_guesses_get_429_per_address(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _rows(dsn)
+    cfg = load(
+        environ={"POSTGRES_DSN": dsn, "CONSOLE_TOKEN": TOKEN, "NATS_URL": "nats://127.0.0.1:1"}
+    )
+    clock = Clock()
+    caplog.set_level(logging.INFO, "dlqproc.console")
+
+    async def go() -> None:
+        console = Console(cfg)
+        console.throttle = Throttle(clock)
+        server = TestServer(console.app(), host="127.0.0.1")
+        await server.start_server()
+
+        def client(source: str) -> Client:
+            return TestClient(server, connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+
+        async with client("127.0.0.2") as a, client("127.0.0.3") as b, client("127.0.0.4") as c:
+            csrf = _csrf(await (await a.get("/login")).text())
+
+            async def sign_in(token: str) -> ClientResponse:
+                data = {"csrf": csrf, "operator": "mallory", "token": token}
+                return await a.post("/login", data=data, allow_redirects=False)
+
+            for i in range(throttle.FREE_FAILURES):
+                assert (await sign_in(f"guess-{i}-guess-guess")).status == 401
+            r = await sign_in(TOKEN)  # right, but not heard
+            assert (r.status, r.headers["Retry-After"]) == (429, "1")
+            assert "try again in 1 s" in await r.text()
+            r = await a.get("/api/jobs/1", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert (r.status, r.headers["Retry-After"]) == (429, "1")
+            # Another address signs in as usual.
+            await _sign_in(b)
+            # Wrong bearer tokens count the same.
+            for _ in range(throttle.FREE_FAILURES):
+                r = await c.get(
+                    "/api/jobs/1", headers={"Authorization": "Bearer guess-guess-guess"}
+                )
+                assert r.status == 401
+            r = await c.get("/api/jobs/1", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status == 429
+            # After the window, the right token works.
+            clock.now += 1.0
+            assert (await sign_in(TOKEN)).status == 303
+
+    asyncio.run(go())
+    lines = [r for r in caplog.records if "wrong token" in r.getMessage()]
+    assert sum(r.__dict__["count"] for r in lines) == 2 * throttle.FREE_FAILURES
+    assert len(lines) <= 3  # a line per period, not per guess
+    assert {s for r in lines for s in r.__dict__["samples"]} <= {"127.0.0.2", "127.0.0.4"}
+    for record in caplog.records:
+        text = record.getMessage() + repr(record.__dict__)
+        assert TOKEN not in text and "guess-" not in text
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and len(data) > 64 and data.startswith(b"HTTP/1.0"):
+                break
+            if len(data) > 4096:
+                break
+        return data
+
+
+def test_the_served_console_refuses_smuggling_and_reflects_nothing(dsn: str) -> None:
+    """`dlqproc console` itself, over real sockets: what aiohttp's defaults would have done."""
+    migrate(dsn)
+    env = {**os.environ, "POSTGRES_DSN": dsn, "CONSOLE_TOKEN": TOKEN, "CONSOLE_PORT": "0",
+           "CONSOLE_HOST": "127.0.0.1", "PYTHONPATH": str(TESTS_DIR)}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlqproc", "console"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    try:
+        found = None
+        while found is None:
+            line = proc.stderr.readline()
+            assert line, "the console exited"
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
+        port = int(found[1])
+        smuggled = {
+            "duplicate length": b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Content-Length: 5\r\n\r\nabcde",
+            "length and chunked": b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "long uri": b"GET /list?" + b"reason=a&" * 600 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        }
+        for name, request in smuggled.items():
+            got = _raw(port, request)
+            status = 414 if name == "long uri" else 400
+            assert got.startswith(b"HTTP/1.0 %d " % status), (name, got)
+            assert b"aiohttp" not in got and b"Content-Length: 5" not in got, (name, got)
+            assert b"Server: dlqproc" in got  # HTTP/1.0: the connection closes
+        # A Host header is never echoed, nor is a preflight answered with CORS.
+        host = b'evil.example"><script>x</script>'
+        got = _raw(port, b"GET /login HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ") and b"evil.example" not in got
+        got = _raw(
+            port,
+            b"OPTIONS /api/jobs/1 HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n"
+            b"Access-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+        )
+        assert got.startswith(b"HTTP/1.1 401 ") and b"Access-Control" not in got
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Error handling request" not in err, err

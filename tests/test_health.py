@@ -421,3 +421,244 @@ def test_a_busy_port_fails_start_with_oserror(serve: Callable[..., Running]) -> 
     with pytest.raises(OSError):
         asyncio.run(start_on_the_same_port())
     assert get(srv.url("/health"))[0] == 200  # the first one is untouched
+
+
+# -- connection limits (dlqproc.listener)
+
+FLOOD_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 18)]  # all of 127/8 is loopback on Linux
+
+
+def connect_from(port: int, source: str, timeout: float = 10) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def flood(port: int, n: int, sources: list[str]) -> list[socket.socket]:
+    """`n` connections that send nothing, connected without waiting for the server to accept."""
+    socks = []
+    for i in range(n):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((sources[i % len(sources)], 0))
+        sock.connect_ex(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+def refused(sock: socket.socket) -> bool:
+    """Whether the server closed this connection with at most its fixed 503, unread."""
+    sock.setblocking(True)
+    sock.settimeout(10)
+    try:
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 503")
+
+
+def still_open(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(1) != b""
+    except TimeoutError:
+        return True  # nothing to read and not closed
+    except OSError:
+        return False
+
+
+def test_connections_over_the_cap_are_closed_and_probes_keep_a_reserve(
+    serve: Callable[..., Running],
+) -> None:
+    render, release, _ = blocking_render()
+    srv = serve(
+        render, max_connections=16, probe_reserve=8, probe_lifetime=60.0, render_timeout=60.0,
+        scrape_slots=16,
+    )  # fmt: skip
+    listener = srv.server.listener
+    assert listener is not None
+    flooder, prober = "127.0.0.2", "127.0.0.3"
+    held: list[socket.socket] = []
+    try:
+        # Eight scrapes that wait on the render take the ordinary places...
+        for _ in range(8):
+            sock = connect_from(srv.port, flooder)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(sock)
+        wait_until(lambda: srv.server.scrapes == 8, timeout=10)
+        # ...and of the reserve, one address gets four places: the rest is refused unread.
+        more = [connect_from(srv.port, flooder) for _ in range(10)]
+        held += more
+        wait_until(lambda: listener.refused.total == 6, timeout=10)
+        assert listener.open == 12
+        assert [still_open(s) for s in more[:4]] == [True] * 4
+        assert all(refused(s) for s in more[4:])
+        # Another address is still answered, from the reserve: a probe, nothing else.
+        with connect_from(srv.port, prober) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = read_response(sock.makefile("rb"))
+            assert (status, body) == (200, b'{"status":"ok"}\n')
+            assert headers.get("connection") == "close" and closed_by_server(sock)
+        with connect_from(srv.port, prober) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, _ = read_response(sock.makefile("rb"))
+            assert (status, headers.get("retry-after")) == (503, "1")
+        assert listener.refused.lines == 1  # six refusals, one log line so far
+    finally:
+        release.set()
+        for sock in held:
+            sock.close()
+    wait_until(lambda: listener.open == 0, timeout=30)
+    assert get(srv.url("/health"))[0] == 200
+
+
+def test_a_place_in_the_reserve_lasts_a_short_visit(serve: Callable[..., Running]) -> None:
+    srv = serve(max_connections=2, probe_reserve=1, probe_lifetime=0.5)
+    listener = srv.server.listener
+    assert listener is not None
+    with connect_from(srv.port, "127.0.0.2") as first, connect_from(srv.port, "127.0.0.2") as idle:
+        wait_until(lambda: listener.open == 2, timeout=10)
+        assert closed_by_server(idle)  # within its lifetime, not REQUEST_TIMEOUT
+        assert still_open(first)
+
+
+CHILD = """
+import asyncio, json, signal
+import uvloop
+from dlqproc import logs
+from dlqproc.health import HealthServer
+
+logs.setup("INFO")
+
+async def main() -> None:
+    server = HealthServer("127.0.0.1", 0, lambda: True, list, lambda: (b"m 1\\n", "text/plain"))
+    await server.start()
+    print(json.dumps({"port": server.port}), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.close()
+
+uvloop.run(main())
+"""
+
+
+class Child:
+    """A HealthServer in a process of its own, its JSON log lines collected."""
+
+    def __init__(self, nofile: int | None = None) -> None:
+        def limit() -> None:
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=limit,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.logs: list[dict[str, Any]] = []
+        stderr = self.proc.stderr
+        self._reader = threading.Thread(target=self._read, args=(stderr,), daemon=True)
+        self._reader.start()
+        line = self.proc.stdout.readline()
+        assert line, f"the child did not start: {self.logs}"
+        self.port = json.loads(line)["port"]
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            try:
+                self.logs.append(json.loads(line))
+            except ValueError:
+                self.logs.append({"msg": line.rstrip()})
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def lines(self, contains: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.logs) if contains in str(e.get("msg", ""))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+        self._reader.join(10)
+
+
+def test_a_flood_holds_at_most_the_cap_in_descriptors_and_logs_a_few_lines() -> None:
+    from dlqproc.health import MAX_CONNECTIONS
+
+    child = Child()
+    socks: list[socket.socket] = []
+    try:
+        baseline = child.fds()
+        start = time.monotonic()
+        socks = flood(child.port, MAX_CONNECTIONS + 400, FLOOD_ADDRESSES)
+        wait_until(lambda: child.lines("connections refused"), timeout=30)
+        most = baseline
+        sampled = time.monotonic() + 2.0
+        while time.monotonic() < sampled:  # the flood's connections stay for 2 to 5 s
+            most = max(most, child.fds())
+            time.sleep(0.02)
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: get(f"http://127.0.0.1:{child.port}/health", timeout=5)[0] == 200)
+        child.stop()
+        elapsed = time.monotonic() - start
+    finally:
+        for sock in socks:
+            sock.close()
+        child.stop()
+    assert most <= baseline + MAX_CONNECTIONS + 2, (baseline, most)
+    lines = child.lines("connections refused")
+    refusals = sum(e["count"] for e in lines)
+    assert refusals >= 100, lines
+    assert len(lines) <= elapsed / 10 + 2, lines  # a line per period, not per connection
+    assert all(e["samples"] and len(e["samples"]) <= 5 for e in lines)
+
+
+def test_the_port_outlives_running_out_of_descriptors_without_spinning() -> None:
+    child = Child(nofile=48)
+    socks: list[socket.socket] = []
+    try:
+        start = time.monotonic()
+        socks = flood(child.port, 200, FLOOD_ADDRESSES)
+        wait_until(lambda: child.lines("out of resources"), timeout=30)
+        cpu, window = child.cpu_seconds(), time.monotonic()
+        time.sleep(3.0)  # a window in which accept() keeps failing
+        cpu, window = child.cpu_seconds() - cpu, time.monotonic() - window
+        for sock in socks:
+            sock.close()
+        wait_until(lambda: get(f"http://127.0.0.1:{child.port}/health", timeout=5)[0] == 200)
+        assert child.proc.poll() is None
+        child.stop()
+        elapsed = time.monotonic() - start
+    finally:
+        for sock in socks:
+            sock.close()
+        child.stop()
+    print(f"CPU while out of descriptors: {cpu:.2f} s in {window:.1f} s")
+    lines = child.lines("out of resources")
+    failures = sum(e["count"] for e in lines)
+    assert {s for e in lines for s in e["samples"]} == {"EMFILE"}
+    # accept() is retried after 0.1 s at the soonest: a spinning loop would fail
+    # it thousands of times a second.
+    assert 0 < failures <= elapsed / 0.1 + 1, (failures, elapsed)

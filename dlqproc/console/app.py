@@ -29,10 +29,11 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy, MultiMapping
 
-from dlqproc import redact
+from dlqproc import ratelog, redact
 from dlqproc.broker import Broker
 from dlqproc.config import Config
 from dlqproc.console import auth, forms
+from dlqproc.console.throttle import Throttle, retry_after
 from dlqproc.exhausted import filters, render
 from dlqproc.exhausted.engine import Engine
 from dlqproc.exhausted.filters import Filter, FilterError
@@ -91,6 +92,10 @@ class Console:
         # Sessions of the login form, apart: a client fetching it in a loop
         # evicts only its own kind, never an operator's session.
         self.pending = auth.Sessions(ttl=3600.0)
+        # Token guesses: throttled per client and in all, logged a line per period.
+        self.throttle = Throttle()
+        self.failures = ratelog.Summary(log, "console: wrong token (sign-in or bearer)")
+        self.throttled = ratelog.Summary(log, "console: token check refused, too many failures")
         self.running: dict[int, tuple[Engine, asyncio.Task[None]]] = {}
         self.totals: dict[int, int] = {}
         self._broker: Broker | None = None
@@ -139,6 +144,8 @@ class Console:
         if self._broker is not None:
             await self._broker.close()
         await self.db.close()
+        self.failures.close()
+        self.throttled.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -164,8 +171,14 @@ class Console:
             return self._refuse(request, 403, "cross-origin request refused")
         given = auth.bearer(request.headers.get("Authorization"))
         if given is not None:
+            if (wait := self.throttle.wait(request.remote)) > 0:
+                self.throttled.add(request.remote or "")
+                return self._too_many(request, wait)
             if not auth.token_ok(self.token, given):
+                self.throttle.failed(request.remote)
+                self.failures.add(request.remote or "")
                 return self._refuse(request, 401, "wrong or no console token")
+            self.throttle.succeeded(request.remote)
             operator = request.headers.get("X-Operator", "api")
             if not auth.valid_operator(operator):
                 return self._refuse(request, 400, "X-Operator is not a valid operator name")
@@ -199,6 +212,11 @@ class Console:
 
     def _refuse(self, request: web.Request, status: int, why: str) -> web.Response:
         return web.Response(status=status, text=f"{status}: {why}\n", content_type="text/plain")
+
+    def _too_many(self, request: web.Request, wait: float) -> web.Response:
+        response = self._refuse(request, 429, "too many wrong tokens; try again later")
+        response.headers["Retry-After"] = retry_after(wait)
+        return response
 
     def render(
         self, request: web.Request, name: str, status: int = 200, **ctx: Any
@@ -240,10 +258,21 @@ class Console:
         operator = (_str(form.get("operator")) or "").strip()
         if not auth.valid_operator(operator):
             return self._login_form(request, 400, "Enter your name (letters, digits, . _ @ + -).")
-        if self.token and not auth.token_ok(self.token, _str(form.get("token"))):
-            log.warning("console: failed sign-in as %r from %s", operator, request.remote)
-            await asyncio.sleep(1.0)  # slows guessing; the token is long anyway
-            return self._login_form(request, 401, "Wrong token.")
+        if self.token:
+            # No await from here to the check: concurrent guesses cannot all pass the wait.
+            if (wait := self.throttle.wait(request.remote)) > 0:
+                self.throttled.add(request.remote or "")
+                seconds = retry_after(wait)
+                response = self._login_form(
+                    request, 429, f"Too many wrong tokens: try again in {seconds} s."
+                )
+                response.headers["Retry-After"] = seconds
+                return response
+            if not auth.token_ok(self.token, _str(form.get("token"))):
+                self.throttle.failed(request.remote)
+                self.failures.add(request.remote or "")
+                return self._login_form(request, 401, "Wrong token.")
+            self.throttle.succeeded(request.remote)
         self.pending.drop(session)
         new = self.sessions.sign_in(session, operator)
         log.info("console: %s signed in from %s", operator, request.remote)

@@ -1,7 +1,9 @@
 """`dlqproc console`: the start-up checks, and serving the console until a signal.
 
 The console refuses to start (exit 2) when it would be reachable from other
-machines without a token, or with a token too short to resist guessing.
+machines without a token, or with a token too short to resist guessing. It
+holds at most MAX_CONNECTIONS connections (`dlqproc.listener`); a request
+must arrive within KEEPALIVE of its connection or of the previous response.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ import ipaddress
 import logging
 import signal
 import sys
+from typing import Final
 
 import uvloop
 from aiohttp import web
 
-from dlqproc import redact
+from dlqproc import health, redact
 from dlqproc.config import Config, ConsoleConfig
 from dlqproc.console import auth
 from dlqproc.console.app import Console
+from dlqproc.listener import Limits, Listener
 from dlqproc.store.exhausted_ops import DBUnavailable
 
 log = logging.getLogger("dlqproc.console")
+
+MAX_CONNECTIONS: Final = 128  # a few operators' browsers, six connections each at most
+KEEPALIVE: Final = 15.0  # aiohttp's default, 75 s, lets idle connections hold the places
 
 
 def loopback(host: str) -> bool:
@@ -74,16 +81,28 @@ async def _serve(cfg: Config, secrets: redact.Secrets) -> int:
               file=sys.stderr)  # fmt: skip
         await console.db.close()
         return 1
-    runner = web.AppRunner(console.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        console.app(),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=KEEPALIVE,
+        max_line_size=health.MAX_REQUEST_LINE,
+        max_field_size=health.MAX_HEADER_LINE,
+        max_headers=health.MAX_HEADERS,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.console.host, cfg.console.port)
+    assert runner.server is not None
+    # Malformed requests get 400/414/431 without aiohttp's name, echo or traceback.
+    protocol = health.quiet_protocol(runner.server)
+    listener = Listener(protocol, Limits(MAX_CONNECTIONS), log, "console")
     try:
-        await site.start()
+        await listener.start(cfg.console.host, cfg.console.port)
     except OSError as exc:
+        await listener.close()
         await runner.cleanup()
         print(f"dlqproc console: cannot listen: {exc}", file=sys.stderr)
         return 1
-    host, port = runner.addresses[0][:2]
+    host, port = listener.addresses[0]
     auth_note = "token required" if cfg.console.token else "loopback only, no token"
     log.info("console listening on http://%s:%d (%s)", host, port, auth_note)
     print(f"dlqproc console: listening on http://{host}:{port}/", file=sys.stderr, flush=True)
@@ -92,5 +111,6 @@ async def _serve(cfg: Config, secrets: redact.Secrets) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await listener.close()
     await runner.cleanup()
     return 0
