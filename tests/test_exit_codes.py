@@ -26,7 +26,6 @@ from nats.js import api
 
 from dlqproc.embedded import NatsServer, free_port
 from support.service import Service, envelope, wait_until
-from test_worker_lifecycle import gone
 
 Make = Callable[..., Service]
 
@@ -130,6 +129,14 @@ def test_a_worker_that_cannot_be_replaced_exits_3(service: Make, tmp_path: Path)
     assert svc.find("stopped", exit_code=3)
 
 
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def _children(pid: int) -> list[int]:
     """Every process started by `pid` (workers and the resource tracker alike)."""
     try:
@@ -187,4 +194,4 @@ def test_sigterm_during_startup_stops_at_once_and_leaves_nothing(
     assert not svc.find("Starting DLQ worker...") and not svc.find("stopped")
     assert "Traceback" not in svc.log_text(), svc.log_text()
     assert list(tmp.iterdir()) == []
-    wait_until(lambda: all(gone(p) for p in children), timeout=10)
+    wait_until(lambda: all(_gone(p) for p in children), timeout=10)
