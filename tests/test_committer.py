@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -124,7 +125,7 @@ class Rig:
 
 @pytest.fixture
 def cfg(nats_server: NatsServer, dsn: str) -> Config:
-    n = id(dsn) % 100_000
+    n = secrets.token_hex(4)  # a stream and subject of the test's own
     return load(
         None,
         environ={},
