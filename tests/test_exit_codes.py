@@ -14,6 +14,7 @@ workers. The demo's embedded servers are tested the same way in test_demo.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -161,12 +162,13 @@ def test_sigterm_during_startup_stops_at_once_and_leaves_nothing(
         "NATS_STARTUPTIMEOUT": "120s",
     }
     unreachable = f"127.0.0.1:{closed_port}"
+    waiting: Callable[[], object]
     if waiting_for == "postgres":
         svc = service(start=False, db=f"postgresql://postgres@{unreachable}/postgres", **settings)
-        waiting = lambda: svc.find("Postgres not reachable yet, retrying")  # noqa: E731
+        waiting = functools.partial(svc.find, "Postgres not reachable yet, retrying")
     elif waiting_for == "nats":
         svc = service(start=False, nats_url=f"nats://{unreachable}", **settings)
-        waiting = lambda: svc.find("NATS not reachable yet, retrying")  # noqa: E731
+        waiting = functools.partial(svc.find, "NATS not reachable yet, retrying")
     else:
         svc = service(
             start=False,
@@ -175,14 +177,18 @@ def test_sigterm_during_startup_stops_at_once_and_leaves_nothing(
             TEST_WORKER_LOADING_DIR=str(loading),
             **settings,
         )
+
         # Both workers past the spawn hand-over, loading their handlers.
-        waiting = lambda: len(list(loading.iterdir())) == 2  # noqa: E731
+        def waiting() -> bool:
+            return len(list(loading.iterdir())) == 2
+
     svc.start(wait=False)
-    assert svc.proc is not None
-    wait_until(lambda: waiting() or svc.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
-    assert svc.proc.poll() is None, svc.log_text()
+    proc = svc.proc
+    assert proc is not None
+    wait_until(lambda: waiting() or proc.poll() is not None, timeout=60)
+    assert proc.poll() is None, svc.log_text()
     assert [p.name for p in tmp.iterdir()] != [], "no metrics directory to remove"
-    children = _children(svc.proc.pid)
+    children = _children(proc.pid)
     assert waiting_for != "worker pool" or len(children) >= 2, children
 
     svc.signal(signal.SIGTERM)
