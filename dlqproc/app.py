@@ -3,7 +3,9 @@
 Every resource the service holds is an async context manager entered on one
 AsyncExitStack, in the order written in `_serve`, and released in reverse.
 Start-up failures raise StartupError carrying the exit code; `serve` catches it
-once, after the stack has released what was already acquired.
+once, after the stack has released what was already acquired. SIGTERM/SIGINT
+are handled from the first step: during start-up a stop cancels it (the stack
+unwinds the same way), afterwards it asks the supervisor to stop.
 """
 
 from __future__ import annotations
@@ -154,14 +156,15 @@ async def _health_server(
         render=lambda: metrics_dir.render(metrics.registry),
     )
     try:
-        await health.start()
-    except OSError as exc:
-        raise StartupError(
-            "cannot start: health port", EXIT_ERROR, port=cfg.server.port, error=str(exc)
-        ) from exc
-    try:
+        try:
+            await health.start()
+        except OSError as exc:
+            raise StartupError(
+                "cannot start: health port", EXIT_ERROR, port=cfg.server.port, error=str(exc)
+            ) from exc
         yield health
     finally:
+        # Also when start-up was cancelled half way through binding.
         await health.close()
 
 
@@ -269,14 +272,16 @@ async def _pool(cfg: Config, metrics: Metrics, metrics_dir: MetricsDir) -> Async
         else InlinePool(cfg.handlers.module, limits)
     )
     try:
-        await pool.start()
-    except WorkerStartError as exc:
-        raise StartupError(
-            "cannot start: worker processes do not start", EXIT_WORKERS, error=str(exc)
-        ) from exc
-    try:
+        try:
+            await pool.start()
+        except WorkerStartError as exc:
+            raise StartupError(
+                "cannot start: worker processes do not start", EXIT_WORKERS, error=str(exc)
+            ) from exc
         yield pool
     finally:
+        # Also when start-up was cancelled while workers were spawning: none
+        # may outlive the supervisor.
         pids = pool.pids()
         await pool.close()
         for pid in pids:
@@ -287,7 +292,8 @@ class _Signals:
     """SIGTERM/SIGINT, handled on the event loop rather than inside a signal handler.
 
     The first asks the service to stop; a second exits at once, after
-    `on_forced_exit` (the demo stops its embedded servers there).
+    `on_forced_exit` (the demo stops its embedded servers there). The handlers
+    found at install are put back at removal: the demo's own, for one.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -296,16 +302,21 @@ class _Signals:
         self._on_forced_exit = on_forced_exit
         self._received = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: dict[signal.Signals, object] = {}
 
     def install(self, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
         self._loop = loop
         for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
             loop.add_signal_handler(sig, self._handle, stop)
 
     def remove(self) -> None:
         if self._loop is not None:
             for sig in self.SIGNALS:
                 self._loop.remove_signal_handler(sig)
+                previous = self._previous.get(sig)
+                if callable(previous) or previous in (signal.SIG_IGN, signal.SIG_DFL):
+                    signal.signal(sig, previous)  # type: ignore[arg-type]
 
     def _handle(self, stop: Callable[[], None]) -> None:
         self._received += 1
@@ -319,18 +330,58 @@ class _Signals:
         os._exit(EXIT_FORCED)
 
 
+class _Stop:
+    """Where a stop request goes: the start-up until the supervisor serves, then the supervisor.
+
+    Start-up can wait a minute for PostgreSQL or NATS; a pod terminated meanwhile
+    must not wait it out, nor be killed with its resources held. Cancelling the
+    start-up task unwinds the exit stack like any start-up failure.
+    """
+
+    def __init__(self, task: asyncio.Task[int]) -> None:
+        self._task = task
+        self._target: Callable[[], None] | None = None
+        self.during_startup = False
+        self.step = "handlers"  # what start-up is doing: logged if stopped there
+
+    def __call__(self) -> None:
+        if self._target is not None:
+            self._target()
+        elif not self.during_startup:
+            self.during_startup = True
+            self._task.cancel("stop requested during start-up")
+
+    def serving(self, target: Callable[[], None]) -> None:
+        self._target = target
+        if self.during_startup:
+            # The cancellation was absorbed on its way (a library that caught
+            # it): the stop request still stands.
+            target()
+
+
 async def serve(
     cfg: Config,
     ready: asyncio.Event | None = None,
     on_forced_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run the service until a signal; return the process exit code."""
+    task = asyncio.current_task()
+    assert task is not None
     signals = _Signals(on_forced_exit)
+    stop = _Stop(task)
+    # Before the first resource: a signal at any later moment is a clean stop.
+    signals.install(asyncio.get_running_loop(), stop)
     try:
-        code = await _serve(cfg, ready, signals)
+        code = await _serve(cfg, ready, stop)
     except StartupError as exc:
         log.error(exc.message, extra=exc.fields)
         return exc.code
+    except asyncio.CancelledError:
+        if not stop.during_startup or task.cancelling() != 1:
+            raise  # cancelled by our caller, not by a signal
+        task.uncancel()
+        log.info("stopped during start-up", extra={"exit_code": EXIT_OK, "step": stop.step})
+        return EXIT_OK
     finally:
         # Only now: a second signal must still force the exit while resources close.
         signals.remove()
@@ -338,23 +389,29 @@ async def serve(
     return code
 
 
-async def _serve(cfg: Config, ready: asyncio.Event | None, signals: _Signals) -> int:
+async def _serve(cfg: Config, ready: asyncio.Event | None, stop: _Stop) -> int:
     async with contextlib.AsyncExitStack() as stack:
         registry = _handlers(cfg)
         # 1. The metrics directory, before any metric exists: every series, the
         #    workers' too, goes there. Removed last.
+        stop.step = "metrics directory"
         metrics_dir = stack.enter_context(_metrics_dir(cfg))
         metrics = Metrics(cfg.server.metrics_max_tenants)
         # 2. The health port, listening from the start (a probe must tell
         #    "starting" from "dead") and until the end.
+        stop.step = "health port"
         health = await stack.enter_async_context(_health_server(cfg, metrics, metrics_dir))
         # 3. PostgreSQL, migrated; closed after everything that writes to it.
+        stop.step = "postgres"
         store = await stack.enter_async_context(_store(cfg, registry.tenant_ddl))
         # 4. NATS, and every stream and consumer; closed (flushing the last
         #    settles) once the pool is gone.
+        stop.step = "nats"
         broker = await stack.enter_async_context(_broker(cfg))
+        stop.step = "nats topology"
         lanes = await _lanes(cfg, broker)
         # 5. The worker pool, stopped once the supervisor no longer hands it work.
+        stop.step = "worker pool"
         pool = await stack.enter_async_context(_pool(cfg, metrics, metrics_dir))
         # 6. The supervisor: its own ordered shutdown (Supervisor.shutdown) runs
         #    first when the stack unwinds, the probes' task just after it.
@@ -366,7 +423,7 @@ async def _serve(cfg: Config, ready: asyncio.Event | None, signals: _Signals) ->
         stack.push_async_callback(_cancel, probing)
         stack.push_async_callback(sup.shutdown)
         health.set_checks(alive=lambda: sup.alive, problems=probes.problems)
-        signals.install(asyncio.get_running_loop(), sup.stop_requested.set)
+        stop.serving(sup.stop_requested.set)
         if ready is not None:
             ready.set()
         return await _supervise(sup, pool)

@@ -62,7 +62,19 @@ def _publish_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Publish seeded, realistic WhatsApp events to JetStream (the old"
         " service's tester). Exits 0 when every publish was acknowledged, 1 otherwise.",
     )
-    p.add_argument("--url", help="NATS URL (default: the config's nats.url)")
+    # Also accepted after the command; SUPPRESS keeps an earlier --config.
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="YAML file layered over the defaults: nats.url, its credentials"
+        " (nats.user/password, token, nkeySeedFile, credsFile) and TLS files, as the"
+        " service reads them; NATS_* env names work too",
+    )
+    p.add_argument(
+        "--url",
+        help="NATS URL (default: the config's nats.url); the config's credentials still apply",
+    )
     p.add_argument("--bases", help="comma-separated subject bases (default: all ten)")
     p.add_argument(
         "--tenants",
@@ -198,6 +210,7 @@ def _publish(args: argparse.Namespace, cfg: Config, secrets: redact.Secrets) -> 
                 duration=args.duration,
                 progress=None if args.quiet else sys.stderr,
                 total=total,
+                credentials=cfg.nats,
             )
         )
     except KeyboardInterrupt:

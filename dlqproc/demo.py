@@ -6,7 +6,8 @@ generated events of every type for three tenants, a few of them invalid and a
 few updates that overtake their upserts, waits until everything is settled and
 prints what happened: rows per tenant table, what went to the DLQ, what the DLQ
 worker retried and what it exhausted. It then keeps serving until Ctrl-C, which
-stops the service and both servers.
+stops the service and both servers. A Ctrl-C or SIGTERM at any earlier moment,
+while the servers start included, stops what has started and exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 from dlqproc import app, logs, topology
 from dlqproc.broker import Broker
 from dlqproc.config import Config, ConfigError, load
-from dlqproc.embedded import NatsServer, PostgresServer, free_port
+from dlqproc.embedded import NatsServer, PostgresServer, StartAborted, free_port
 from dlqproc.envelope import tenant_schema
 from dlqproc.generate import Generator
 from dlqproc.publish import publish
@@ -125,11 +127,19 @@ async def _report(
 
 
 async def _run(
-    cfg: Config, count: int, exit_when_done: bool, on_forced_exit: Callable[[], None]
+    cfg: Config,
+    count: int,
+    exit_when_done: bool,
+    on_forced_exit: Callable[[], None],
+    stopping: threading.Event,
 ) -> int:
     ready = asyncio.Event()
     service = asyncio.create_task(app.serve(cfg, ready=ready, on_forced_exit=on_forced_exit))
     started = asyncio.create_task(ready.wait())
+    await asyncio.sleep(0)  # the service's signal handlers are in place from here
+    if stopping.is_set():
+        # A signal that came before they were: the service takes it over.
+        os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait([service, started], return_when=asyncio.FIRST_COMPLETED)
     if service.done():
         started.cancel()
@@ -191,16 +201,26 @@ def main(state: Path, count: int, config: Path | None, exit_when_done: bool = Fa
         nats_server.stop()
         pg.stop()
 
+    # Until the service takes the signals over (and again once it is done), a
+    # signal only says "stop": the servers' start sees it and stops what it
+    # started. Killed at once instead, the process would leave both servers
+    # running (they are in sessions of their own).
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     print(f"starting nats-server and PostgreSQL under {state} ...", flush=True)
     try:
-        return _main(nats_server, pg, stop_servers, count, config, exit_when_done)
-    except KeyboardInterrupt:
-        # Ctrl-C before the service took over its signals (servers starting,
-        # service connecting): no traceback, the servers stop below.
-        return app.EXIT_FORCED
+        return _main(nats_server, pg, stop_servers, count, config, exit_when_done, stopping)
+    except StartAborted:
+        return app.EXIT_OK
     finally:
-        # A second Ctrl-C must not cut the servers' shutdown short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A second signal must not cut the servers' shutdown short.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         stop_servers()
         if not exit_when_done:
             print("demo stopped: dlqproc, nats-server and PostgreSQL are down", file=sys.stderr)
@@ -213,9 +233,10 @@ def _main(
     count: int,
     config: Path | None,
     exit_when_done: bool,
+    stopping: threading.Event,
 ) -> int:
-    nats_server.start()
-    pg.start()
+    nats_server.start(stop=stopping)
+    pg.start(stop=stopping)
     try:
         cfg = demo_config(nats_server.url, pg.dsn, free_port(), config)
     except ConfigError as exc:
@@ -226,4 +247,4 @@ def _main(
     import uvloop
 
     # A second Ctrl-C exits at once: the servers are stopped first.
-    return uvloop.run(_run(cfg, count, exit_when_done, stop_servers))
+    return uvloop.run(_run(cfg, count, exit_when_done, stop_servers, stopping))

@@ -10,7 +10,8 @@ external servers that ``dlqproc demo`` and the test suite run against:
   caller owns the process handle; the wheel's own Python wrapper is not used.
 
 Each handle owns exactly one child process (started in its own session so a
-terminal Ctrl-C does not reach it before the caller shuts down in order),
+terminal Ctrl-C does not reach it before the caller shuts down in order; the
+caller's stop request, a `threading.Event`, ends a start that still waits),
 keeps its port across restarts, and keeps its data in ``state_dir``. When
 running as root, PostgreSQL (which refuses to run as root) is started as an
 unprivileged system user, and the paths it needs are made reachable for it.
@@ -30,15 +31,28 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-__all__ = ["NatsServer", "PostgresServer", "free_port"]
+__all__ = ["NatsServer", "PostgresServer", "StartAborted", "free_port"]
 
 _PG_SYSTEM_USERS = ("dlqproc-pg", "dlqprocpg")
 _POLL = 0.1
+
+
+class StartAborted(RuntimeError):
+    """The caller asked to stop while a server was starting; its process is stopped."""
+
+
+def _pause(stop: threading.Event | None) -> None:
+    """Wait one poll interval, or raise StartAborted once `stop` is set."""
+    if stop is None:
+        time.sleep(_POLL)
+    elif stop.wait(_POLL):
+        raise StartAborted("stop requested while starting")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -103,7 +117,9 @@ class _Managed:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self, timeout: float = 20.0) -> None:  # pragma: no cover - overridden
+    def start(
+        self, timeout: float = 20.0, stop: threading.Event | None = None
+    ) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def stop(self, timeout: float = 10.0) -> None:  # pragma: no cover - overridden
@@ -183,7 +199,8 @@ class NatsServer(_Managed):
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, stop: threading.Event | None = None) -> None:
+        """Start and wait until it serves; StartAborted (server stopped) once `stop` is set."""
         if self._proc is not None and self._proc.poll() is None:
             return
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +242,11 @@ class NatsServer(_Managed):
                     f"nats-server not ready on {self.url} after {timeout}s; log tail:\n"
                     + _log_tail(self.log_path, offset)
                 )
-            time.sleep(_POLL)
+            try:
+                _pause(stop)
+            except StartAborted:
+                self.stop()
+                raise
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
@@ -373,7 +394,9 @@ class PostgresServer(_Managed):
                 extra_groups=[] if ids else None,
             )
 
-    def _initdb(self, bin_dir: Path, ids: tuple[int, int] | None) -> None:
+    def _initdb(
+        self, bin_dir: Path, ids: tuple[int, int] | None, stop: threading.Event | None
+    ) -> None:
         if (self.data_dir / "PG_VERSION").is_file():
             return
         if self.data_dir.exists():  # leftover of an interrupted initdb
@@ -392,12 +415,20 @@ class PostgresServer(_Managed):
             "--no-sync",
         ]  # fmt: skip
         proc = self._popen(cmd, ids)
+        deadline = time.monotonic() + 120.0
         try:
-            rc = proc.wait(timeout=120.0)
-        except subprocess.TimeoutExpired:
+            while proc.poll() is None and time.monotonic() < deadline:
+                _pause(stop)
+        except StartAborted:
+            # initdb's own SIGTERM handling stops the backend it runs.
+            _terminate(proc, signal.SIGTERM, 10.0)
+            # Half a cluster: the next start must not take it for a whole one.
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
-            rc = -9
+        rc = proc.returncode
         if rc != 0:
             raise RuntimeError(
                 f"initdb failed (rc={rc}); log tail:\n" + _log_tail(self.log_path, offset)
@@ -430,7 +461,9 @@ class PostgresServer(_Managed):
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, stop: threading.Event | None = None) -> None:
+        """initdb if needed, start and wait until it answers; StartAborted (server
+        stopped, a half-made cluster removed) once `stop` is set."""
         if self._proc is not None and self._proc.poll() is None:
             return
         bin_dir = _pg_bin_dir()
@@ -441,7 +474,7 @@ class PostgresServer(_Managed):
             _ensure_traversable(self.state_dir)
             if self.data_dir.exists():
                 _chown_tree(self.data_dir, *ids)
-        self._initdb(bin_dir, ids)
+        self._initdb(bin_dir, ids, stop)
 
         self._remove_socket_dir()
         self.socket_dir = Path(tempfile.mkdtemp(prefix="dlqpg-"))
@@ -484,7 +517,11 @@ class PostgresServer(_Managed):
                     f"postgres not ready on {self.host}:{self.port} after {timeout}s; "
                     "log tail:\n" + _log_tail(self.log_path, offset)
                 )
-            time.sleep(_POLL)
+            try:
+                _pause(stop)
+            except StartAborted:
+                self.stop()
+                raise
 
     def stop(self, timeout: float = 30.0) -> None:
         proc, self._proc = self._proc, None

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import msgspec
 
-from dlqproc.broker import Broker, PublishFailed
+from dlqproc.broker import Broker, Credentials, PublishFailed
 
 Item = tuple[str, bytes, dict[str, str] | None]  # (subject, body, headers)
 
@@ -111,15 +111,19 @@ async def publish(
     concurrency: int = DEFAULT_CONCURRENCY,
     timeout: float = 5.0,
     connect_timeout: float = 10.0,
+    credentials: Credentials | None = None,
 ) -> PublishReport:
     """Publish every item (or until `duration` seconds have passed) and wait for the acks.
 
     `total`, when known, is only shown in the progress line. A connection that
     cannot be made within `connect_timeout`, or whose credentials a server
     refuses, raises ConnectionError (broker.ConnectFailed); a publish JetStream
-    does not acknowledge counts as failed.
+    does not acknowledge counts as failed. `credentials` are the service's
+    (config nats.user, token, files, TLS), so none need be written in `url`.
     """
-    broker = await Broker.connect(url, name="dlqproc-publish", timeout=connect_timeout)
+    broker = await Broker.connect(
+        url, name="dlqproc-publish", timeout=connect_timeout, credentials=credentials
+    )
     try:
         return await _run(broker, items, rate, duration, progress, total, concurrency, timeout)
     finally:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,56 @@ def test_ctrl_c_when_serving_and_a_second_run_reports_its_own_work(pg_home: Path
     assert f"earlier runs in this state folder left {earlier} more" in out2
     for out in (out1, out2):
         assert int(out.split("main consumers in this run: ")[1].split()[0]) >= 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_servers_start_stops_them_and_exits_0(
+    pg_home: Path, sig: signal.Signals
+) -> None:
+    # `dlqproc demo` itself, signalled alone (as a pod's SIGTERM, or kill -INT):
+    # the embedded servers run in sessions of their own, and are its to stop.
+    state = pg_home / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlqproc", "demo", "--state", str(state)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        # A fresh state folder: nats-server is up and initdb runs (for seconds).
+        def servers() -> list[int]:
+            pids = _processes_using(state)
+            cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids]
+            starting = any(b"initdb" in c for c in cmdlines)
+            return pids if starting and any(b"nats-server" in c for c in cmdlines) else []
+
+        deadline = time.monotonic() + 120
+        while not (pids := _quietly(servers)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (out, err)
+    assert "Postgres postgresql://" not in out, out  # stopped before the service ran
+    assert err == "demo stopped: dlqproc, nats-server and PostgreSQL are down\n", err
+    # Every server process it started has exited; nothing uses the state folder.
+    deadline = time.monotonic() + 10
+    while left := [p for p in pids if Path(f"/proc/{p}").exists()] + _processes_using(state):
+        assert time.monotonic() < deadline, left
+        time.sleep(0.05)
+    # The half-made cluster is gone: the next run makes a whole one.
+    assert not (state / "postgres" / "pgdata").exists()
+
+
+def _quietly(find: Callable[[], list[int]]) -> list[int]:
+    """`find`, or nothing when a process it looked at exited meanwhile."""
+    try:
+        return find()
+    except OSError:
+        return []

@@ -5,11 +5,16 @@ refusing the password (test_secrets), NATS refusing the credentials
 (test_secrets), the topology on a cluster that never forms (test_cluster, slow),
 handlers that do not load in the workers (test_service), a second signal
 (test_service), bad configuration (test_cli).
+
+A stop (SIGTERM) while start-up still waits is exit 0, like any stop: the
+cases below stop it while it waits for PostgreSQL, for NATS and for its
+workers. The demo's embedded servers are tested the same way in test_demo.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -123,3 +128,76 @@ def test_a_worker_that_cannot_be_replaced_exits_3(service: Make, tmp_path: Path)
     assert svc.find("worker could not be replaced")
     assert svc.find("worker processes cannot be replaced, stopping")
     assert svc.find("stopped", exit_code=3)
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _children(pid: int) -> list[int]:
+    """Every process started by `pid` (workers and the resource tracker alike)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("waiting_for", ["postgres", "nats", "worker pool"])
+def test_sigterm_during_startup_stops_at_once_and_leaves_nothing(
+    service: Make, closed_port: int, tmp_path: Path, waiting_for: str
+) -> None:
+    # Its own temp dir: the private metrics directory must be gone afterwards.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    loading = tmp_path / "loading"
+    loading.mkdir()
+    settings: dict[str, str] = {
+        "TMPDIR": str(tmp),
+        # Far beyond the bounded waits below: only the signal can end start-up.
+        "POSTGRES_STARTUPTIMEOUT": "120s",
+        "NATS_STARTUPTIMEOUT": "120s",
+    }
+    unreachable = f"127.0.0.1:{closed_port}"
+    waiting: Callable[[], object]
+    if waiting_for == "postgres":
+        svc = service(start=False, db=f"postgresql://postgres@{unreachable}/postgres", **settings)
+        waiting = functools.partial(svc.find, "Postgres not reachable yet, retrying")
+    elif waiting_for == "nats":
+        svc = service(start=False, nats_url=f"nats://{unreachable}", **settings)
+        waiting = functools.partial(svc.find, "NATS not reachable yet, retrying")
+    else:
+        svc = service(
+            start=False,
+            HANDLERS_MODULE="support.slow_start_handlers",
+            TEST_WORKER_START_SECONDS="120",
+            TEST_WORKER_LOADING_DIR=str(loading),
+            **settings,
+        )
+
+        # Both workers past the spawn hand-over, loading their handlers.
+        def waiting() -> bool:
+            return len(list(loading.iterdir())) == 2
+
+    svc.start(wait=False)
+    proc = svc.proc
+    assert proc is not None
+    wait_until(lambda: waiting() or proc.poll() is not None, timeout=60)
+    assert proc.poll() is None, svc.log_text()
+    assert [p.name for p in tmp.iterdir()] != [], "no metrics directory to remove"
+    children = _children(proc.pid)
+    assert waiting_for != "worker pool" or len(children) >= 2, children
+
+    svc.signal(signal.SIGTERM)
+    # Not the start-up timeouts (120 s), nor a worker's 120 s import: the pool
+    # gives a worker 5 s to leave before it kills it.
+    assert svc.wait_exit(30) == 0, svc.log_text()
+    [line] = svc.find("stopped during start-up")
+    assert line["exit_code"] == 0 and line["step"] == waiting_for, line
+    assert not svc.find("Starting DLQ worker...") and not svc.find("stopped")
+    assert "Traceback" not in svc.log_text(), svc.log_text()
+    assert list(tmp.iterdir()) == []
+    wait_until(lambda: all(_gone(p) for p in children), timeout=10)

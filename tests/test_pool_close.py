@@ -52,7 +52,7 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> No
 
 def test_closing_waits_for_a_busy_worker_without_blocking_the_loop(barrier: Barrier) -> None:
     async def main() -> None:
-        pool = WorkerPool(2, "support.lifecycle_handlers", LIMITS, 3600.0)
+        pool = WorkerPool(2, "support.handlers", LIMITS, 3600.0)
         await pool.start()
         pids = pool.pids()
         running = asyncio.create_task(pool.run([BUSY]))
@@ -81,7 +81,7 @@ def test_closing_kills_a_worker_that_outlives_its_timeout_and_reaps_all(
     barrier: Barrier,
 ) -> None:
     async def main() -> None:
-        pool = WorkerPool(2, "support.lifecycle_handlers", LIMITS, 3600.0)
+        pool = WorkerPool(2, "support.handlers", LIMITS, 3600.0)
         await pool.start()
         pids = pool.pids()
         running = asyncio.create_task(pool.run([BUSY]))

@@ -8,6 +8,7 @@ shared one, every stream here covers a subject prefix unique to this test run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -231,3 +232,78 @@ def test_duration_and_rate_bound_the_run(own_nats: NatsServer) -> None:
     # 200/s for one second, plus a burst of 20.
     assert 150 <= published <= 225
     assert 0.9 <= seconds < 3
+
+
+PASSWORD = "pub-s3cret:@/ x"  # URL-hostile on purpose: it never has to go in one
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    conf = f"authorization {{ user: pub\n password: {json.dumps(PASSWORD)} }}"
+    with NatsServer(tmp_path / "secured-nats", config=conf) as server:
+        yield server
+
+
+def _run_publish(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # No NATS_* of the caller's: the config given here is all it has.
+    base = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "dlqproc", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, **env},
+    )
+
+
+def test_publish_takes_the_service_credentials_from_config_or_env(
+    secured_nats: NatsServer, prefix: str, tmp_path: Path
+) -> None:
+    stream = f"{prefix}_secured"
+
+    async def messages(create: bool) -> int:
+        nc = await nats.connect(
+            secured_nats.url, user="pub", password=PASSWORD, max_reconnect_attempts=0
+        )
+        try:
+            js = nc.jetstream()
+            if create:
+                await js.add_stream(api.StreamConfig(name=stream, subjects=[f"{prefix}.>"]))
+            return int((await js.stream_info(stream)).state.messages)
+        finally:
+            await nc.close()
+
+    assert asyncio.run(messages(create=True)) == 0
+    config = tmp_path / "dlqproc.yaml"
+    config.write_text(
+        f"nats:\n  url: {secured_nats.url}\n  user: pub\n  password: {json.dumps(PASSWORD)}\n"
+    )
+    one = ("--subject", f"{prefix}.events.acme", "--body", "{}", "--quiet")
+
+    # --config after the command, before it, and the env names: no credentials in a URL.
+    for args, env in [
+        (("publish", "--config", str(config), *one), {}),
+        (("--config", str(config), "publish", *one), {}),
+        (
+            ("publish", *one),
+            {"NATS_URL": secured_nats.url, "NATS_USER": "pub", "NATS_PASSWORD": PASSWORD},
+        ),
+        # --url picks the server; the config's credentials still apply.
+        (("publish", "--config", str(config), "--url", secured_nats.url, *one), {}),
+    ]:
+        out = _run_publish(*args, env=env)
+        assert out.returncode == 0, (args, out.stderr)
+        assert summary(out)[:3] == (1, 1, 0)
+    assert asyncio.run(messages(create=False)) == 4
+
+    # Without them the server refuses; with a wrong password too, and neither
+    # the password given nor the right one is printed.
+    for env in [
+        {"NATS_URL": secured_nats.url},
+        {"NATS_URL": secured_nats.url, "NATS_USER": "pub", "NATS_PASSWORD": "wrong-Pa55"},
+    ]:
+        out = _run_publish("publish", *one, env=env)
+        assert out.returncode == 1, out.stderr
+        assert "refused the credentials" in out.stderr, out.stderr
+        assert "wrong-Pa55" not in out.stderr + out.stdout
+        assert PASSWORD not in out.stderr + out.stdout

@@ -326,30 +326,28 @@ def test_shutdown_past_the_grace_period_naks_the_running_batches(
     service: Make, tmp_path: Path
 ) -> None:
     # The handlers stay inside until released: "in flight" is a fact, not a sleep.
-    gate = tmp_path / "gate"
-    gate.mkdir()
+    barrier = Barrier(tmp_path / "barrier")
     slow_ack = {"NATS_DLQACKWAIT": "120s", "NATS_DLQTASKTIMEOUT": "60s"}
-    svc = service(NATS_SHUTDOWNGRACE="1s", NATS_DLQWORKERBATCH="1", **slow_ack)
+    svc = service(NATS_SHUTDOWNGRACE="1s", NATS_DLQWORKERBATCH="1", **barrier.env, **slow_ack)
     n = 5
     ids = [f"g{i}" for i in range(n)]
-    svc.publish(
-        "acme", [envelope("t.barrier", "acme", {"id": i, "barrier": str(gate)}) for i in ids]
-    )
-    wait_until(lambda: len(list(gate.glob("*.started"))) == 2)  # both workers hold one
-    running = sorted(f.name.split(".")[0] for f in gate.glob("*.started"))
+    svc.publish("acme", [envelope("t.barrier", "acme", {"id": i}) for i in ids])
+    running = wait_until(lambda: len(barrier.started()) == 2 and barrier.started())  # both workers
     svc.signal(signal.SIGTERM)
     assert svc.wait_exit(60) == 0
     assert svc.find("stopped", exit_code=0)
     assert svc.rows("acme") == {}  # the running batches were cancelled, not committed
     # All five were NAKed (the two running past the grace, the three queued),
     # not left to the 120 s ack wait: a fresh process finishes them long before.
-    (gate / "release").touch()
-    svc2 = service(NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **slow_ack)
+    barrier.release()
+    svc2 = service(
+        NATS_DLQSTREAM=svc.stream, NATS_DLQSUBJECT=svc.subject, **barrier.env, **slow_ack
+    )
     wait_until(lambda: len(svc2.rows("acme")) == n, timeout=40)
     wait_until(svc2.settled)
     # Each came back as its second delivery: the cancelled attempt was counted.
     assert svc2.rows("acme") == {i: 2 for i in ids}
-    assert all((gate / f"{i}.started").read_text() == "1\n2\n" for i in running)
+    assert all(barrier.attempts(i) == [1, 2] for i in running)
     assert svc2.exhausted() == []
 
 

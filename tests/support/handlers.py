@@ -12,7 +12,9 @@ t.badop, t.badkey  buggy handlers returning RowOps the store cannot apply
 t.badvalue  a buggy handler returning a value no column can hold
 t.big    an upsert of 2,000 padded rows (megabyte replies)
 t.record append "<id> <attempt>" to <record>/<pid> (one line per run), sleep, then upsert
-t.barrier  mark <barrier>/<id>.started, wait for <barrier>/release (at most 120 s), then upsert
+t.barrier  append the attempt to <TEST_BARRIER_DIR>/<id>.started, wait for
+           <TEST_BARRIER_DIR>/release (at most 120 s, then fail transiently), then
+           upsert: work in flight is a fact a test sees (support.barrier.Barrier)
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class Payload(msgspec.Struct, frozen=True):
     crash_times: int = 0
     segfault: bool = False
     record: str = ""  # a directory: every run of the handler leaves a line there
-    barrier: str = ""  # a directory: the handler runs until a release file appears
 
 
 def _payload(event: Event) -> Payload:
@@ -107,10 +108,11 @@ def record(event: Event) -> Sequence[RowOp]:
 def barrier(event: Event) -> Sequence[RowOp]:
     """In flight for certain: running, and known to be, until the test releases it."""
     p = _payload(event)
-    with open(os.path.join(p.barrier, f"{p.id}.started"), "a") as f:
+    folder = os.environ["TEST_BARRIER_DIR"]
+    with open(os.path.join(folder, f"{p.id}.started"), "a") as f:
         f.write(f"{event.attempt}\n")
     deadline = time.monotonic() + 120
-    while not os.path.exists(os.path.join(p.barrier, "release")):
+    while not os.path.exists(os.path.join(folder, "release")):
         if time.monotonic() > deadline:
             raise TransientError(f"barrier {p.id} never released")
         time.sleep(0.02)

@@ -1,9 +1,5 @@
-"""The test handlers (support.handlers) plus what lifecycle tests need to observe.
+"""The test handlers (support.handlers, t.barrier included) plus what lifecycle tests need.
 
-t.barrier    writes "<TEST_BARRIER_DIR>/started-<id>" when it starts, then waits
-             (60 s at most) for "<TEST_BARRIER_DIR>/release" before it upserts its
-             row: work in flight is a fact a test can see, never a guess made
-             with a sleep.
 t.surrogate  fails with an error text holding a lone surrogate ("\\ud800"),
              permanently (or transiently with "transient": true in the payload).
 
@@ -16,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,28 +25,12 @@ _gone = os.environ.get("TEST_HANDLERS_GONE")
 if multiprocessing.parent_process() is not None and _gone and Path(_gone).exists():
     raise RuntimeError("these handlers are gone")
 
-BARRIER_SECONDS = 60.0
 LONE_SURROGATE = "\ud800"
-
-
-class _Barrier(msgspec.Struct, frozen=True):
-    id: str
 
 
 class _Surrogate(msgspec.Struct, frozen=True):
     id: str
     transient: bool = False
-
-
-def barrier(event: Event) -> Sequence[RowOp]:
-    p = msgspec.json.decode(event.payload, type=_Barrier)
-    folder = Path(os.environ["TEST_BARRIER_DIR"])
-    (folder / f"started-{p.id}").touch()
-    deadline = time.monotonic() + BARRIER_SECONDS
-    while not (folder / "release").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    values = {"id": p.id, "company_id": event.tenant, "attempt": event.attempt}
-    return (RowOp(op="upsert", table="test_rows", key=("id",), values=values),)
 
 
 def surrogate(event: Event) -> Sequence[RowOp]:
@@ -60,6 +39,6 @@ def surrogate(event: Event) -> Sequence[RowOp]:
     raise TransientError(text) if p.transient else PermanentError(text)
 
 
-HANDLERS = {**BASE_HANDLERS, "t.barrier": barrier, "t.surrogate": surrogate}
+HANDLERS = {**BASE_HANDLERS, "t.surrogate": surrogate}
 
 __all__ = ["HANDLERS", "TENANT_DDL"]
