@@ -302,8 +302,10 @@ class Puller:
         return True
 
     async def _on_message(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
+        # A delivered message always has its ack subject as reply; JetStream's
+        # status replies (heartbeats, 404, 409...) never have one. Their Status
+        # header is no sign: a producer may set a header of that name too.
+        if msg.reply:
             # Received now: its ack-wait clock runs from here, fetched or not.
             self._got.append(Inbound(msg))
             if self._open:
@@ -313,7 +315,8 @@ class Puller:
             if self._current and (self._first_wakes or len(self._got) >= self._want):
                 self._end()
             return
-        if status == "100":  # a heartbeat
+        status = (msg.headers or {}).get("Status")
+        if status is None or status == "100":  # not JetStream's, or a heartbeat
             return
         if msg.subject == self._open:
             self._open = ""  # whatever the status, that request is over
