@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import ParseResult
 
@@ -422,6 +423,31 @@ class PublishRejected(PublishFailed):
     """JetStream answered the publish with an error: sending it again cannot help."""
 
 
+# nats-server's default max_payload, when the server did not say.
+_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# The header block's first line and its closing blank line, as nats-py writes them.
+_HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")
+
+
+def header_bytes(headers: Mapping[str, str] | None) -> int:
+    """At most the bytes `headers` take on the wire: NATS counts them into max_payload."""
+    if not headers:
+        return 0
+    return _HEADER_FRAME + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def oversized(data: bytes, headers: Mapping[str, str] | None, max_payload: int) -> str | None:
+    """Why NATS would refuse this message, or None.
+
+    nats-py checks the body alone against max_payload; a message whose headers
+    take it past the limit is sent, and the server closes the connection.
+    """
+    size = len(data) + header_bytes(headers)
+    if size <= max_payload:
+        return None
+    return f"message of {size} bytes with its headers exceeds NATS max_payload {max_payload}"
+
+
 class PubResult(msgspec.Struct, frozen=True):
     """A publish JetStream acknowledged; `duplicate` when its Nats-Msg-Id was already stored."""
 
@@ -456,6 +482,9 @@ class AckedPublisher:
         PublishFailed for no answer in time, no responders or no connection,
         which an outage explains and a retry of the same message may cure.
         """
+        too_big = oversized(data, headers, self._nc.max_payload or _DEFAULT_MAX_PAYLOAD)
+        if too_big is not None:
+            raise PublishRejected(too_big)
         if not self._subscribed:
             await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
             self._subscribed = True
@@ -680,7 +709,7 @@ class Broker:
     @property
     def max_payload(self) -> int:
         """The largest message the server accepts (1 MiB unless configured)."""
-        return int(self._nc.max_payload or 1024 * 1024)
+        return int(self._nc.max_payload or _DEFAULT_MAX_PAYLOAD)
 
     @property
     def connected(self) -> bool:
@@ -813,6 +842,9 @@ class Broker:
         timeout: float = 5.0,
     ) -> int:
         """Publish to JetStream and wait for its acknowledgement; returns the sequence."""
+        too_big = oversized(data, headers, self.max_payload)
+        if too_big is not None:
+            raise PublishRejected(too_big)
         try:
             ack = await self._js.publish(subject, data, headers=headers, timeout=timeout)
         except Exception as exc:

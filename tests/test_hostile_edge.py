@@ -8,13 +8,20 @@ carry. The service runs for real (nats-server, PostgreSQL, worker processes).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import nats
+import pytest
 
-from support.service import Service, envelope, wait_until
+from dlqproc.broker import Broker, PublishRejected, StreamSpec, header_bytes
+from dlqproc.embedded import NatsServer
+from support.service import MAIN_CONSUMERS, PIPELINE_ENV, Service, envelope, wait_until
 
 Make = Callable[..., Service]
+REALTIME_STREAM = MAIN_CONSUMERS["realtime"][0]
+SMALL_PAYLOAD = 64 * 1024
 
 
 def publish_with_headers(
@@ -51,3 +58,70 @@ def test_a_producer_header_named_like_a_status_is_still_a_message(service: Make)
     )
     wait_until(lambda: len(svc.rows("acme")) == 3, timeout=30)
     wait_until(svc.settled)
+
+
+@pytest.fixture
+def small_nats(service: Make, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Factory: the whole pipeline on a nats-server of its own with a 64 KiB max_payload."""
+    server = NatsServer(tmp_path / "nats-small", max_payload=SMALL_PAYLOAD)
+    server.start()
+    services: list[Service] = []
+
+    def make(**settings: str) -> Service:
+        svc = service(nats_url=server.url, **{**PIPELINE_ENV, **settings})
+        services.append(svc)
+        return svc
+
+    yield make
+    for svc in services:  # before their nats-server goes
+        svc.stop()
+    server.stop()
+
+
+def test_a_dead_letter_that_would_pass_max_payload_with_its_headers_is_stored(
+    small_nats: Make,
+) -> None:
+    """NATS counts headers into max_payload. A failed event near the limit whose
+    Nats-Msg-Id is long made a DLQ message (envelope + headers) NATS refuses:
+    nats-py checks the body alone, the server closed the connection, and the
+    event came back to do it again, for ever."""
+    svc = small_nats().start()
+    pad = "p" * (SMALL_PAYLOAD // 2)
+    body = json.dumps({"chat_id": "c-1", "pad": pad}).encode()  # no jid etc: validation
+    long_id = "i" * (SMALL_PAYLOAD - len(body) - 100)  # the event itself fits
+    [seq] = publish_with_headers(svc, "v1.chats.upsert.acme", [(body, {"Nats-Msg-Id": long_id})])
+    row = wait_until(lambda: svc.exhausted_of(REALTIME_STREAM, seq), timeout=30)
+    assert row["reason"] == "validation"
+    svc.wait_drained(30)
+    assert not svc.find_containing("disconnected"), "the DLQ publish broke the NATS connection"
+
+
+def test_a_publish_past_max_payload_with_its_headers_is_refused_before_it_is_sent(
+    tmp_path: Path,
+) -> None:
+    """At the limit the message is published; one byte over, the broker refuses it
+    itself and the connection stays up (the server would close it)."""
+
+    async def main() -> tuple[int, str, bool]:
+        broker = await Broker.connect(server.url, name="test-oversized")
+        try:
+            await broker.ensure_stream(StreamSpec("big", ("big.>",), 1.0), reconcile=True)
+            headers = {"Nats-Msg-Id": "m-1", "X-Pad": "h" * 1000}
+            body = b"b" * (SMALL_PAYLOAD - header_bytes(headers))
+            seq = await broker.publish("big.x", body, headers)
+            publisher = broker.acked_publisher()
+            refused = ""
+            for publish in (broker.publish, publisher.publish):
+                try:
+                    await publish("big.x", body + b"!", {**headers, "Nats-Msg-Id": "m-2"})
+                except PublishRejected as exc:
+                    refused = str(exc)
+            return seq, refused, broker.connected
+        finally:
+            await broker.close()
+
+    with NatsServer(tmp_path / "nats", max_payload=SMALL_PAYLOAD) as server:
+        seq, refused, connected = asyncio.run(main())
+    assert seq == 1
+    assert f"exceeds NATS max_payload {SMALL_PAYLOAD}" in refused
+    assert connected
