@@ -76,6 +76,21 @@ def ack_fields(reply: str) -> tuple[str, str, int, int, int] | None:
         return None
 
 
+# Characters of a message's Nats-Msg-Id kept (ids are UUID-sized). It is
+# copied into every row of the event (last_metadata) and into the DLQ message's
+# headers, so an id as long as the message would multiply its size.
+MAX_HEADER_CHARS = 256
+
+
+def header_text(value: str) -> str:
+    """A producer's header value as dlqproc may copy it: bounded, no NUL.
+
+    PostgreSQL's jsonb refuses a NUL, which would fail every row of a good
+    event for its header; escaped as jsonb would print it.
+    """
+    return value[:MAX_HEADER_CHARS].replace("\x00", "\\u0000")
+
+
 class Inbound:
     """One fetched DLQ message and the JetStream metadata dlqproc needs."""
 
@@ -107,7 +122,7 @@ class Inbound:
                 meta.sequence.consumer,
             )
         self.stream, self.consumer, self.num_delivered, self.stream_seq, self.consumer_seq = fields
-        self.msg_id: str = (msg.headers or {}).get("Nats-Msg-Id", "")
+        self.msg_id: str = header_text((msg.headers or {}).get("Nats-Msg-Id", ""))
         # When JetStream last heard from us about it (fetch or in-progress),
         # which restarts its ack-wait clock.
         self.touched = time.monotonic()

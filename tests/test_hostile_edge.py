@@ -15,13 +15,21 @@ from pathlib import Path
 import nats
 import pytest
 
-from dlqproc.broker import Broker, PublishRejected, StreamSpec, header_bytes
+from dlqproc.broker import (
+    MAX_HEADER_CHARS,
+    Broker,
+    PublishRejected,
+    StreamSpec,
+    header_bytes,
+)
 from dlqproc.embedded import NatsServer
+from support.hostile import valid_payload
 from support.service import MAIN_CONSUMERS, PIPELINE_ENV, Service, envelope, wait_until
 
 Make = Callable[..., Service]
 REALTIME_STREAM = MAIN_CONSUMERS["realtime"][0]
 SMALL_PAYLOAD = 64 * 1024
+TS = 1764400000  # 2025-11-29T07:06:40Z
 
 
 def publish_with_headers(
@@ -125,3 +133,28 @@ def test_a_publish_past_max_payload_with_its_headers_is_refused_before_it_is_sen
     assert seq == 1
     assert f"exceeds NATS max_payload {SMALL_PAYLOAD}" in refused
     assert connected
+
+
+def test_a_producer_s_message_id_neither_fails_nor_bloats_its_rows(small_nats: Make) -> None:
+    """Nats-Msg-Id is copied into every row's last_metadata. A NUL in it made
+    PostgreSQL refuse the rows of a good event (exhausted as validation on the
+    DLQ lane); an id as long as the message was copied whole into each of a
+    history batch's rows (5,000 rows of a 1 MB id: 5 GB in a worker)."""
+    svc = small_nats().start()
+    chat = json.dumps(valid_payload("v1.chats.upsert", "nul", TS)).encode()
+    contacts = [valid_payload("v1.contacts.upsert", f"h{i}", TS) for i in range(50)]
+    history = json.dumps({"contacts": contacts}).encode()
+    long_id = "L" * (SMALL_PAYLOAD - len(history) - 200)
+    publish_with_headers(svc, "v1.chats.upsert.acme", [(chat, {"Nats-Msg-Id": "id\x00nul"})])
+    publish_with_headers(svc, "v1.history.contacts.acme", [(history, {"Nats-Msg-Id": long_id})])
+    publish_with_headers(svc, "v1.dlq.acme", [(envelope_of(chat), {"Nats-Msg-Id": "dlq\x00nul"})])
+    svc.wait_drained(30)
+    assert svc.exhausted() == []
+    [(chat_id,)] = svc.query("SELECT last_metadata->>'msg_id' FROM daisi_acme.chats")
+    assert chat_id in ("id\\u0000nul", "dlq\\u0000nul")
+    ids = svc.query("SELECT DISTINCT last_metadata->>'msg_id' FROM daisi_acme.contacts")
+    assert ids == [(long_id[:MAX_HEADER_CHARS],)]
+
+
+def envelope_of(event: bytes) -> bytes:
+    return envelope("v1.chats.upsert", "acme", json.loads(event))
