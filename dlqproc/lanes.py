@@ -26,6 +26,11 @@ from dlqproc.policy import Ack, Exhaust, Nak, after_failed_publish
 from dlqproc.settle import Did, LaneRuntime, Settled, Verdict
 from dlqproc.store import ExhaustedRow, Write
 
+# The event_type label of a subject outside the lane's stream bases: the events
+# streams are the producers' and may carry other subjects, which must not each
+# become a series. A base never starts with "_".
+OTHER_EVENT_TYPE = "_other"
+
 
 class Held(msgspec.Struct, frozen=True):
     """A message from fetch until it is settled, and the lane it belongs to."""
@@ -34,7 +39,7 @@ class Held(msgspec.Struct, frozen=True):
     lane: FlowLane
     # Metrics labels from the subject, until the worker has read the message
     # (then Verdict.company). Label values come from untrusted subjects: the
-    # tenant is bounded by tenant_or_invalid.
+    # tenant is bounded by tenant_or_invalid, the event type by the lane's bases.
     company: str
     event_type: str
 
@@ -47,9 +52,13 @@ class FlowLane:
         self.name = spec.lane.value
         self.broker = broker
         self.observe = observe
+        # "<base>.*" for each base of dlqproc's topology (events_stream).
+        self._patterns = frozenset(spec.stream.subjects)
 
     def hold(self, msg: Inbound) -> Held:
         event_type, _, tenant = msg.subject.rpartition(".")
+        if f"{event_type}.*" not in self._patterns:
+            event_type = OTHER_EVENT_TYPE
         return Held(msg, self, tenant_or_invalid(tenant), event_type)
 
     def delivery(self, token: int, held: Held, received_at: str) -> Delivery:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from dlqproc.broker import (
     header_bytes,
 )
 from dlqproc.embedded import NatsServer
+from dlqproc.lanes import OTHER_EVENT_TYPE
+from dlqproc.topology import REALTIME_BASES
 from support.hostile import valid_payload
 from support.service import MAIN_CONSUMERS, PIPELINE_ENV, Service, envelope, wait_until
 
@@ -53,7 +57,7 @@ def test_a_producer_header_named_like_a_status_is_still_a_message(service: Make)
     header; so may any message a producer publishes. A message is told from a
     status by its ack reply subject, or a 'Status: 100' message is dropped as a
     heartbeat on every delivery and a 'Status: 503' one fails its lane's fetch."""
-    svc = service().start()
+    svc = service()
     subject = f"{svc.subject}.acme"
     publish_with_headers(
         svc,
@@ -75,8 +79,8 @@ def small_nats(service: Make, tmp_path: Path) -> Iterator[Callable[..., Service]
     server.start()
     services: list[Service] = []
 
-    def make(**settings: str) -> Service:
-        svc = service(nats_url=server.url, **{**PIPELINE_ENV, **settings})
+    def make(start: bool = True, **settings: str) -> Service:
+        svc = service(start=start, nats_url=server.url, **{**PIPELINE_ENV, **settings})
         services.append(svc)
         return svc
 
@@ -93,7 +97,7 @@ def test_a_dead_letter_that_would_pass_max_payload_with_its_headers_is_stored(
     Nats-Msg-Id is long made a DLQ message (envelope + headers) NATS refuses:
     nats-py checks the body alone, the server closed the connection, and the
     event came back to do it again, for ever."""
-    svc = small_nats().start()
+    svc = small_nats()
     pad = "p" * (SMALL_PAYLOAD // 2)
     body = json.dumps({"chat_id": "c-1", "pad": pad}).encode()  # no jid etc: validation
     long_id = "i" * (SMALL_PAYLOAD - len(body) - 100)  # the event itself fits
@@ -140,7 +144,7 @@ def test_a_producer_s_message_id_neither_fails_nor_bloats_its_rows(small_nats: M
     PostgreSQL refuse the rows of a good event (exhausted as validation on the
     DLQ lane); an id as long as the message was copied whole into each of a
     history batch's rows (5,000 rows of a 1 MB id: 5 GB in a worker)."""
-    svc = small_nats().start()
+    svc = small_nats()
     chat = json.dumps(valid_payload("v1.chats.upsert", "nul", TS)).encode()
     contacts = [valid_payload("v1.contacts.upsert", f"h{i}", TS) for i in range(50)]
     history = json.dumps({"contacts": contacts}).encode()
@@ -158,3 +162,41 @@ def test_a_producer_s_message_id_neither_fails_nor_bloats_its_rows(small_nats: M
 
 def envelope_of(event: bytes) -> bytes:
     return envelope("v1.chats.upsert", "acme", json.loads(event))
+
+
+def metrics_text(svc: Service) -> str:
+    url = f"http://127.0.0.1:{svc.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_event_type_labels_stay_bounded_whatever_subjects_the_stream_carries(
+    small_nats: Make,
+) -> None:
+    """The events streams are the producers': one may carry more subjects than
+    dlqproc's bases (v1.chats.>), and without COMPANY_ID the consumer reads them
+    all. Each subject's base became an event_type label value of its own, so a
+    producer's junk subjects grew /metrics (and the supervisor) without bound."""
+    svc = small_nats(start=False)
+
+    async def producers_stream() -> None:
+        nc = await nats.connect(svc.nats_url, connect_timeout=5)
+        try:
+            await nc.jetstream().add_stream(name=REALTIME_STREAM, subjects=["v1.chats.>"])
+        finally:
+            await nc.close()
+
+    asyncio.run(producers_stream())
+    svc.start()
+    chat = json.dumps(valid_payload("v1.chats.upsert", "ok", TS)).encode()
+    junk = [(f"v1.chats.junk{i}.x.acme", b"{}") for i in range(40)]
+    svc.publish_each([("v1.chats.upsert.acme", chat), *junk])
+    svc.wait_drained(60)
+    assert len(svc.exhausted()) == len(junk)
+    received = re.findall(
+        r'^message_event_service_events_received_total\{[^}]*event_type="([^"]*)"',
+        metrics_text(svc),
+        re.MULTILINE,
+    )
+    assert "v1.chats.upsert" in received
+    assert set(received) <= {*REALTIME_BASES, OTHER_EVENT_TYPE}, sorted(set(received))[:5]
