@@ -545,6 +545,31 @@ class AckedPublisher:
         )
 
 
+def _utf8(token: bytes) -> bytes:
+    """`token` when it is UTF-8, else the same with U+FFFD for each bad byte."""
+    if token.isascii():
+        return token
+    return token.decode("utf-8", "replace").encode()
+
+
+class _Client(Client):
+    """nats-py's client, reading a subject that is not UTF-8 instead of dying on it.
+
+    nats-server takes any bytes but whitespace in a subject (a Go producer may
+    send Latin-1); nats-py decodes a delivered one strictly inside its read
+    loop, whose task then ends: the connection stays up but deaf until its
+    pings time out, and the message comes back after every ack wait. With the
+    bad bytes replaced, the subject names no valid tenant, so the message is
+    exhausted (or dead-lettered) as invalid_tenant like any other.
+    """
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any
+    ) -> Msg:
+        msg: Msg = super()._build_message(sid, _utf8(subject), _utf8(reply), data, headers)
+        return msg
+
+
 class ConnectFailed(ConnectionError):
     """No NATS server accepted the connection within the time allowed."""
 
@@ -658,7 +683,7 @@ class Broker:
         state = {"closing": False}
         options = connect_options(credentials)  # a bad TLS file fails here, at once
         deadline = time.monotonic() + timeout
-        nc = Client()
+        nc = _Client()
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         last_error = ""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,3 +201,32 @@ def test_event_type_labels_stay_bounded_whatever_subjects_the_stream_carries(
     )
     assert "v1.chats.upsert" in received
     assert set(received) <= {*REALTIME_BASES, OTHER_EVENT_TYPE}, sorted(set(received))[:5]
+
+
+def raw_publish(url: str, subject: bytes, payload: bytes) -> None:
+    """PUB over a plain socket: nats-server takes any bytes but whitespace in a
+    subject, as a Go producer may send them; nats-py would refuse to."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"INFO ")
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n')
+        sock.sendall(b"PUB %s %d\r\n%s\r\nPING\r\n" % (subject, len(payload), payload))
+        assert reader.readline() == b"PONG\r\n"  # the server took the message
+
+
+def test_a_subject_that_is_not_utf8_is_exhausted_and_the_connection_lives(
+    service: Make,
+) -> None:
+    """nats-py decodes a delivered subject strictly inside its read loop, whose
+    task ended on the error: the connection stayed up but deaf (no message, no
+    PubAck) until its pings timed out, and the message came back after every ack
+    wait to do it again."""
+    svc = service()
+    raw_publish(svc.nats_url, f"{svc.subject}.caf".encode() + b"\xe9", envelope("t.ok", "x", {}))
+    svc.publish("acme", [envelope("t.ok", "acme", {"id": "after"})])
+    wait_until(lambda: svc.rows("acme") == {"after": 1}, timeout=30)
+    [row] = wait_until(svc.exhausted, timeout=30)
+    assert row["reason"] == "invalid_tenant"
+    assert row["dlq_subject"] == f"{svc.subject}.caf\ufffd"
+    wait_until(svc.settled)
