@@ -90,6 +90,9 @@ _PATTERN_MEANING = {
 }
 _NATS_MAX_PAYLOAD = 64 * 1024 * 1024  # nats-server's hard limit on max_payload
 _MAX_BYTE_BUDGET = 1 << 30
+# Worker processes are started at once, each an interpreter of its own
+# (~30 MB): a larger pool is a typo that would fork until the OOM killer came.
+_MAX_WORKERS = 1024
 _FLOAT_MAX = sys.float_info.max  # an upper bound that refuses infinity
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -560,6 +563,12 @@ def validate(cfg: Config) -> None:
     if n.worker_task_timeout >= n.dlq_ack_wait:
         raise ConfigError(
             "nats.workerTaskTimeout", n.worker_task_timeout, "must be below nats.dlqAckWait"
+        )
+    if n.dlq_workers > _MAX_WORKERS:
+        raise ConfigError(
+            "nats.dlqWorkers",
+            n.dlq_workers,
+            f"must be at most {_MAX_WORKERS} (each worker is a process, all started at once)",
         )
     if cfg.postgres.statement_timeout * 1000 > _PG_MAX_TIMEOUT_MS:
         raise ConfigError(

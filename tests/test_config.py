@@ -443,7 +443,6 @@ def test_undecodable_env_value_is_a_config_error() -> None:
 # --- hypothesis: env values ------------------------------------------------------------
 
 INT_KEYS = [
-    "nats.dlqWorkers",
     "nats.dlqMaxAckPending",
     "nats.dlqFetchBatch",
     "nats.workerBatch",
@@ -894,3 +893,16 @@ def test_statement_timeout_fits_postgres(text: str, ok: bool) -> None:
         err = _error(**env)
         assert err.key == "postgres.statementTimeout"
         assert "2147483647ms" in err.reason
+
+
+@given(value=st.integers(min_value=0, max_value=2**63 - 1))
+def test_the_worker_pool_is_bounded(value: int) -> None:
+    """Every worker is a process started at once: NATS_DLQWORKERS=1000000 forked
+    until the OOM killer stepped in, instead of exiting 2."""
+    env = {"NATS_DLQWORKERS": str(value)}
+    if value > 1024:
+        err = _error(**env)
+        assert (err.key, err.value) == ("nats.dlqWorkers", value)
+        assert "must be at most 1024" in err.reason
+    else:
+        assert load(None, environ=env).nats.dlq_workers == value
