@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import ParseResult
 
@@ -75,6 +76,21 @@ def ack_fields(reply: str) -> tuple[str, str, int, int, int] | None:
         return None
 
 
+# Characters of a message's Nats-Msg-Id kept (ids are UUID-sized). It is
+# copied into every row of the event (last_metadata) and into the DLQ message's
+# headers, so an id as long as the message would multiply its size.
+MAX_HEADER_CHARS = 256
+
+
+def header_text(value: str) -> str:
+    """A producer's header value as dlqproc may copy it: bounded, no NUL.
+
+    PostgreSQL's jsonb refuses a NUL, which would fail every row of a good
+    event for its header; escaped as jsonb would print it.
+    """
+    return value[:MAX_HEADER_CHARS].replace("\x00", "\\u0000")
+
+
 class Inbound:
     """One fetched DLQ message and the JetStream metadata dlqproc needs."""
 
@@ -106,7 +122,7 @@ class Inbound:
                 meta.sequence.consumer,
             )
         self.stream, self.consumer, self.num_delivered, self.stream_seq, self.consumer_seq = fields
-        self.msg_id: str = (msg.headers or {}).get("Nats-Msg-Id", "")
+        self.msg_id: str = header_text((msg.headers or {}).get("Nats-Msg-Id", ""))
         # When JetStream last heard from us about it (fetch or in-progress),
         # which restarts its ack-wait clock.
         self.touched = time.monotonic()
@@ -302,8 +318,10 @@ class Puller:
         return True
 
     async def _on_message(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:
+        # A delivered message always has its ack subject as reply; JetStream's
+        # status replies (heartbeats, 404, 409...) never have one. Their Status
+        # header is no sign: a producer may set a header of that name too.
+        if msg.reply:
             # Received now: its ack-wait clock runs from here, fetched or not.
             self._got.append(Inbound(msg))
             if self._open:
@@ -313,7 +331,8 @@ class Puller:
             if self._current and (self._first_wakes or len(self._got) >= self._want):
                 self._end()
             return
-        if status == "100":  # a heartbeat
+        status = (msg.headers or {}).get("Status")
+        if status is None or status == "100":  # not JetStream's, or a heartbeat
             return
         if msg.subject == self._open:
             self._open = ""  # whatever the status, that request is over
@@ -419,6 +438,31 @@ class PublishRejected(PublishFailed):
     """JetStream answered the publish with an error: sending it again cannot help."""
 
 
+# nats-server's default max_payload, when the server did not say.
+_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# The header block's first line and its closing blank line, as nats-py writes them.
+_HEADER_FRAME = len(b"NATS/1.0\r\n\r\n")
+
+
+def header_bytes(headers: Mapping[str, str] | None) -> int:
+    """At most the bytes `headers` take on the wire: NATS counts them into max_payload."""
+    if not headers:
+        return 0
+    return _HEADER_FRAME + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def oversized(data: bytes, headers: Mapping[str, str] | None, max_payload: int) -> str | None:
+    """Why NATS would refuse this message, or None.
+
+    nats-py checks the body alone against max_payload; a message whose headers
+    take it past the limit is sent, and the server closes the connection.
+    """
+    size = len(data) + header_bytes(headers)
+    if size <= max_payload:
+        return None
+    return f"message of {size} bytes with its headers exceeds NATS max_payload {max_payload}"
+
+
 class PubResult(msgspec.Struct, frozen=True):
     """A publish JetStream acknowledged; `duplicate` when its Nats-Msg-Id was already stored."""
 
@@ -453,6 +497,9 @@ class AckedPublisher:
         PublishFailed for no answer in time, no responders or no connection,
         which an outage explains and a retry of the same message may cure.
         """
+        too_big = oversized(data, headers, self._nc.max_payload or _DEFAULT_MAX_PAYLOAD)
+        if too_big is not None:
+            raise PublishRejected(too_big)
         if not self._subscribed:
             await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply)
             self._subscribed = True
@@ -496,6 +543,31 @@ class AckedPublisher:
                 bool(answer.get("duplicate")),
             )
         )
+
+
+def _utf8(token: bytes) -> bytes:
+    """`token` when it is UTF-8, else the same with U+FFFD for each bad byte."""
+    if token.isascii():
+        return token
+    return token.decode("utf-8", "replace").encode()
+
+
+class _Client(Client):
+    """nats-py's client, reading a subject that is not UTF-8 instead of dying on it.
+
+    nats-server takes any bytes but whitespace in a subject (a Go producer may
+    send Latin-1); nats-py decodes a delivered one strictly inside its read
+    loop, whose task then ends: the connection stays up but deaf until its
+    pings time out, and the message comes back after every ack wait. With the
+    bad bytes replaced, the subject names no valid tenant, so the message is
+    exhausted (or dead-lettered) as invalid_tenant like any other.
+    """
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any
+    ) -> Msg:
+        msg: Msg = super()._build_message(sid, _utf8(subject), _utf8(reply), data, headers)
+        return msg
 
 
 class ConnectFailed(ConnectionError):
@@ -611,7 +683,7 @@ class Broker:
         state = {"closing": False}
         options = connect_options(credentials)  # a bad TLS file fails here, at once
         deadline = time.monotonic() + timeout
-        nc = Client()
+        nc = _Client()
         refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         last_error = ""
 
@@ -677,7 +749,7 @@ class Broker:
     @property
     def max_payload(self) -> int:
         """The largest message the server accepts (1 MiB unless configured)."""
-        return int(self._nc.max_payload or 1024 * 1024)
+        return int(self._nc.max_payload or _DEFAULT_MAX_PAYLOAD)
 
     @property
     def connected(self) -> bool:
@@ -810,6 +882,9 @@ class Broker:
         timeout: float = 5.0,
     ) -> int:
         """Publish to JetStream and wait for its acknowledgement; returns the sequence."""
+        too_big = oversized(data, headers, self.max_payload)
+        if too_big is not None:
+            raise PublishRejected(too_big)
         try:
             ack = await self._js.publish(subject, data, headers=headers, timeout=timeout)
         except Exception as exc:

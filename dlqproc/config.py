@@ -46,6 +46,13 @@ class PositiveDuration(Duration):
     """A Duration that must be above zero (a timeout, a wait, a horizon)."""
 
 
+# JetStream carries durations (ack waits, NAK delays, a stream's max age) as
+# int64 nanoseconds: a NAK delay past that was redelivered at once, a longer
+# ack wait or max age made consumer or stream creation fail. About 292 years.
+MAX_DURATION = float((2**63 - 1) // 10**9)
+# PostgreSQL's statement_timeout is an int4 of milliseconds (about 24.8 days).
+_PG_MAX_TIMEOUT_MS = 2**31 - 1
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -62,6 +69,8 @@ def parse_duration(value: object) -> Duration:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError("a duration must be a finite, non-negative number")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"a duration must be at most {MAX_DURATION:.0f}s (what NATS carries)")
     return Duration(seconds)
 
 
@@ -81,12 +90,18 @@ _PATTERN_MEANING = {
 }
 _NATS_MAX_PAYLOAD = 64 * 1024 * 1024  # nats-server's hard limit on max_payload
 _MAX_BYTE_BUDGET = 1 << 30
+# Worker processes are started at once, each an interpreter of its own
+# (~30 MB): a larger pool is a typo that would fork until the OOM killer came.
+_MAX_WORKERS = 1024
 _FLOAT_MAX = sys.float_info.max  # an upper bound that refuses infinity
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 PositiveNumber = Annotated[float, msgspec.Meta(gt=0, le=_FLOAT_MAX)]
 NonNegativeNumber = Annotated[float, msgspec.Meta(ge=0, le=_FLOAT_MAX)]
+_NATS_CARRIES = "what NATS carries"
+DelayMinutes = Annotated[float, msgspec.Meta(ge=0, le=MAX_DURATION / 60, description=_NATS_CARRIES)]
+AgeDays = Annotated[float, msgspec.Meta(gt=0, le=MAX_DURATION / 86400, description=_NATS_CARRIES)]
 ByteBudget = Annotated[
     int,
     msgspec.Meta(gt=0, le=_MAX_BYTE_BUDGET, description="a larger memory budget is a typo"),
@@ -156,11 +171,11 @@ class NatsConfig(_Section, frozen=True, forbid_unknown_fields=True, rename="came
     dlq_workers: Annotated[
         int, msgspec.Meta(ge=0, description="0 runs the handlers in the supervisor")
     ] = 8
-    dlq_base_delay_minutes: NonNegativeNumber = 5.0
-    dlq_max_delay_minutes: NonNegativeNumber = 5.0
+    dlq_base_delay_minutes: DelayMinutes = 5.0
+    dlq_max_delay_minutes: DelayMinutes = 5.0
     dlq_stream: Name = "dlq_stream"
     dlq_subject: Subject = "v1.dlq"
-    dlq_max_age_days: PositiveNumber = 7.0
+    dlq_max_age_days: AgeDays = 7.0
     dlq_max_deliver: Positive = 10
     dlq_max_retries: Positive = 5
     dlq_ack_wait: PositiveDuration = PositiveDuration(30)
@@ -548,6 +563,18 @@ def validate(cfg: Config) -> None:
     if n.worker_task_timeout >= n.dlq_ack_wait:
         raise ConfigError(
             "nats.workerTaskTimeout", n.worker_task_timeout, "must be below nats.dlqAckWait"
+        )
+    if n.dlq_workers > _MAX_WORKERS:
+        raise ConfigError(
+            "nats.dlqWorkers",
+            n.dlq_workers,
+            f"must be at most {_MAX_WORKERS} (each worker is a process, all started at once)",
+        )
+    if cfg.postgres.statement_timeout * 1000 > _PG_MAX_TIMEOUT_MS:
+        raise ConfigError(
+            "postgres.statementTimeout",
+            cfg.postgres.statement_timeout,
+            f"must be at most {_PG_MAX_TIMEOUT_MS}ms (PostgreSQL's limit, about 24.8 days)",
         )
     _validate_tenants(cfg)
     _validate_nats_auth(n)

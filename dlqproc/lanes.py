@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from dlqproc import envelope
-from dlqproc.broker import Broker, Inbound, PublishFailed
+from dlqproc.broker import Broker, Inbound, PublishFailed, oversized
 from dlqproc.envelope import tenant_or_invalid
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, Lane, Meta, Ok, Reason
@@ -26,8 +26,10 @@ from dlqproc.policy import Ack, Exhaust, Nak, after_failed_publish
 from dlqproc.settle import Did, LaneRuntime, Settled, Verdict
 from dlqproc.store import ExhaustedRow, Write
 
-# Room for the headers of a DLQ message: a publish NATS refuses would loop forever.
-_HEADER_ROOM = 1024
+# The event_type label of a subject outside the lane's stream bases: the events
+# streams are the producers' and may carry other subjects, which must not each
+# become a series. A base never starts with "_".
+OTHER_EVENT_TYPE = "_other"
 
 
 class Held(msgspec.Struct, frozen=True):
@@ -37,7 +39,7 @@ class Held(msgspec.Struct, frozen=True):
     lane: FlowLane
     # Metrics labels from the subject, until the worker has read the message
     # (then Verdict.company). Label values come from untrusted subjects: the
-    # tenant is bounded by tenant_or_invalid.
+    # tenant is bounded by tenant_or_invalid, the event type by the lane's bases.
     company: str
     event_type: str
 
@@ -50,9 +52,13 @@ class FlowLane:
         self.name = spec.lane.value
         self.broker = broker
         self.observe = observe
+        # "<base>.*" for each base of dlqproc's topology (events_stream).
+        self._patterns = frozenset(spec.stream.subjects)
 
     def hold(self, msg: Inbound) -> Held:
         event_type, _, tenant = msg.subject.rpartition(".")
+        if f"{event_type}.*" not in self._patterns:
+            event_type = OTHER_EVENT_TYPE
         return Held(msg, self, tenant_or_invalid(tenant), event_type)
 
     def delivery(self, token: int, held: Held, received_at: str) -> Delivery:
@@ -129,7 +135,8 @@ class EventLane(FlowLane):
 
     def _exhaust(self, held: Held, v: Verdict) -> tuple[Verdict, Write | None]:
         body = self._envelope(held, v)
-        if len(body) + _HEADER_ROOM <= self.broker.max_payload:
+        # Headers count too: a publish NATS refuses would come back for ever.
+        if oversized(body, _dead_letter_headers(held.msg), self.broker.max_payload) is None:
             return msgspec.structs.replace(v, envelope=body), None
         # Too big for a DLQ message: stored in exhausted_events directly.
         v = msgspec.structs.replace(v, envelope=body, stored_directly=True)
@@ -188,12 +195,15 @@ class EventLane(FlowLane):
         # tokens; the invalid token itself may not even be one.
         token = envelope.tenant_or_invalid(v.out.stored.company_id)
         body = v.envelope or self._envelope(held, v)
-        headers = {
-            # Deduplicated by JetStream: a retried publish never makes two DLQ messages.
-            "Nats-Msg-Id": f"dlq-{msg.stream}-{msg.stream_seq}",
-            "Original-Nats-Msg-Id": msg.msg_id or f"msg-{msg.stream_seq}",
-        }
-        await self.broker.publish(f"{self.dlq_subject}.{token}", body, headers)
+        await self.broker.publish(f"{self.dlq_subject}.{token}", body, _dead_letter_headers(msg))
+
+
+def _dead_letter_headers(msg: Inbound) -> dict[str, str]:
+    return {
+        # Deduplicated by JetStream: a retried publish never makes two DLQ messages.
+        "Nats-Msg-Id": f"dlq-{msg.stream}-{msg.stream_seq}",
+        "Original-Nats-Msg-Id": msg.msg_id or f"msg-{msg.stream_seq}",
+    }
 
 
 def exhausted_write(held: Held, v: Verdict) -> Write:

@@ -443,7 +443,6 @@ def test_undecodable_env_value_is_a_config_error() -> None:
 # --- hypothesis: env values ------------------------------------------------------------
 
 INT_KEYS = [
-    "nats.dlqWorkers",
     "nats.dlqMaxAckPending",
     "nats.dlqFetchBatch",
     "nats.workerBatch",
@@ -509,7 +508,7 @@ def test_valid_jitter_from_env_round_trips(jitter: float) -> None:
     assert load(None, environ={"NATS_RETRYJITTER": repr(jitter)}).nats.retry_jitter == jitter
 
 
-@given(days=st.floats(min_value=0.0, max_value=1e6, exclude_min=True))
+@given(days=st.floats(min_value=0.0, max_value=1e5, exclude_min=True))
 def test_valid_max_age_from_env_round_trips(days: float) -> None:
     assert load(None, environ={"NATS_DLQMAXAGEDAYS": repr(days)}).nats.dlq_max_age_days == days
 
@@ -840,3 +839,70 @@ def test_configured_durable_wins() -> None:
 def test_durable_is_a_valid_nats_name() -> None:
     for cfg in (Config(), Config(company=CompanyConfig(id="Acme-01_x"))):
         assert re.fullmatch(r"[A-Za-z0-9_-]+", cfg.dlq_durable)
+
+
+# --- durations past what NATS and PostgreSQL carry ---------------------------------
+
+# JetStream takes durations as int64 nanoseconds; PostgreSQL's statement_timeout
+# is an int4 of milliseconds.
+NATS_MAX_SECONDS = (2**63 - 1) / 1e9
+PG_MAX_TIMEOUT_SECONDS = (2**31 - 1) / 1000
+NATS_DURATION_KEYS = [
+    ("nats.dlqAckWait", 1.0),
+    ("nats.realtime.ackWait", 1.0),
+    ("nats.historical.nakMaxDelay", 1.0),
+    ("nats.realtime.nakMaxDelay", 1.0),
+    ("nats.dlqMaxDelayMinutes", 60.0),
+    ("nats.dlqMaxAgeDays", 86400.0),
+]
+
+
+@given(
+    key_unit=st.sampled_from(NATS_DURATION_KEYS),
+    seconds=st.floats(min_value=3600.0, max_value=1e15, allow_nan=False),
+)
+def test_durations_nats_carries_fit_its_nanoseconds(
+    key_unit: tuple[str, float], seconds: float
+) -> None:
+    """A NAK delay past int64 ns was redelivered at once (every retry without
+    delay); a longer ack wait or max age failed consumer or stream creation for
+    nats.startupTimeout, then exit 1 as if NATS were down."""
+    key, unit = key_unit
+    env = {env_name(key): repr(seconds / unit)}
+    if key == "nats.dlqAckWait":
+        env["NATS_WORKERTASKTIMEOUT"] = "1s"
+    try:
+        cfg = load(None, environ=env)
+    except ConfigError as err:
+        assert err.key == key
+        assert seconds > NATS_MAX_SECONDS * 0.999
+        return
+    assert _get(cfg, key) * unit * 1e9 <= 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"), [("0", True), ("30s", True), ("24d", True), ("25d", False), ("1000d", False)]
+)
+def test_statement_timeout_fits_postgres(text: str, ok: bool) -> None:
+    """PostgreSQL refuses a statement_timeout over 2^31-1 ms at connect: every
+    connection failed and start-up ended with 'Postgres unavailable' (exit 1)."""
+    env = {"POSTGRES_STATEMENTTIMEOUT": text}
+    if ok:
+        assert load(None, environ=env).postgres.statement_timeout <= PG_MAX_TIMEOUT_SECONDS
+    else:
+        err = _error(**env)
+        assert err.key == "postgres.statementTimeout"
+        assert "2147483647ms" in err.reason
+
+
+@given(value=st.integers(min_value=0, max_value=2**63 - 1))
+def test_the_worker_pool_is_bounded(value: int) -> None:
+    """Every worker is a process started at once: NATS_DLQWORKERS=1000000 forked
+    until the OOM killer stepped in, instead of exiting 2."""
+    env = {"NATS_DLQWORKERS": str(value)}
+    if value > 1024:
+        err = _error(**env)
+        assert (err.key, err.value) == ("nats.dlqWorkers", value)
+        assert "must be at most 1024" in err.reason
+    else:
+        assert load(None, environ=env).nats.dlq_workers == value
