@@ -22,8 +22,8 @@ from dlqproc.envelope import tenant_or_invalid
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, Lane, Meta, Ok, Reason
 from dlqproc.observe import DlqObserver, EventObserver, Observer
-from dlqproc.policy import Ack, Exhaust, Nak, after_failed_publish
-from dlqproc.settle import Did, LaneRuntime, Settled, Verdict
+from dlqproc.policy import Ack, Exhaust, Nak, after_failed_publish, dead_letter_given_up
+from dlqproc.settle import DIRECT_GIVEN_UP, DIRECT_TOO_BIG, Did, LaneRuntime, Settled, Verdict
 from dlqproc.store import ExhaustedRow, Write
 
 # The event_type label of a subject outside the lane's stream bases: the events
@@ -134,12 +134,22 @@ class EventLane(FlowLane):
         self.dlq_subject = dlq_subject  # e.g. "v1.dlq": the tenant is appended
 
     def _exhaust(self, held: Held, v: Verdict) -> tuple[Verdict, Write | None]:
+        assert isinstance(v.decision, Exhaust)
+        if v.stored_directly:  # planned already (a write being retried)
+            return v, exhausted_write(held, v)
+        msg = held.msg
         body = self._envelope(held, v)
         # Headers count too: a publish NATS refuses would come back for ever.
-        if oversized(body, _dead_letter_headers(held.msg), self.broker.max_payload) is None:
+        if oversized(body, _dead_letter_headers(msg), self.broker.max_payload) is not None:
+            why = DIRECT_TOO_BIG
+        elif dead_letter_given_up(msg.num_delivered, v.decision.reason, self.spec.policy):
+            why = DIRECT_GIVEN_UP
+        else:
             return msgspec.structs.replace(v, envelope=body), None
-        # Too big for a DLQ message: stored in exhausted_events directly.
-        v = msgspec.structs.replace(v, envelope=body, stored_directly=True)
+        # Stored in exhausted_events directly, the reason in its last_error.
+        v = msgspec.structs.replace(
+            v, envelope=body, stored_directly=why, error=f"{v.error} [stored directly: {why}]"
+        )
         return v, exhausted_write(held, v)
 
     def publishes(self, v: Verdict) -> bool:

@@ -180,8 +180,13 @@ class EventObserver(Observer):
             case Did.STORED_DIRECTLY:
                 m.event_actions.labels(*labels, "ack_success", error_type).inc()
                 consumer_log.warning(
-                    "Event too big for the DLQ, stored in exhausted_events",
-                    extra={**fields(msg, v.company), "error": v.error, "size": len(msg.data)},
+                    "Event not dead-lettered, stored in exhausted_events",
+                    extra={
+                        **fields(msg, v.company),
+                        "why": v.stored_directly,
+                        "error": v.error,
+                        "size": len(msg.data),
+                    },
                 )
             case Did.PUBLISH_FAILED:
                 m.event_actions.labels(*labels, "nak_dlq_publish_fail", "nats").inc()

@@ -9,7 +9,7 @@ else, so a restart, a crash or a second replica can never reset or inflate it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
 import msgspec
 
@@ -167,6 +167,25 @@ def after_failed_publish(num_delivered: int, policy: RetryPolicy) -> Nak:
     delivery dead-letters it again (JetStream deduplicates a repeated publish).
     """
     return Nak(backoff(num_delivered, policy, 0.0))
+
+
+# Dead-letter publishes a main lane tries before it stores the event in
+# exhausted_events itself. JetStream may refuse an envelope for good (an
+# operator's max message size, a sealed or full stream), and a DLQ stream that
+# stayed down through that many backoffs is no better home than PostgreSQL.
+DEAD_LETTER_ATTEMPTS: Final = 3
+
+
+def dead_letter_given_up(num_delivered: int, reason: Reason, policy: RetryPolicy) -> bool:
+    """Whether earlier deliveries tried DEAD_LETTER_ATTEMPTS times to dead-letter this event.
+
+    A dead-lettered event is ACKed, so one delivered again after it was first
+    exhausted is one whose publish failed (or whose ACK was lost). Handlers
+    are pure: a permanent failure was exhausted from its first delivery, a
+    spent retry budget from the budget's last.
+    """
+    first = policy.max_retries if reason is Reason.RETRIES_EXHAUSTED else 1
+    return num_delivered - first >= DEAD_LETTER_ATTEMPTS
 
 
 # An unexpected commit error (a bug, not an outage: the store classifies

@@ -10,7 +10,7 @@ and log lines.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -56,6 +56,10 @@ class LaneRuntime(msgspec.Struct, frozen=True):
     owns_stream: bool  # dlqproc's own (the DLQ): reconciled, not just created
 
 
+DIRECT_TOO_BIG: Final = "too big for a DLQ message"
+DIRECT_GIVEN_UP: Final = "dead-letter publish failed on every attempt"
+
+
 class Verdict(msgspec.Struct, frozen=True):
     """What will happen to one message; a failed write yields a new verdict."""
 
@@ -67,8 +71,9 @@ class Verdict(msgspec.Struct, frozen=True):
     save_failed: bool = False  # the exhausted row could not be written
     inserted: bool = False  # an exhausted row was inserted by this attempt
     envelope: bytes | None = None  # a main lane's DLQ message, once built
-    # A main-lane event too big for a DLQ message goes to exhausted_events itself.
-    stored_directly: bool = False
+    # Why a main-lane event goes to exhausted_events itself rather than to the
+    # DLQ ("" when it is dead-lettered): DIRECT_TOO_BIG or DIRECT_GIVEN_UP.
+    stored_directly: str = ""
 
     @classmethod
     def of(cls, out: Outcome, decision: Decision) -> Verdict:
@@ -98,7 +103,7 @@ class Did(enum.Enum):
     ACKED = "acked"
     NAKED = "naked"
     TERMED = "termed"  # the DLQ lane, after its exhausted row committed
-    STORED_DIRECTLY = "stored_directly"  # a main-lane event too big to dead-letter: ACKed
+    STORED_DIRECTLY = "stored_directly"  # a main-lane event not dead-lettered, stored: ACKed
     DEAD_LETTERED = "dead_lettered"  # published to the DLQ stream, then ACKed
     PUBLISH_FAILED = "publish_failed"  # the dead-letter publish failed: NAKed
 

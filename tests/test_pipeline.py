@@ -16,6 +16,7 @@ import pytest
 from nats.js import api
 
 from dlqproc.embedded import NatsServer
+from dlqproc.policy import DEAD_LETTER_ATTEMPTS
 from support.service import Service, wait_until
 
 Make = Callable[..., Service]
@@ -301,6 +302,39 @@ def test_crashing_event_is_dead_lettered_to_its_own_tenant(pipeline: Make) -> No
     assert env["error_type"] == "retryable"
     [row] = svc.exhausted()
     assert row["company_id"] == "acme" and row["reason"] == "retries_exhausted"
+
+
+def test_a_dead_letter_jetstream_keeps_refusing_is_stored_directly(
+    pipeline: Make, own_nats: NatsServer
+) -> None:
+    """The operator's DLQ stream takes messages of at most 2 KiB; a 4 KiB event
+    fails validation. Its dead-letter publish is refused on every delivery, so
+    after DEAD_LETTER_ATTEMPTS of them the event is stored in exhausted_events
+    itself and ACKed, instead of coming back for ever."""
+
+    async def operator_stream() -> None:
+        nc = await nats.connect(own_nats.url)
+        try:
+            await nc.jetstream().add_stream(
+                name="dlq_stream", subjects=["v1.dlq.>"], max_msg_size=2048
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(operator_stream())
+    svc = pipeline()
+    body = json.dumps({"chat_id": "c", "push_name": "x" * 4096}).encode()  # no jid: validation
+    seq = send(svc, "v1.chats.upsert", "acme", body)
+    row = wait_until(lambda: svc.exhausted_of("wa_events_stream", seq), timeout=60)
+    wait_until(lambda: main_settled(svc), timeout=30)
+    assert row["reason"] == "validation" and bytes(row["raw_payload"]) == body
+    assert row["retry_count"] == 1 + DEAD_LETTER_ATTEMPTS
+    assert "[stored directly: dead-letter publish failed on every attempt]" in row["last_error"]
+    assert svc.dlq_messages() == []
+    refused = svc.find_containing("Failed to publish event to DLQ")
+    assert len(refused) == DEAD_LETTER_ATTEMPTS
+    [stored] = svc.find_containing("Event not dead-lettered, stored in exhausted_events")
+    assert stored["why"] == "dead-letter publish failed on every attempt"
 
 
 def test_event_too_big_for_a_dlq_message_is_stored_directly(pipeline: Make) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from dlqproc.model import Failed, FailureKind, Ok, Outcome, Reason, Stored, failure
 from dlqproc.policy import (
     ACK,
+    DEAD_LETTER_ATTEMPTS,
     Ack,
     Budget,
     Exhaust,
@@ -22,6 +23,7 @@ from dlqproc.policy import (
     after_failed_settle,
     after_failed_write,
     backoff,
+    dead_letter_given_up,
     decide,
     expired_locally,
     needs_progress,
@@ -363,3 +365,30 @@ def test_local_expiry_and_progress_acks(waited: float, ack_wait: float) -> None:
     if expired:
         assert needs_progress(waited, ack_wait)
     assert not needs_progress(ack_wait / 2, ack_wait)
+
+
+@given(
+    st.integers(min_value=1, max_value=10_000),
+    st.sampled_from([*PERMANENT_REASONS, Reason.RETRIES_EXHAUSTED]),
+    st.integers(min_value=1, max_value=50),
+)
+def test_a_dead_letter_is_given_up_after_its_attempts_and_never_before(
+    n: int, reason: Reason, budget: int
+) -> None:
+    """Deliveries since the event was first exhausted are its dead-letter attempts.
+
+    A permanent failure is exhausted on its first delivery, a spent budget on
+    the budget's last; once DEAD_LETTER_ATTEMPTS of them failed to publish,
+    every later delivery stores the event directly (never a loop)."""
+    policy = msgspec.structs.replace(POLICY, max_retries=budget)
+    first = budget if reason is Reason.RETRIES_EXHAUSTED else 1
+    given_up = dead_letter_given_up(n, reason, policy)
+    assert given_up == (n >= first + DEAD_LETTER_ATTEMPTS)
+    if given_up:
+        assert dead_letter_given_up(n + 1, reason, policy)
+
+
+def test_a_first_exhaustion_always_tries_the_dlq() -> None:
+    assert not dead_letter_given_up(1, Reason.VALIDATION, POLICY)
+    assert not dead_letter_given_up(POLICY.max_retries, Reason.RETRIES_EXHAUSTED, POLICY)
+    assert DEAD_LETTER_ATTEMPTS >= 1
