@@ -11,7 +11,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dlqproc.config import ConsoleConfig, load
+from dlqproc.console import app as console_app
 from dlqproc.console import auth, forms, serve, throttle
 from dlqproc.console.app import COUNT_CAP, Console, _local_path
 from dlqproc.console.throttle import Throttle
@@ -515,3 +516,35 @@ def test_the_served_console_refuses_smuggling_and_reflects_nothing(dsn: str) -> 
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Error handling request" not in err, err
+
+
+def test_a_form_body_dribbled_in_is_cut_off(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a form's head and then its body a byte at a time gets
+    408 once the body timeout runs out, instead of holding one of the console's
+    few connections for as long as it likes."""
+    migrate(dsn)
+    monkeypatch.setattr(console_app, "BODY_TIMEOUT", 0.5)
+    stalled = asyncio.Event()
+
+    async def dribble() -> AsyncIterator[bytes]:
+        yield b"operator=a"
+        stalled.set()
+        await asyncio.sleep(60)  # the server must answer long before this
+        yield b"&token=x"
+
+    async def test(client: Client) -> None:
+        page = await client.get("/login")
+        assert page.status == 200
+        r = await asyncio.wait_for(
+            client.post(
+                "/login",
+                data=dribble(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ),
+            timeout=30,
+        )
+        assert stalled.is_set()
+        assert r.status == 408
+        assert r.headers.get("Connection", "").lower() == "close"
+
+    _run(dsn, TOKEN, test)

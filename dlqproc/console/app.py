@@ -44,6 +44,10 @@ log = logging.getLogger("dlqproc.console")
 
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 256 * 1024
+# Seconds a client has to send a form's body once its head arrived: a body
+# dribbled in a byte at a time would otherwise hold a connection (of the
+# listener's bounded few) for as long as the client likes.
+BODY_TIMEOUT = 10.0
 SINGLE_WAIT = 5.0  # seconds a one-row replay is awaited before showing its job page
 STOP_WAIT = 30.0
 COUNT_CAP = 10_000  # the list page counts matches up to this many
@@ -153,6 +157,12 @@ class Console:
             return await handler(request)
         except FilterError as exc:
             return self.render(request, "error.html", 400, title="Bad filter", message=str(exc))
+        except BodyTimeout:
+            response = self.render(
+                request, "error.html", 408, title="Too slow", message="The form took too long."
+            )
+            response.force_close()
+            return response
         except DBUnavailable as exc:
             log.warning("console: PostgreSQL unavailable: %s", self.secrets.scrub(str(exc)))
             message = "PostgreSQL is unavailable; the console's log says why."
@@ -198,7 +208,7 @@ class Console:
         request[SESSION] = session
         request[OPERATOR] = session.operator
         if request.method == "POST":
-            form = await request.post()
+            form = await _form(request)
             if not auth.csrf_ok(session, _str(form.get("csrf"))):
                 return self._refuse(request, 403, "missing or wrong CSRF token")
         return await handler(request)
@@ -251,7 +261,7 @@ class Console:
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         session: auth.Session | None = request.get(SESSION)
-        form = await request.post()
+        form = await _form(request)
         if not auth.csrf_ok(session, _str(form.get("csrf"))):
             return self._refuse(request, 403, "missing or wrong CSRF token; reload the page")
         assert session is not None
@@ -282,7 +292,7 @@ class Console:
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         session: auth.Session | None = request.get(SESSION)
-        form = await request.post()
+        form = await _form(request)
         if session is not None and auth.csrf_ok(session, _str(form.get("csrf"))):
             self.sessions.drop(session)
         response = web.HTTPSeeOther("/login")
@@ -371,7 +381,7 @@ class Console:
     async def act(self, request: web.Request) -> web.StreamResponse:
         row_id = int(request.match_info["id"])
         action = request.match_info["action"]
-        form = await request.post()
+        form = await _form(request)
         note = (_str(form.get("note")) or "").strip() or None
         if action in ("resolve", "annotate") and note is None:
             message = f"{action.capitalize()} needs a note."
@@ -386,7 +396,7 @@ class Console:
 
     async def replay_one(self, request: web.Request) -> web.StreamResponse:
         row_id = int(request.match_info["id"])
-        form = await request.post()
+        form = await _form(request)
         job = await self._start_job(
             Filter(ids=(row_id,), state="all"),
             request[OPERATOR],
@@ -425,7 +435,7 @@ class Console:
         )
 
     async def bulk_start(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await _form(request)
         q = forms.parse(_multi(form), filters.utcnow())
         job = await self._start_job(
             q.filter,
@@ -628,3 +638,15 @@ def _local_path(path: str) -> str:
 
 def when(dt: datetime | None) -> str:
     return dt.isoformat(timespec="seconds") if dt is not None else "-"
+
+
+class BodyTimeout(Exception):
+    """A form's body did not arrive within BODY_TIMEOUT."""
+
+
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | Any]:
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.post()
+    except TimeoutError:
+        raise BodyTimeout from None
