@@ -3,9 +3,15 @@ a real pseudo-terminal, plain lines when stderr is a pipe; real NATS and Postgre
 
 from __future__ import annotations
 
+import io
 import re
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dlqproc.embedded import NatsServer
+from dlqproc.exhausted import progress
+from dlqproc.exhausted.engine import Counts
 from support.exhausted import add_stream, bulk_rows, cli, in_pty, migrate
 
 ROWS = 600
@@ -61,3 +67,36 @@ def test_no_bar_without_a_terminal_but_plain_lines(dsn: str, own_nats: NatsServe
     done = [int(m[2]) for m in lines]
     assert done == sorted(done) and len(set(done)) == len(done) and done[-1] == ROWS
     assert "published 600" in out.stdout
+
+
+@given(
+    total=st.integers(min_value=0, max_value=100_000),
+    steps=st.lists(st.integers(min_value=0, max_value=5_000), max_size=200),
+    gaps=st.lists(st.floats(min_value=0, max_value=5), max_size=200),
+)
+def test_progress_output_is_bounded_whatever_the_counts(
+    total: int, steps: list[int], gaps: list[float]
+) -> None:
+    """Plain lines: ordered, one per tenth of the job (or LINE_EVERY) at most, no
+    carriage return. The bar: redraws only, one newline, at its end."""
+    for kind in (progress.Lines, progress.Bar):
+        out = io.StringIO()
+        p = kind(out, 7, total)
+        done, now = 0, p.start
+        for step, gap in zip(steps, gaps, strict=False):
+            done, now = min(total, done + step), now + gap
+            p.counts = Counts(published=done)
+            p.update(p.counts, now)
+        p.end()
+        text = out.getvalue()
+        final = f"job 7: {done}/{total} "
+        if kind is progress.Lines:
+            lines = text.split("\n")
+            assert "\r" not in text and lines[-1] == "" and lines[-2].startswith(final)
+            seen = [int(line.split(" ")[2].split("/")[0]) for line in lines[:-1]]
+            assert seen == sorted(seen)
+            elapsed = now - p.start
+            assert len(seen) <= progress.LINE_STEP + 2 + elapsed / progress.LINE_EVERY
+        else:
+            assert text.count("\n") == 1 and text.endswith("\n")
+            assert text.rsplit("\r", 1)[1].startswith(final)
