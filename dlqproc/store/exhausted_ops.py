@@ -217,6 +217,15 @@ _SETTLE_TAIL = (
     "  ON CONFLICT DO NOTHING)"
     " SELECT company_id, state, count(*) FROM items GROUP BY 1, 2 ORDER BY 1, 2"
 )
+# A settle locks the published rows first, in id order as a claim does: a
+# claim of another job holding some of them then either finishes before the
+# settle touches their items (and skips them) or waits for it, never both
+# ways at once (a deadlock).
+_LOCK_ROWS = (
+    b"SELECT e.id FROM public.exhausted_events e"
+    b" WHERE e.id = ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)::bigint))"
+    b" ORDER BY e.id FOR NO KEY UPDATE OF e"
+)
 # The shared rows last, each in its own statement so the order is fixed: a
 # job's settles (and its claims) then hold them only for the end of their
 # transactions, and every transaction takes the totals in key order, then the job.
@@ -631,6 +640,9 @@ class ExhaustedDB:
         results: Sequence[Settled],
     ) -> None:
         """A batch's items, rows and audit in one statement; then its totals and job counts."""
+        published = sorted(r.id for r in results if r.state == "published")
+        if published:
+            await conn.execute(_LOCK_ROWS, (msgspec.json.encode(published).decode(),))
         cur = await conn.execute(
             _SETTLE,
             {
