@@ -6,5 +6,6 @@ The layer under `dlqproc exhausted ...` (and the web console):
 - `refusals`: pure; which rows can be replayed, and what is published for them;
 - its PostgreSQL side is `dlqproc.store.exhausted_ops` (psycopg stays in the store);
 - `engine`: the replay engine (jobs, claims, rate, pauses, resume);
-- `render`: pure; tables, NDJSON and the detail view for a terminal.
+- `render`: pure; tables, NDJSON and the detail view for a terminal;
+- `progress`: a replay job's progress bar on a terminal, plain lines elsewhere.
 """

@@ -12,15 +12,14 @@ import os
 import pwd
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TextIO
 
 from dlqproc import redact
 from dlqproc.config import Config
-from dlqproc.exhausted import filters, render
-from dlqproc.exhausted.engine import Counts, Engine
+from dlqproc.exhausted import filters, progress, render
+from dlqproc.exhausted.engine import Engine
 from dlqproc.exhausted.filters import Filter, FilterError, State
 from dlqproc.store.exhausted_ops import DBUnavailable, ExhaustedDB, Job, JobBusy
 
@@ -69,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rp.add_argument("--resume", type=_positive_int, metavar="JOB", help="continue a job")
     rp.add_argument("--note", help="recorded with each replay in the audit trail")
     _actor_arg(rp)
-    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar or lines")
 
     jobs = ops.add_parser("jobs", help="replay jobs, newest first")
     jobs.add_argument("--limit", type=_positive_int, default=20)
@@ -305,45 +304,6 @@ async def _purge(db: ExhaustedDB, args: argparse.Namespace, now: datetime, out: 
     return 0
 
 
-class _Bar:
-    """A progress line on a terminal: done/total, rate, ETA, and why it waits."""
-
-    def __init__(self, stream: TextIO, job_id: int, total: int) -> None:
-        self.stream, self.job_id, self.total = stream, job_id, total
-        self.start = time.monotonic()
-        self.base: int | None = None
-        self.width = 0
-        self.last = 0.0
-
-    def __call__(self, c: Counts) -> None:
-        now = time.monotonic()
-        if now - self.last < 0.1:
-            return
-        self.last = now
-        done = c.done
-        if self.base is None:
-            self.base = done
-        elapsed = max(now - self.start, 1e-6)
-        rate = (done - self.base) / elapsed
-        pct = 100.0 * done / self.total if self.total else 100.0
-        eta = render.age((self.total - done) / rate) if rate > 0 and self.total > done else "-"
-        line = (
-            f"job {self.job_id}: {done}/{self.total} ({pct:5.1f}%)  {rate:,.0f} ev/s  ETA {eta}"
-            f"  published {c.published} refused {c.refused} failed {c.failed}"
-            f" skipped {c.skipped}"
-        )
-        if c.paused:
-            line += f"  PAUSED: {c.paused[:80]}"
-        pad = max(0, self.width - len(line))
-        self.width = len(line)
-        self.stream.write("\r" + line + " " * pad)
-        self.stream.flush()
-
-    def end(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 async def _replay(
     db: ExhaustedDB, args: argparse.Namespace, cfg: Config, now: datetime, out: TextIO
 ) -> int:
@@ -382,7 +342,7 @@ async def _replay(
         f" target {job.target}, rate {f'{job.rate:g}/s' if job.rate else 'unlimited'}",
         file=sys.stderr,
     )
-    bar = _Bar(sys.stderr, job.id, total) if sys.stderr.isatty() and not args.quiet else None
+    bar = None if args.quiet else progress.for_stream(sys.stderr, job.id, total)
     broker = await Broker.connect(cfg.nats.url, name="dlqproc-replay", timeout=30.0)
     engine = Engine(db, broker, dlq_subject=cfg.nats.dlq_subject, on_progress=bar)
     loop = asyncio.get_running_loop()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +40,9 @@ log = logging.getLogger("dlqproc.exhausted")
 MAX_CHUNK = 1000
 SETTLE_EVERY = 0.2  # seconds between commits of acknowledged rows
 SETTLE_BATCH = 1000
+# Connections settling batches side by side: a batch's row updates touch a
+# dozen indexes each, which one PostgreSQL backend could not keep up with.
+SETTLERS = 2
 # A claimed row republished on resume must still be inside the duplicate
 # window when JetStream sees the second copy: keep this much margin.
 WINDOW_MARGIN = 10.0
@@ -94,9 +96,9 @@ class Engine:
         self._stop = asyncio.Event()
         self._flushing = True
         self._publisher = broker.acked_publisher()
-        # Settling commits on a connection of its own, so that claiming the
+        # Settling commits on connections of its own, so that claiming the
         # next chunk never waits behind it.
-        self._settle_db = db.sibling()
+        self._settle_dbs = [db.sibling() for _ in range(SETTLERS)]
 
     def stop(self) -> None:
         """Finish the publishes in flight, commit them, give back the rest (Ctrl-C)."""
@@ -166,7 +168,7 @@ class Engine:
         limiter = RateLimiter(job.rate) if job.rate else None
         slots = asyncio.Semaphore(self.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        flusher = asyncio.create_task(self._flush_loop(job))
+        settlers = [asyncio.create_task(self._settle_loop(job, db)) for db in self._settle_dbs]
         finished = False
         unattempted: list[int] = []
         try:
@@ -206,7 +208,9 @@ class Engine:
                 return asyncio.create_task(self._claim(job, chunk), name=f"claim-{chunk}")
 
             while not self._stop.is_set():
-                if claiming is None and len(rows) <= chunk_for(job.rate) // 2:
+                # A claim takes about as long as publishing a chunk: the next
+                # one starts as soon as the previous one has landed.
+                if claiming is None and len(rows) <= chunk_for(job.rate):
                     claiming = next_claim()
                 if not rows:
                     if claiming is None:
@@ -226,7 +230,8 @@ class Engine:
                 pub = await self._prepare(job, row)
                 if pub is None:
                     continue
-                await self._wait_for_nats()
+                if not self.broker.connected:
+                    await self._wait_for_nats()
                 if limiter is not None:
                     await limiter.acquire()
                 await slots.acquire()
@@ -246,14 +251,16 @@ class Engine:
         finally:
             for task in tasks:
                 task.cancel()
-            # Never cancelled mid-commit: it ends between commits.
+            # Never cancelled mid-commit: they end between commits.
             self._flushing = False
-            with contextlib.suppress(DBUnavailable):
-                await flusher
+            for got in await asyncio.gather(*settlers, return_exceptions=True):
+                if isinstance(got, BaseException) and not isinstance(got, DBUnavailable):
+                    raise got
         try:
             await self._flush_all(job)
         finally:
-            await self._settle_db.close()
+            for db in self._settle_dbs:
+                await db.close()
         if unattempted:
             await self._db(lambda: self.db.release(job, unattempted))
         state: JobState = "done" if finished else "stopped"
@@ -283,7 +290,12 @@ class Engine:
         """The message for a claimed row, or None after settling it refused."""
         pub = refusals.build(row, job.id, job.target, self.dlq_subject)
         why = ""
-        if await self._binding(pub.subject) is None:
+        # Looked up once per subject; no coroutine per row once it is known.
+        if pub.subject in self._bindings:
+            binding = self._bindings[pub.subject]
+        else:
+            binding = await self._binding(pub.subject)
+        if binding is None:
             why = f"unknown subject: no JetStream stream stores {pub.subject[:200]!r}"
         elif len(pub.body) + 1024 > self.broker.max_payload:
             why = f"body of {len(pub.body)} bytes is over NATS max_payload"
@@ -336,29 +348,56 @@ class Engine:
     def _settle(self, result: Settled) -> None:
         self._pending.append(result)
 
-    async def _flush_loop(self, job: Job) -> None:
+    async def _settle_loop(self, job: Job, db: ExhaustedDB) -> None:
+        """Commit a batch whenever one is full or SETTLE_EVERY passed, until run() ends."""
         last = time.monotonic()
         while self._flushing:
-            await asyncio.sleep(SETTLE_EVERY / 4)
-            if len(self._pending) >= SETTLE_BATCH or time.monotonic() - last >= SETTLE_EVERY:
-                last = time.monotonic()
-                await self._flush(job)
+            if len(self._pending) < SETTLE_BATCH and time.monotonic() - last < SETTLE_EVERY:
+                await asyncio.sleep(SETTLE_EVERY / 4)
+                continue
+            last = time.monotonic()
+            if self._pending:
+                await self._settle_batch(job, db)
                 self._progress()
 
-    async def _flush(self, job: Job) -> None:
+    async def _settle_batch(self, job: Job, db: ExhaustedDB) -> None:
+        """Commit the oldest pending batch on `db`, waiting through outages (a few
+        attempts once the job is stopping); a batch not committed goes back."""
         attempt = 0
-        while self._pending:
-            batch = self._pending[:SETTLE_BATCH]
-            try:
-                await self._settle_db.settle(job, batch)
-            except DBUnavailable as exc:
-                if (self._stop.is_set() or not self._flushing) and attempt >= 3:
-                    raise
-                await self._pause(f"PostgreSQL unavailable ({str(exc)[:200]})", attempt)
-                attempt += 1
-                continue
-            self._resumed()
-            del self._pending[: len(batch)]
+        batch = self._pending[:SETTLE_BATCH]
+        del self._pending[: len(batch)]
+        try:
+            while True:
+                try:
+                    await db.settle(job, batch)
+                except DBUnavailable as exc:
+                    if (self._stop.is_set() or not self._flushing) and attempt >= 3:
+                        raise
+                    await self._pause(f"PostgreSQL unavailable ({str(exc)[:200]})", attempt)
+                    attempt += 1
+                    continue
+                self._resumed()
+                return
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+
+    async def _flush(self, job: Job) -> None:
+        """Commit everything pending, on every settling connection at once."""
+
+        async def drain(db: ExhaustedDB) -> None:
+            while self._pending:
+                await self._settle_batch(job, db)
+
+        failed = [
+            r
+            for r in await asyncio.gather(
+                *(drain(db) for db in self._settle_dbs), return_exceptions=True
+            )
+            if isinstance(r, BaseException)
+        ]
+        if failed:
+            raise failed[0]
 
     async def _flush_all(self, job: Job) -> None:
         try:

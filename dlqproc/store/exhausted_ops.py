@@ -18,6 +18,7 @@ row, the job's counts) in one transaction.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from dlqproc.exhausted import filters
 from dlqproc.exhausted.filters import Filter
 from dlqproc.exhausted.refusals import ReplayRow, Target
+from dlqproc.store.exhausted import text
 
 Action = Literal["resolve", "unresolve", "annotate"]
 ItemState = Literal["published", "refused", "failed", "uncertain"]
@@ -176,6 +178,99 @@ def _job(r: Sequence[Any]) -> Job:
 
 def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
     return not conn.closed and not conn.broken and conn.info.status == ConnStatus.OK
+
+
+# A batch of results travels as one JSON document, which msgspec encodes in C:
+# list parameters cost psycopg a Python call (and, for text, a regex) per
+# element, more than PostgreSQL took to settle the rows at a few thousand a second.
+_RESULTS = (
+    "r AS (SELECT * FROM jsonb_to_recordset(%(results)s::jsonb) AS r(id bigint,"
+    " company_id text, state text, msg_id text, stream text, stream_seq bigint,"
+    " duplicate boolean, detail text, subject text))"
+)
+_ITEMS_UPDATE = (
+    "items AS (UPDATE public.exhausted_replay_items i SET state = r.state, done_at = now(),"
+    " msg_id = nullif(r.msg_id, ''), stream_seq = nullif(r.stream_seq, 0),"
+    " duplicate = r.duplicate, detail = nullif(r.detail, '')"
+    " FROM r WHERE i.job_id = %(job)s AND i.exhausted_id = r.id AND i.state = 'claimed'"
+    " RETURNING i.exhausted_id AS id, i.company_id, i.state)"
+)
+_SETTLE_TAIL = (
+    ", replayed AS (UPDATE public.exhausted_events e SET replayed_at = now(),"
+    "  replay_count = e.replay_count + 1,"
+    "  resolved_at = CASE WHEN %(resolve)s AND NOT e.resolved THEN now() ELSE e.resolved_at END,"
+    "  resolved = e.resolved OR %(resolve)s"
+    "  FROM items WHERE items.state = 'published' AND e.id = items.id"
+    "  RETURNING e.id, e.company_id)"
+    # One replay row per event and job (a unique index); with --resolve, a resolve row after it.
+    ", audit AS (INSERT INTO public.exhausted_audit"
+    "  (exhausted_id, company_id, action, actor, note, job_id, detail)"
+    "  SELECT p.id, p.company_id, a.action, %(actor)s::text,"
+    "   CASE a.action WHEN 'replay' THEN %(note)s::text ELSE %(resolve_note)s::text END,"
+    "   %(job)s, CASE a.action WHEN 'replay' THEN jsonb_build_object('target', %(target)s::text,"
+    "    'subject', r.subject, 'msg_id', r.msg_id, 'stream', r.stream, 'seq', r.stream_seq,"
+    "    'duplicate', r.duplicate) END"
+    "  FROM replayed p JOIN r ON r.id = p.id"
+    "  CROSS JOIN (VALUES ('replay'), ('resolve')) AS a(action)"
+    "  WHERE a.action = 'replay' OR %(resolve)s"
+    "  ORDER BY p.id, a.action = 'resolve'"
+    "  ON CONFLICT DO NOTHING)"
+    " SELECT company_id, state, count(*) FROM items GROUP BY 1, 2 ORDER BY 1, 2"
+)
+# A settle locks the published rows first, in id order as a claim does: a
+# claim of another job holding some of them then either finishes before the
+# settle touches their items (and skips them) or waits for it, never both
+# ways at once (a deadlock).
+_LOCK_ROWS = (
+    b"SELECT e.id FROM public.exhausted_events e"
+    b" WHERE e.id = ANY(ARRAY(SELECT jsonb_array_elements_text(%s::jsonb)::bigint))"
+    b" ORDER BY e.id FOR NO KEY UPDATE OF e"
+)
+# The shared rows last, each in its own statement so the order is fixed: a
+# job's settles (and its claims) then hold them only for the end of their
+# transactions, and every transaction takes the totals in key order, then the job.
+_ADD_TOTALS = (
+    b"INSERT INTO public.exhausted_replay_totals AS t (company_id, result, n)"
+    b" SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+    b" ON CONFLICT (company_id, result) DO UPDATE SET n = t.n + excluded.n"
+)
+_ADD_COUNTS = (
+    b"UPDATE public.exhausted_replay_jobs SET published = published + %s,"
+    b" refused = refused + %s, failed = failed + %s, uncertain = uncertain + %s,"
+    b" updated_at = now() WHERE id = %s"
+)
+_SETTLE = ("WITH " + _RESULTS + ", " + _ITEMS_UPDATE + _SETTLE_TAIL).encode()
+
+# A chunk's candidates, locked (a concurrent settle of one of them is waited
+# for, then seen), and the claims of those not already this job's nor replayed
+# since it began; the unique index on claims lets one job at a time have a row.
+# The WHERE clause between head and tail is filters.where's constant text.
+_CLAIM_HEAD = (
+    "WITH c AS (SELECT e.id, e.company_id, e.source_subject, e.reason, e.resolved,"
+    "  e.original_payload::text AS original, octet_length(e.raw_payload), e.last_error,"
+    "  coalesce(e.replayed_at >= %(not_before)s, false) AS replayed,"
+    "  EXISTS (SELECT 1 FROM public.exhausted_replay_items i"
+    "          WHERE i.exhausted_id = e.id AND i.job_id = %(job)s) AS mine"
+    " FROM public.exhausted_events e WHERE "
+)
+_CLAIM_TAIL = (
+    " AND e.id > %(cursor)s ORDER BY e.id LIMIT %(chunk)s FOR UPDATE OF e),"
+    " got AS (INSERT INTO public.exhausted_replay_items"
+    "  (job_id, exhausted_id, company_id, state, replay_key)"
+    "  SELECT %(job)s, c.id, c.company_id, 'claimed', md5(c.source_subject || ' ' || c.original)"
+    "  FROM c WHERE NOT c.mine AND NOT c.replayed"
+    "  ON CONFLICT DO NOTHING RETURNING exhausted_id)"
+    " SELECT c.*, c.id IN (SELECT exhausted_id FROM got) FROM c ORDER BY c.id"
+)
+
+
+def _settled_json(results: Sequence[Settled]) -> str:
+    return msgspec.json.encode(
+        [
+            msgspec.structs.replace(r, detail=text(r.detail), subject=text(r.subject))
+            for r in results
+        ]
+    ).decode()
 
 
 class ExhaustedDB:
@@ -497,177 +592,86 @@ class ExhaustedDB:
         clause, params = filters.where(job.filter)
         params.update(job=job.id, cursor=job.cursor, chunk=chunk, not_before=job.not_before)
         async with self._tx() as conn:
-            cur = await conn.execute(
-                "SELECT e.id, e.company_id, e.source_subject, e.reason, e.resolved,"
-                " e.original_payload::text, octet_length(e.raw_payload), e.last_error,"
-                " coalesce(e.replayed_at >= %(not_before)s, false),"
-                " EXISTS (SELECT 1 FROM public.exhausted_replay_items i"
-                "         WHERE i.exhausted_id = e.id AND i.job_id = %(job)s)"
-                f" FROM public.exhausted_events e WHERE {clause} AND e.id > %(cursor)s"
-                " ORDER BY e.id LIMIT %(chunk)s FOR UPDATE OF e".encode(),
-                params,
-            )
+            # The walk is in id order: the planner's default cost of a random
+            # page had it read the id index and filter, rather than take a
+            # filter's own (column, id) index, which on a tenant whose rows
+            # are the newest of a million read the whole table for the first chunk.
+            await conn.execute("SET LOCAL random_page_cost = 1.1")
+            cur = await conn.execute((_CLAIM_HEAD + clause + _CLAIM_TAIL).encode(), params)
             found = await cur.fetchall()
             if not found:
                 return Claimed((), 0, 0, False, job.cursor, chunk)
             skipped = 0
             wanted: list[ReplayRow] = []
-            refused: list[tuple[ReplayRow, str]] = []
+            refused: list[Settled] = []
             for r in found:
-                row = _replay_row(r)
                 if r[9]:  # this job's already
                     continue
-                if r[8]:
+                if not r[10]:  # replayed since the job began, or another job holds it
                     skipped += 1
                     continue
+                row = _replay_row(r)
                 why = refuse(row)
                 if why is None:
                     wanted.append(row)
                 else:
-                    refused.append((row, why))
-            got: set[int] = set()
-            if wanted:
-                cur = await conn.execute(
-                    "INSERT INTO public.exhausted_replay_items (job_id, exhausted_id, company_id,"
-                    " state, replay_key)"
-                    " SELECT %s, e.id, e.company_id, 'claimed',"
-                    "  md5(e.source_subject || ' ' || e.original_payload::text)"
-                    " FROM public.exhausted_events e WHERE e.id = ANY(%s)"
-                    " ON CONFLICT DO NOTHING RETURNING exhausted_id",
-                    (job.id, [w.id for w in wanted]),
-                )
-                got = {int(r[0]) for r in await cur.fetchall()}
-            skipped += len(wanted) - len(got)
+                    refused.append(Settled(row.id, row.company_id, "refused", detail=why))
             if refused:
-                await self._settle_items(
-                    conn,
-                    job,
-                    [Settled(r.id, r.company_id, "refused", detail=why) for r, why in refused],
-                    insert=True,
-                )
+                await self._settle_items(conn, job, refused)
             await conn.execute(
                 "UPDATE public.exhausted_replay_jobs SET cursor = %s, skipped = skipped + %s,"
                 " updated_at = now() WHERE id = %s",
                 (int(found[-1][0]), skipped, job.id),
             )
-        rows = tuple(w for w in wanted if w.id in got)
-        return Claimed(rows, len(refused), skipped, len(found) == chunk, int(found[-1][0]), chunk)
+        last = int(found[-1][0])
+        return Claimed(tuple(wanted), len(refused), skipped, len(found) == chunk, last, chunk)
 
     async def settle(self, job: Job, results: Sequence[Settled]) -> None:
         """Commit the results of claimed rows (published ones after their PubAck)."""
         if not results:
             return
         async with self._tx() as conn:
-            await self._settle_items(conn, job, results, insert=False)
+            await self._settle_items(conn, job, results)
 
+    @staticmethod
     async def _settle_items(
-        self,
         conn: psycopg.AsyncConnection[Any],
         job: Job,
         results: Sequence[Settled],
-        insert: bool,
     ) -> None:
-        ids = [r.id for r in results]
-        if insert:
-            cur = await conn.execute(
-                "INSERT INTO public.exhausted_replay_items"
-                " (job_id, exhausted_id, company_id, state, done_at, detail)"
-                " SELECT %s, i, c, s, now(), d"
-                " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS t(i, c, s, d)"
-                " ON CONFLICT DO NOTHING RETURNING exhausted_id",
-                (
-                    job.id,
-                    ids,
-                    [r.company_id for r in results],
-                    [r.state for r in results],
-                    [r.detail for r in results],
-                ),
-            )
-        else:
-            cur = await conn.execute(
-                "UPDATE public.exhausted_replay_items i SET state = t.s, done_at = now(),"
-                " msg_id = nullif(t.m, ''), stream_seq = nullif(t.q, 0), duplicate = t.u,"
-                " detail = nullif(t.d, '')"
-                " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bool[],"
-                "             %s::text[]) AS t(i, s, m, q, u, d)"
-                " WHERE i.job_id = %s AND i.exhausted_id = t.i AND i.state = 'claimed'"
-                " RETURNING i.exhausted_id",
-                (
-                    ids,
-                    [r.state for r in results],
-                    [r.msg_id for r in results],
-                    [r.stream_seq for r in results],
-                    [r.duplicate for r in results],
-                    [r.detail for r in results],
-                    job.id,
-                ),
-            )
-        # Only what changed in this transaction counts: settling twice is harmless.
-        changed = {int(r[0]) for r in await cur.fetchall()}
-        results = [r for r in results if r.id in changed]
-        if not results:
-            return
-        states = [r.state for r in results]
-        companies = [r.company_id for r in results]
-        published = [r for r in results if r.state == "published"]
+        """A batch's items, rows and audit in one statement; then its totals and job counts."""
+        published = sorted(r.id for r in results if r.state == "published")
         if published:
-            pids = [r.id for r in published]
-            await conn.execute(
-                "UPDATE public.exhausted_events SET replayed_at = now(),"
-                " replay_count = replay_count + 1,"
-                " resolved_at = CASE WHEN %s AND NOT resolved THEN now() ELSE resolved_at END,"
-                " resolved = resolved OR %s"
-                " WHERE id = ANY(%s)",
-                (job.resolve, job.resolve, pids),
-            )
-            details = [
-                msgspec.json.encode(
-                    {
-                        "target": job.target,
-                        "subject": r.subject,
-                        "msg_id": r.msg_id,
-                        "stream": r.stream,
-                        "seq": r.stream_seq,
-                        "duplicate": r.duplicate,
-                    }
-                ).decode()
-                for r in published
-            ]
-            await conn.execute(
-                "INSERT INTO public.exhausted_audit"
-                " (exhausted_id, company_id, action, actor, note, job_id, detail)"
-                " SELECT e.id, e.company_id, 'replay', %s, %s, %s, t.d::jsonb"
-                " FROM unnest(%s::bigint[], %s::text[]) AS t(i, d)"
-                " JOIN public.exhausted_events e ON e.id = t.i"
-                " ON CONFLICT DO NOTHING",
-                (job.actor, job.note, job.id, pids, details),
-            )
-            if job.resolve:
-                await conn.execute(
-                    "INSERT INTO public.exhausted_audit"
-                    " (exhausted_id, company_id, action, actor, note, job_id)"
-                    " SELECT e.id, e.company_id, 'resolve', %s, %s, %s"
-                    " FROM public.exhausted_events e WHERE e.id = ANY(%s)",
-                    (job.actor, job.note or f"resolved by replay job {job.id}", job.id, pids),
-                )
+            await conn.execute(_LOCK_ROWS, (msgspec.json.encode(published).decode(),))
+        cur = await conn.execute(
+            _SETTLE,
+            {
+                "results": _settled_json(results),
+                "job": job.id,
+                "resolve": job.resolve,
+                "actor": job.actor,
+                "note": job.note,
+                "resolve_note": job.note or f"resolved by replay job {job.id}",
+                "target": job.target,
+            },
+        )
+        # Only what this statement changed counts: settling a row twice is harmless.
+        changed: list[tuple[str, ItemState, int]] = await cur.fetchall()
+        if not changed:
+            return
+        await conn.execute(_ADD_TOTALS, [list(c) for c in zip(*changed, strict=True)])
+        by_state = collections.Counter[str]()
+        for _, state, n in changed:
+            by_state[state] += n
         await conn.execute(
-            "UPDATE public.exhausted_replay_jobs SET"
-            " published = published + %s, refused = refused + %s, failed = failed + %s,"
-            " uncertain = uncertain + %s, updated_at = now() WHERE id = %s",
+            _ADD_COUNTS,
             (
-                states.count("published"),
-                states.count("refused"),
-                states.count("failed"),
-                states.count("uncertain"),
+                by_state["published"],
+                by_state["refused"],
+                by_state["failed"],
+                by_state["uncertain"],
                 job.id,
             ),
-        )
-        await conn.execute(
-            "INSERT INTO public.exhausted_replay_totals AS t (company_id, result, n)"
-            " SELECT c, s, count(*) FROM unnest(%s::text[], %s::text[]) AS u(c, s) GROUP BY 1, 2"
-            " ORDER BY 1, 2"
-            " ON CONFLICT (company_id, result) DO UPDATE SET n = t.n + excluded.n",
-            (companies, states),
         )
 
     async def release(self, job: Job, ids: Sequence[int]) -> None:

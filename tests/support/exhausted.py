@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -139,6 +141,47 @@ def popen(*args: str, dsn: str, nats_url: str) -> subprocess.Popen[str]:
         text=True,
         env=cli_env(dsn, nats_url),
     )
+
+
+def in_pty(*args: str, dsn: str, nats_url: str, timeout: float = 120) -> tuple[int, bytes]:
+    """The CLI with a pseudo-terminal as its stdout and stderr: (exit code, all it drew).
+
+    The terminal's output processing is left on, so a newline arrives as CRLF,
+    as a user's terminal gets it.
+    """
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlqproc", "exhausted", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            env=cli_env(dsn, nats_url),
+        )
+    finally:
+        os.close(slave)
+    drawn = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"still running after {timeout} s: {bytes(drawn[-2000:])!r}")
+            if not select.select([master], [], [], min(left, 1.0))[0]:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal (it exited)
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        return proc.wait(timeout=30), bytes(drawn)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
