@@ -98,8 +98,16 @@ def as_copy(block: Rows) -> Rows:
     from JSON has the text form the original had (dates, UUIDs and decimals
     were already strings), so the line is the one the values would give.
     """
-    rows = tuple(line(msgspec.json.decode(r).values()) for r in block.rows)
-    return msgspec.structs.replace(block, rows=rows)
+    # Values a block's rows share (Rows.shared) go back into every line.
+    common = list(msgspec.json.decode(block.shared).values()) if block.shared_columns else []
+    rows = tuple(line([*msgspec.json.decode(r).values(), *common]) for r in block.rows)
+    return msgspec.structs.replace(
+        block,
+        columns=block.columns + block.shared_columns,
+        rows=rows,
+        shared_columns=(),
+        shared=b"",
+    )
 
 
 # --- Staging tables and the statements that empty them ---

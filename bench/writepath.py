@@ -6,16 +6,23 @@ A heavy block is a v1.history.messages batch of --rows items, turned into rows
 by the WhatsApp handler (so the same columns, jsonb values and partitions as
 the service writes). Each block is written in its own transaction by:
 
-- jsonb: the store's statement (dlqproc.store.sql), the rows as one jsonb
-  array through jsonb_populate_recordset: the service's only write path;
+- jsonb: the store's statement (dlqproc.store.sql) as it was before blocks
+  shared values: every row whole, the block one jsonb array read by
+  jsonb_populate_recordset;
 - copy:  COPY text lines into a temporary staging table, then one
   INSERT ... SELECT ... ON CONFLICT DO UPDATE emptying it (bench/copypath.py);
 - unnest: one text[] parameter per column, cast to the column type and
   unnested (the client builds the arrays, so it touches every value; a
-  sketch of the statement: it leaves out GREATEST on monotonic columns).
+  sketch of the statement: it leaves out GREATEST on monotonic columns);
+- shared: the service's write path: the store's statement for the blocks the
+  workers encode, the columns whose value is the same on every row
+  (last_metadata, company_id, agent_id for a history batch) sent once as a
+  second jsonb parameter read by jsonb_populate_record (dlqproc.rows);
+- shared_jsonb: the same with only the jsonb ones shared (last_metadata),
+  the text ones back in the rows.
 
-The two alternatives live in bench/ only: neither lowered PostgreSQL's CPU
-per row (bench/README.md, "Write paths"), so the service does not carry them.
+copy and unnest live in bench/ only: neither lowered PostgreSQL's CPU per
+row (bench/README.md, "Write paths"), so the service does not carry them.
 
 Twice each: the rows new (inserts), then the same keys again (conflicts, the
 DO UPDATE path). Reported: wall ms per block and PostgreSQL backend CPU µs per
@@ -32,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,13 +55,13 @@ from dlqproc.embedded import PostgresServer
 from dlqproc.envelope import tenant_schema
 from dlqproc.generate import Generator
 from dlqproc.handlers.whatsapp import HANDLERS, TENANT_DDL
-from dlqproc.model import Event, RowOp, Rows
+from dlqproc.model import Event, Meta, RowOp, Rows
 from dlqproc.rows import encode
-from dlqproc.store.sql import block_sql, jsonb
+from dlqproc.store.sql import block_sql, jsonb, params
 
 _TICK = os.sysconf("SC_CLK_TCK")
 TENANT = "bench"
-METHODS = ("jsonb", "copy", "unnest")
+METHODS = ("jsonb", "copy", "unnest", "shared", "shared_jsonb")
 # Parts of the two main methods, to see where PostgreSQL's time goes: parsing
 # the values alone (COPY into the stage; jsonb_populate_recordset selected,
 # not inserted) and COPY straight into the table (the floor: no upsert).
@@ -69,11 +77,40 @@ def cpu_seconds(pid: int) -> float:
 def heavy_blocks(count: int, rows: int, seed: int) -> list[list[RowOp]]:
     gen = Generator(seed, (TENANT,), ("v1.history.messages",), history_batch=rows)
     out = []
-    for ev in gen.events(count):
+    for n, ev in enumerate(gen.events(count)):
         base = ev.subject.rsplit(".", 1)[0]
-        event = Event(subject=ev.subject, base=base, tenant=TENANT, payload=ev.body, attempt=1)
+        # What the DLQ lane hands a handler, so last_metadata is its real size.
+        meta = Meta(
+            stream="dlq_stream",
+            consumer="dlq_worker",
+            stream_seq=1_000_000 + n,
+            consumer_seq=1_000_000 + n,
+            msg_id=f"dlq-wa_history_events_stream-{2_000_000 + n}",
+            received_at=f"2026-12-01T16:{n // 60 % 60:02d}:{n % 60:02d}.123456+00:00",
+        )
+        event = Event(
+            subject=ev.subject, base=base, tenant=TENANT, payload=ev.body, attempt=1, meta=meta
+        )
         out.append(list(HANDLERS[base](event)))
     return out
+
+
+def shared_jsonb(block: Rows) -> Rows:
+    """`block` sharing only the jsonb columns the store shares (the text ones back in the rows)."""
+    if not block.shared_columns:
+        return block
+    common = msgspec.json.decode(block.shared)
+    text = [c for c in block.shared_columns if not isinstance(common[c], dict | list)]
+    keep = tuple(c for c in block.shared_columns if c not in text)
+    back = {c: common[c] for c in text}
+    rows = tuple(msgspec.json.encode({**msgspec.json.decode(r), **back}) for r in block.rows)
+    return msgspec.structs.replace(
+        block,
+        columns=block.columns + tuple(text),
+        rows=rows,
+        shared_columns=keep,
+        shared=msgspec.json.encode({c: common[c] for c in keep}),
+    )
 
 
 def _main_block(blocks: Sequence[Rows]) -> list[Rows]:
@@ -141,9 +178,15 @@ async def _truncate(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
 async def measure(dsn: str, blocks: list[list[RowOp]], repeats: int) -> dict[str, Any]:
     schema = tenant_schema(TENANT)
     await setup(dsn, schema)
+    # The rows as the store wrote them before it shared values (jsonb, copy),
+    # and as the workers encode them now (shared).
+    unshared = [_main_block(encode(b, shared_min_rows=sys.maxsize)) for b in blocks]
+    now = [_main_block(encode(b)) for b in blocks]
     encoded = {
-        "jsonb": [_main_block(encode(b)) for b in blocks],
-        "copy": [[copypath.as_copy(r) for r in _main_block(encode(b))] for b in blocks],
+        "jsonb": unshared,
+        "copy": [[copypath.as_copy(r) for r in b] for b in unshared],
+        "shared": now,
+        "shared_jsonb": [[shared_jsonb(r) for r in b] for b in now],
     }
     results: dict[str, dict[str, list[float]]] = {
         m: {"insert_ms": [], "update_ms": [], "insert_cpu_us_row": [], "update_cpu_us_row": []}
@@ -164,9 +207,12 @@ async def measure(dsn: str, blocks: list[list[RowOp]], repeats: int) -> dict[str
         for block in encoded["copy"]:
             await copypath.prepare(conn, schema, block)
 
-        async def jsonb_(i: int) -> None:
-            for b in encoded["jsonb"][i]:
-                await conn.execute(block_sql(schema, b), (jsonb(b.rows),))
+        def store(name: str) -> Callable[[int], Awaitable[None]]:
+            async def write(i: int) -> None:
+                for b in encoded[name][i]:
+                    await conn.execute(block_sql(schema, b), params(b, b.rows))
+
+            return write
 
         async def copy(i: int) -> None:
             for b in encoded["copy"][i]:
@@ -200,9 +246,11 @@ async def measure(dsn: str, blocks: list[list[RowOp]], repeats: int) -> dict[str
                     await cp.write(b"".join(b.rows))
 
         run: dict[str, Callable[[int], Awaitable[None]]] = {
-            "jsonb": jsonb_,
+            "jsonb": store("jsonb"),
             "copy": copy,
             "unnest": unnest,
+            "shared": store("shared"),
+            "shared_jsonb": store("shared_jsonb"),
             "copy_stage_only": copy_stage_only,
             "jsonb_select_only": jsonb_select_only,
             "copy_direct": copy_direct,
@@ -225,23 +273,29 @@ async def measure(dsn: str, blocks: list[list[RowOp]], repeats: int) -> dict[str
 
 def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     med = result["median"]
+    load = (result["load_average"]["before"][0], result["load_average"]["after"][0])
     lines = [
         "# Write paths for a heavy block",
         "",
         f"{args.blocks} v1.history.messages blocks of {args.rows} items"
         f" (~{result['rows_per_block']:.0f} rows each), one transaction each,"
         f" median of {args.repeats} repeats, embedded PostgreSQL (fsync off),"
-        " a shared 2-core machine: compare within a column, not across days.",
+        " a shared 2-core machine: compare within a column, not across days."
+        f" Load average {load[0]:.1f} before, {load[1]:.1f} after.",
         "",
         "| method | insert ms/block | upsert-existing ms/block"
-        " | PG CPU µs/row insert | PG CPU µs/row upsert | vs jsonb (upsert ms) |",
-        "|---|---|---|---|---|---|",
+        " | PG CPU µs/row insert | PG CPU µs/row upsert | vs jsonb (upsert ms)"
+        " | vs jsonb (PG CPU insert, upsert) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    base = med["jsonb"]
     for m in METHODS:
         r = med[m]
         lines.append(
             f"| {m} | {r['insert_ms']:.2f} | {r['update_ms']:.2f} | {r['insert_cpu_us_row']:.1f}"
-            f" | {r['update_cpu_us_row']:.1f} | {r['update_ms'] / med['jsonb']['update_ms']:.2f}x |"
+            f" | {r['update_cpu_us_row']:.1f} | {r['update_ms'] / base['update_ms']:.2f}x"
+            f" | {r['insert_cpu_us_row'] / base['insert_cpu_us_row']:.2f}x,"
+            f" {r['update_cpu_us_row'] / base['update_cpu_us_row']:.2f}x |"
         )
     lines += [
         "",
@@ -265,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/writepath"))
     args = p.parse_args(argv)
     blocks = heavy_blocks(args.blocks, args.rows, args.seed)
+    load_before = os.getloadavg()
     home = Path(tempfile.mkdtemp(prefix="dlqproc-bench-writepath-"))
     try:
         with PostgresServer(home / "data") as server:
@@ -273,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(home, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result["when"] = dt.datetime.now(dt.UTC).isoformat()
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     (args.out / "writepath.json").write_text(json.dumps(result, indent=2))
     text = render(result, args)
     (args.out / "writepath.md").write_text(text)

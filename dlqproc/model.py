@@ -147,6 +147,12 @@ class Rows(msgspec.Struct, frozen=True, array_like=True):
     # Blocks of one message in the same segment may be written in any order;
     # segments must be written in order.
     segment: int = 0
+    # Columns whose value is the same on every row (a history batch's
+    # last_metadata, company_id, agent_id): left out of `columns` and `rows`
+    # and sent once, as the JSON object `shared`, so PostgreSQL parses them
+    # once per statement instead of once per row.
+    shared_columns: tuple[str, ...] = ()
+    shared: bytes = b""
 
 
 class Delivery(msgspec.Struct, frozen=True, array_like=True):

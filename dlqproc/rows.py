@@ -6,6 +6,11 @@ which the store hands PostgreSQL as a single jsonb array. So the supervisor,
 the one process every message passes through, never decodes, adapts or
 re-encodes a row value; it only concatenates bytes.
 
+A block of many upserts sends the columns whose value is the same on every
+row (a history batch's last_metadata, company_id and agent_id) once, apart
+from the rows: PostgreSQL then parses them once per statement instead of once
+per row (bench/README.md, "Write paths": ~20% of its CPU per heavy row).
+
 `plan` orders the blocks of a whole commit group into steps: upserts of one
 shape from many messages share a statement, each message's segments keep their
 order, and a key that appears twice in a step is split into rounds, since
@@ -16,6 +21,8 @@ commit group arrived together, so no order between them is promised.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 import msgspec
@@ -45,32 +52,87 @@ def shape(block: Rows) -> Shape:
     )
 
 
+# Below this many rows a block sends every value in its rows: a block with
+# shared values gets a statement of its own, and a few rows save PostgreSQL
+# less than that statement costs; light messages' one-row blocks keep sharing
+# one statement across a commit group.
+SHARED_MIN_ROWS = 8
+
+
+def _shared_columns(ops: Sequence[RowOp]) -> tuple[str, ...]:
+    """The columns, key aside, whose value encodes alike on every row.
+
+    The same object on every row (a handler's one last_metadata), or for a
+    str or int an equal value of the same type: Python's 1 == True == 1.0
+    would join values PostgreSQL reads differently, and equal containers may
+    hold them. Columns are compared whole, in C loops (map, count): rows of
+    one chat often agree for a while, so a row-by-row scan costs more.
+    """
+    head = ops[0].values
+    names = [c for c in head if c not in ops[0].key]
+    if not names:
+        return ()
+    get = itemgetter(*names)
+    rows = map(get, map(attrgetter("values"), ops))
+    columns = zip(*rows, strict=True) if len(names) > 1 else [tuple(rows)]
+    shared = []
+    for name, column in zip(names, columns, strict=True):
+        first = column[0]
+        kind = type(first)
+        if kind is str or kind is int:
+            same = column.count(first) == len(column) and set(map(type, column)) == {kind}
+        else:
+            same = all(map(is_, column, repeat(first)))
+        if same:
+            shared.append(name)
+    return tuple(shared)
+
+
+def _encode_without(values: dict[str, Any], shared: tuple[str, ...]) -> bytes:
+    row = values.copy()  # a copy and a few deletions cost less than rebuilding it
+    for c in shared:
+        del row[c]
+    return _json.encode(row)
+
+
 class _Block:
     """A block being filled: rows of one shape within one segment."""
 
     def __init__(self, op: RowOp) -> None:
         self.head = op
-        self.rows: list[bytes] = []
+        self.ops: list[RowOp] = []
         self.keys: list[bytes] = []
         self.months: dict[str, None] = {}
 
-    def build(self, segment: int) -> Rows:
+    def build(self, segment: int, shared_min_rows: int) -> Rows:
         op = self.head
+        ops = self.ops
+        shared: tuple[str, ...] = ()
+        if op.op == "upsert" and len(ops) >= shared_min_rows:
+            shared = _shared_columns(ops)
+        if shared:
+            rows = tuple(_encode_without(o.values, shared) for o in ops)
+            common = _json.encode({c: op.values[c] for c in shared})
+        else:
+            rows = tuple(_json.encode(o.values) for o in ops)
+            common = b""
         return Rows(
             op=op.op,
             table=op.table,
             key=op.key,
-            columns=tuple(op.values),
+            columns=tuple(c for c in op.values if c not in shared),
             monotonic=op.monotonic,
             insert_only=op.insert_only,
             partitions=tuple(m for m in self.months if m),
             keys=tuple(self.keys),
-            rows=tuple(self.rows),
+            rows=rows,
             segment=segment,
+            shared_columns=shared,
+            shared=common,
         )
 
 
-def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
+def encode(ops: Sequence[RowOp], shared_min_rows: int = SHARED_MIN_ROWS) -> tuple[Rows, ...]:
     """Blocks for a handler's rows, one per shape and segment.
 
     Upserts of distinct rows commute, so within a segment the upserts of each
@@ -80,6 +142,8 @@ def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
     be the upsert key, so it is ordered against everything), and a row that
     comes back in another shape starts a new segment. An update also stands
     alone so that the store can tell from the row count whether it matched.
+    An upsert block of `shared_min_rows` rows or more sends the values its
+    rows share once (Rows.shared).
     Raises TypeError (or ValueError) for a value that cannot be stored.
     """
     blocks: list[Rows] = []
@@ -90,7 +154,7 @@ def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
     def close() -> None:
         nonlocal segment
         if open_:
-            blocks.extend(b.build(segment) for b in open_.values())
+            blocks.extend(b.build(segment, shared_min_rows) for b in open_.values())
             segment += 1
         open_.clear()
         owner.clear()
@@ -104,7 +168,7 @@ def encode(ops: Sequence[RowOp]) -> tuple[Rows, ...]:
         block = open_.get(op_shape)
         if block is None:
             block = open_[op_shape] = _Block(op)
-        block.rows.append(_json.encode(op.values))
+        block.ops.append(op)
         block.keys.append(key)
         block.months[op.partition] = None
         if op.op != "upsert":
@@ -143,28 +207,44 @@ def rounds(blocks: Sequence[Rows]) -> tuple[tuple[bytes, ...], ...]:
 def plan(items: Sequence[Sequence[Rows]]) -> list[Step]:
     """The steps that write every item's blocks, keeping each item's segments in order.
 
-    A block joins the first step of its shape (upserts only) after every step
-    of its item's previous segment, or starts a new step; so steps stay few,
-    about one per shape for the usual commit group.
+    A block joins the last step of its shape (upserts only) if that step comes
+    after every step of its item's previous segment and shares the block's
+    shared values, or starts a new step; so steps stay few, about one per shape
+    for a commit group of light messages, and one per block that shares values.
+    Blocks of one shape are written in the order of the items, however their
+    values are shared, so a key written twice ends as its last item left it.
     """
     members: list[list[Rows]] = []
-    shapes: list[Shape | None] = []  # None: an update step, never shared
+    # None: an update step, never shared. A block's shared values are its
+    # statement's parameter, so only blocks sharing the same ones join.
+    steps: list[tuple[Shape, tuple[str, ...], bytes] | None] = []
+    last: dict[tuple[object, ...], int] = {}  # the last step of each shape, shared or not
     for blocks in items:
         floor, top, segment = -1, -1, None
         for block in blocks:
             if block.segment != segment:
                 floor, segment = top, block.segment
-            key = shape(block) if block.op == "upsert" else None
-            at = None
-            if key is not None:
-                at = next((i for i in range(floor + 1, len(shapes)) if shapes[i] == key), None)
-            if at is None:
+            key = base = None
+            at = -1
+            if block.op == "upsert":
+                key = (shape(block), block.shared_columns, block.shared)
+                base = _whole_shape(block)
+                at = last.get(base, -1)
+            if at <= floor or steps[at] != key:
                 members.append([])
-                shapes.append(key)
-                at = len(shapes) - 1
+                steps.append(key)
+                at = len(steps) - 1
+                if base is not None:
+                    last[base] = at
             members[at].append(block)
             top = max(top, at)
     return [Step(block=group[0], rounds=rounds(group)) for group in members]
+
+
+def _whole_shape(block: Rows) -> tuple[object, ...]:
+    """The block's shape as if it shared nothing (its columns in any order)."""
+    columns = frozenset(block.columns + block.shared_columns)
+    return (block.table, block.key, columns, block.monotonic, block.insert_only)
 
 
 def payload(rows: Sequence[bytes]) -> bytes:

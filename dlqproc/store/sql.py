@@ -130,8 +130,15 @@ def schema_name(tenant: str) -> str:
 
 
 def block_sql(schema: str, block: Rows) -> bytes:
-    """The statement that writes `block` into `schema`; its one parameter is `jsonb(rows)`."""
-    return statement(schema, shape(block))
+    """The statement that writes `block` into `schema`; its parameters are `params`."""
+    return statement(schema, shape(block), block.shared_columns)
+
+
+def params(block: Rows, rows: Sequence[bytes]) -> tuple[Jsonb, ...]:
+    """`block_sql`'s parameters for a round of its rows: [the shared values,] the rows."""
+    if block.shared_columns:
+        return (Jsonb(block.shared, dumps=_already_json), jsonb(rows))
+    return (jsonb(rows),)
 
 
 def assignment(
@@ -146,43 +153,60 @@ def assignment(
 
 
 @lru_cache(maxsize=1024)
-def statement(schema: str, block_shape: Shape) -> bytes:
-    """SQL for one block shape; its one parameter is the rows as a jsonb array.
+def statement(schema: str, block_shape: Shape, shared: tuple[str, ...] = ()) -> bytes:
+    """SQL for one block shape; its parameter is the rows as a jsonb array.
 
     jsonb_populate_recordset types every value by the table's own row type, so
-    one statement writes a whole block whatever its size. Identifiers are
+    one statement writes a whole block whatever its size. With `shared`
+    columns, a first parameter holds their one value as a jsonb object, read
+    once by jsonb_populate_record and joined to every row. Identifiers are
     always quoted by psycopg; rendered to bytes once per shape.
     """
     op, table, key, columns, monotonic, insert_only = block_shape
     target = sql.Identifier(schema, table)
-    cols = sql.SQL(", ").join(map(sql.Identifier, columns))
-    rows = sql.SQL("jsonb_populate_recordset(NULL::{}, %s)").format(target)
+    recordset = sql.SQL("jsonb_populate_recordset(NULL::{}, %s)").format(target)
+    every = columns + shared
 
     def assign(col: str, source: str) -> sql.Composable:
         return assignment(target, col, source, monotonic)
 
     if op == "upsert":
-        updates = [assign(c, "excluded") for c in columns if c not in key and c not in insert_only]
+        updates = [assign(c, "excluded") for c in every if c not in key and c not in insert_only]
         updates.append(sql.SQL("updated_at = now()"))
+        cols = sql.SQL(", ").join(map(sql.Identifier, every))
+        if shared:
+            values = sql.SQL(", ").join(
+                [sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns]
+                + [sql.SQL("s.{}").format(sql.Identifier(c)) for c in shared]
+            )
+            source = sql.SQL("jsonb_populate_record(NULL::{}, %s) AS s, {} AS r").format(
+                target, recordset
+            )
+        else:
+            values, source = cols, recordset
         return (
             sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) DO UPDATE SET {}")
             .format(
                 target,
                 cols,
-                cols,
-                rows,
+                values,
+                source,
                 sql.SQL(", ").join(map(sql.Identifier, key)),
                 sql.SQL(", ").join(updates),
             )
             .as_bytes(None)
         )
     sets = [assign(c, "r") for c in columns if c not in key]
+    sets += [assign(c, "s") for c in shared]
     sets.append(sql.SQL("updated_at = now()"))
     matches = sql.SQL(" AND ").join(
         sql.SQL("{}.{} = r.{}").format(target, sql.Identifier(k), sql.Identifier(k)) for k in key
     )
+    rows = sql.SQL("{} AS r").format(recordset)
+    if shared:
+        rows = sql.SQL("jsonb_populate_record(NULL::{}, %s) AS s, {}").format(target, rows)
     return (
-        sql.SQL("UPDATE {} SET {} FROM {} AS r WHERE {}")
+        sql.SQL("UPDATE {} SET {} FROM {} WHERE {}")
         .format(target, sql.SQL(", ").join(sets), rows, matches)
         .as_bytes(None)
     )

@@ -22,7 +22,7 @@ from dlqproc.model import Rows
 from dlqproc.rows import plan, rounds
 from dlqproc.store.exhausted import insert_exhausted
 from dlqproc.store.results import Failure, ItemFailed, NotWritten, Write, WriteResult, Written
-from dlqproc.store.sql import block_sql, is_outage, item_failure, jsonb, not_found, schema_name
+from dlqproc.store.sql import block_sql, is_outage, item_failure, not_found, params, schema_name
 
 
 class _NeedsIsolation(Exception):
@@ -111,7 +111,7 @@ async def _pipelined(
                 stmt = block_sql(schema, step.block)
                 for rows in step.rounds:
                     cur = conn.cursor()
-                    await cur.execute(stmt, (jsonb(rows),))
+                    await cur.execute(stmt, params(step.block, rows))
                     if step.block.op == "update":
                         updates.append((cur, schema, step.block))
     return updates
@@ -145,7 +145,7 @@ async def _write_one(conn: psycopg.AsyncConnection[Any], w: Write) -> Written:
         for block in w.rows:
             stmt = block_sql(schema, block)
             for rows in rounds((block,)):
-                cur = await conn.execute(stmt, (jsonb(rows),))
+                cur = await conn.execute(stmt, params(block, rows))
                 if block.op == "update" and cur.rowcount == 0:
                     raise ItemFailed.of(not_found(block))
     return await _exhausted(conn, w)
