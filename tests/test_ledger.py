@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, stateful
 from hypothesis import strategies as st
 
-from dlqproc.ledger import Gauges, Ledger
+from dlqproc.ledger import Gauges, Ledger, Taken
 from dlqproc.policy import Budget, FetchPlan
 
 
@@ -195,7 +195,7 @@ def test_working_counts_the_batches_out_and_returns_to_zero(
     ledger: Ledger[int] = Ledger(Budget(messages=1000, bytes=1 << 30))
     for i, size in enumerate(sizes):
         ledger.admit(i, size)
-    out = []
+    out: list[Taken[int]] = []
     while ledger.queued or out:
         if ledger.queued and ledger.working < room and (not out or rnd.random() < 0.6):
             taken = ledger.take(32, room - ledger.working, 0.0, lambda _: False)
