@@ -32,6 +32,7 @@ class Taken(msgspec.Struct, Generic[T], frozen=True):
 
     tokens: tuple[int, ...]
     expired: tuple[T, ...]
+    size: int = 0  # the batch's bytes, counted in `working` until `returned`
 
 
 class Gauges(msgspec.Struct, frozen=True):
@@ -46,6 +47,9 @@ class Ledger(Generic[T]):
         self._held: dict[int, Entry[T]] = {}
         self._bytes = 0
         self._queue: collections.deque[int] = collections.deque()
+        # Bytes of the batches out at the workers: what their replies will
+        # cost the supervisor grows with it (see Supervisor's pool budget).
+        self._working = 0
         self._tokens = itertools.count(1)
         # Lanes whose next message did not fit the byte room they asked for.
         self._oversized: set[str] = set()
@@ -62,6 +66,11 @@ class Ledger(Generic[T]):
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def working(self) -> int:
+        """Bytes of the batches taken and not yet returned."""
+        return self._working
 
     # -- admission
 
@@ -118,7 +127,12 @@ class Ledger(Generic[T]):
             self._held[token] = msgspec.structs.replace(entry, dispatched=now)
             size += entry.size
             tokens.append(token)
-        return Taken(tuple(tokens), tuple(dropped))
+        self._working += size
+        return Taken(tuple(tokens), tuple(dropped), size)
+
+    def returned(self, taken: Taken[T]) -> None:
+        """A batch is back from the workers (its outcomes, or it was given up)."""
+        self._working -= taken.size
 
     def unqueue(self) -> int | None:
         """The next queued message's token, out of the queue (still held), or None."""

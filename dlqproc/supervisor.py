@@ -29,7 +29,7 @@ from dlqproc.broker import Broker, Inbound
 from dlqproc.committer import Committer
 from dlqproc.config import Config
 from dlqproc.lanes import FlowLane, Held
-from dlqproc.ledger import Ledger
+from dlqproc.ledger import Ledger, Taken
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, Failed, FailureKind, Reason, failure
 from dlqproc.observe import show_gauges
@@ -110,7 +110,18 @@ class Supervisor:
         self.fetch_failing: set[str] = set()
         self._restoring: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max(1, n.dlq_workers))
-        self._batches: dict[asyncio.Task[None], tuple[int, ...]] = {}
+        # While a batch is out at a worker, the supervisor holds its request
+        # frame and then its reply (rows plus what exhausting would need, ~3x
+        # the input for a history batch) as a frame and decoded, all at once.
+        # So the input bytes out at the workers are bounded by a share of the
+        # in-flight budget, not by the worker count, and split between the
+        # workers so that each still gets its own batch.
+        self._pool_bytes = max(1, n.max_in_flight_bytes // 4)
+        self._batch_bytes = max(
+            1, min(n.worker_batch_bytes, self._pool_bytes // max(1, n.dlq_workers))
+        )
+        self._returned = asyncio.Event()  # a batch came back from the workers
+        self._batches: dict[asyncio.Task[None], Taken[Held]] = {}
         self._limits = Limits(
             n.dlq_subject, n.max_payload_bytes, timestamp_horizon=cfg.handlers.timestamp_horizon
         )
@@ -261,7 +272,6 @@ class Supervisor:
 
     async def _dispatch_loop(self) -> None:
         size = self.cfg.nats.worker_batch
-        max_bytes = self.cfg.nats.worker_batch_bytes
 
         def expired(held: Held) -> bool:
             return expired_locally(now - held.msg.touched, held.lane.spec.ack_wait)
@@ -271,11 +281,15 @@ class Supervisor:
             self._work.clear()
             while self.ledger.queued and not self.stop_requested.is_set():
                 await self._slots.acquire()
+                while self.ledger.working >= self._pool_bytes:
+                    self._returned.clear()
+                    await self._returned.wait()
                 if self.stop_requested.is_set():
                     self._slots.release()
                     break
                 now = time.monotonic()
-                taken = self.ledger.take(size, max_bytes, now, expired)
+                room = min(self._batch_bytes, self._pool_bytes - self.ledger.working)
+                taken = self.ledger.take(size, room, now, expired)
                 for held in taken.expired:
                     held.lane.observe.expired(held)
                 show_gauges(self.metrics, self.ledger.gauges())
@@ -283,10 +297,11 @@ class Supervisor:
                     self._slots.release()
                     self._room.set()
                     continue
-                task = asyncio.create_task(self._run_batch(taken.tokens))
-                self._batches[task] = taken.tokens
+                task = asyncio.create_task(self._run_batch(taken))
+                self._batches[task] = taken
 
-    async def _run_batch(self, tokens: tuple[int, ...]) -> None:
+    async def _run_batch(self, taken: Taken[Held]) -> None:
+        tokens = taken.tokens
         try:
             received_at = datetime.now(UTC).isoformat()
             deliveries = []
@@ -303,6 +318,8 @@ class Supervisor:
                 outcomes = [internal_failure(d, exc, self._limits) for d in deliveries]
             finally:
                 self.metrics.workers_active.dec()
+                self.ledger.returned(taken)
+                self._returned.set()
             self.committer.submit(tokens, outcomes)
         finally:
             self._slots.release()
@@ -358,9 +375,9 @@ class Supervisor:
         if self._batches:
             await asyncio.wait(list(self._batches), timeout=self.cfg.nats.shutdown_grace)
         # 4. Past the grace period, NAK what is still running; a late result is dropped.
-        for task, tokens in list(self._batches.items()):
+        for task, taken in list(self._batches.items()):
             task.cancel()
-            for token in tokens:
+            for token in taken.tokens:
                 await hand_back(token, nak_delay)
         # 5. Drain the committer, so every finished outcome is committed and settled.
         if loops is not None:

@@ -3,11 +3,13 @@ batches, expiry, release, the oversized message, and the gauges."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings, stateful
 from hypothesis import strategies as st
 
-from dlqproc.ledger import Gauges, Ledger
+from dlqproc.ledger import Gauges, Ledger, Taken
 from dlqproc.policy import Budget, FetchPlan
 
 
@@ -178,3 +180,29 @@ def test_take_never_returns_an_empty_batch_while_something_is_queued(sizes: list
         taken = ledger.take(3, 40, now=1.0, expired=never)
         assert 1 <= len(taken.tokens) <= 3
         assert sum(ledger[t] for t in taken.tokens[:-1]) < 40
+
+
+@given(
+    st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=60),
+    st.integers(min_value=1, max_value=1000),
+    st.randoms(use_true_random=False),
+)
+def test_working_counts_the_batches_out_and_returns_to_zero(
+    sizes: list[int], room: int, rnd: random.Random
+) -> None:
+    """While `working` is below a cap, a batch taken with the room left keeps it
+    within the cap plus one message: what the dispatcher relies on."""
+    ledger: Ledger[int] = Ledger(Budget(messages=1000, bytes=1 << 30))
+    for i, size in enumerate(sizes):
+        ledger.admit(i, size)
+    out: list[Taken[int]] = []
+    while ledger.queued or out:
+        if ledger.queued and ledger.working < room and (not out or rnd.random() < 0.6):
+            taken = ledger.take(32, room - ledger.working, 0.0, lambda _: False)
+            assert taken.size == sum(sizes[ledger[t]] for t in taken.tokens)
+            out.append(taken)
+            assert ledger.working <= room + max(sizes)
+        else:
+            ledger.returned(out.pop(rnd.randrange(len(out))))
+        assert ledger.working == sum(t.size for t in out)
+    assert ledger.working == 0
