@@ -331,7 +331,9 @@ def test_the_log_filter_scrubs_message_args_fields_and_exceptions(password: str)
     secrets = redact.Secrets([password])
     text = _log_through_scrub(secrets, password)
     parsed = [json.loads(line) for line in text.splitlines()]
-    assert len(parsed) == 2 and parsed[1]["exc"].startswith("Traceback")
+    assert len(parsed) == 2 and parsed[1]["exc"]  # the traceback is logged, scrubbed
+    if password not in "Traceback (most recent call last):":
+        assert parsed[1]["exc"].startswith("Traceback")
     baseline = _log_through_scrub(redact.Secrets([CANARY]), CANARY)
     base_parsed = [json.loads(line) for line in baseline.splitlines()]
     if not leaks(password, baseline.replace(CANARY, ""), base_parsed):
