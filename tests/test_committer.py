@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +25,7 @@ import uvloop
 from dlqproc import app, lanes
 from dlqproc.broker import Broker, Inbound
 from dlqproc.committer import Committer
-from dlqproc.config import Config, load
+from dlqproc.config import Config
 from dlqproc.embedded import NatsServer
 from dlqproc.handlers import load as load_handlers
 from dlqproc.lanes import FlowLane, Held
@@ -38,6 +37,7 @@ from dlqproc.reprocess import Limits, handle
 from dlqproc.settle import Did, Settled
 from dlqproc.store import Store
 from support.handlers import TENANT_DDL
+from support.inprocess import dlq_only_config
 from support.service import envelope
 
 IDS = ["a", "b", "bad", "c", "d"]
@@ -125,22 +125,13 @@ class Rig:
 
 @pytest.fixture
 def cfg(nats_server: NatsServer, dsn: str) -> Config:
-    n = secrets.token_hex(4)  # a stream and subject of the test's own
-    return load(
-        None,
-        environ={},
-        forced={
-            "NATS_URL": nats_server.url,
-            "POSTGRES_DSN": dsn,
-            "HANDLERS_MODULE": "support.handlers",
-            "NATS_REALTIME_ENABLED": "false",
-            "NATS_HISTORICAL_ENABLED": "false",
-            "NATS_DLQSTREAM": f"dlq_committer_{n}",
-            "NATS_DLQSUBJECT": f"committer{n}.dlq",
-            "NATS_DLQMAXRETRIES": "2",
-            "NATS_DLQBASEDELAYMINUTES": "0.002",  # 0.12 s
-            "NATS_DLQJITTER": "0",
-        },
+    return dlq_only_config(
+        nats_server.url,
+        dsn,
+        "committer",
+        NATS_DLQMAXRETRIES="2",
+        NATS_DLQBASEDELAYMINUTES="0.002",  # 0.12 s
+        NATS_DLQJITTER="0",
     )
 
 

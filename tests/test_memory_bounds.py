@@ -11,7 +11,6 @@ one-batch exchange is wrapped (and still runs) to see what is out at once.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import uvloop
 
 from dlqproc import app, pool
 from dlqproc.broker import Broker
-from dlqproc.config import Config, load
+from dlqproc.config import Config
 from dlqproc.embedded import NatsServer
 from dlqproc.metrics import Metrics
 from dlqproc.model import Delivery, Outcome
@@ -30,6 +29,7 @@ from dlqproc.settle import LaneRuntime
 from dlqproc.store import Store
 from dlqproc.supervisor import Supervisor
 from support.handlers import TENANT_DDL
+from support.inprocess import dlq_only_config
 from support.service import envelope
 
 BUDGET = 64 * 1024  # nats.maxInFlightBytes: a quarter of it may be out at the workers
@@ -40,21 +40,12 @@ PAD = 3000  # bytes of filler per message, so the budget holds only a few dozen
 
 @pytest.fixture
 def cfg(nats_server: NatsServer, dsn: str) -> Config:
-    n = secrets.token_hex(4)
-    return load(
-        None,
-        environ={},
-        forced={
-            "NATS_URL": nats_server.url,
-            "POSTGRES_DSN": dsn,
-            "HANDLERS_MODULE": "support.handlers",
-            "NATS_REALTIME_ENABLED": "false",
-            "NATS_HISTORICAL_ENABLED": "false",
-            "NATS_DLQSTREAM": f"dlq_memory_{n}",
-            "NATS_DLQSUBJECT": f"memory{n}.dlq",
-            "NATS_DLQWORKERS": str(WORKERS),
-            "NATS_MAXINFLIGHTBYTES": str(BUDGET),
-        },
+    return dlq_only_config(
+        nats_server.url,
+        dsn,
+        "memory",
+        NATS_DLQWORKERS=str(WORKERS),
+        NATS_MAXINFLIGHTBYTES=str(BUDGET),
     )
 
 
