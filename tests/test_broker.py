@@ -165,9 +165,18 @@ def test_a_request_to_nowhere_is_given_up_after_its_expiry(nats_server: NatsServ
             await nc.subscribe("swallowed.>")
             await nc.flush()
             puller._next = "swallowed.request"
-            started = time.monotonic()
-            got = await puller.fetch(10, timeout=0.3)
-            return time.monotonic() - started, bool(got) or puller.open_request
+            for _ in range(3):
+                started = time.monotonic()
+                try:
+                    got = await puller.fetch(10, timeout=0.3)
+                except FetchFailed as exc:
+                    # Once in a loaded full run, nats-server answered "no
+                    # responders" (503) although the subscription was flushed:
+                    # the setup failed, not the mechanism. Asked again.
+                    assert "503" in str(exc), exc
+                    continue
+                return time.monotonic() - started, bool(got) or puller.open_request
+            raise AssertionError("the swallowing subscription never took the request")
         finally:
             await nc.close()
             await broker.close()
