@@ -93,6 +93,9 @@ _MAX_BYTE_BUDGET = 1 << 30
 # Worker processes are started at once, each an interpreter of its own
 # (~30 MB): a larger pool is a typo that would fork until the OOM killer came.
 _MAX_WORKERS = 1024
+# nats-server's limit on stream and consumer names (JSMaxNameLen): a longer
+# name is refused by JetStream at start-up, which looked like "NATS unavailable".
+_MAX_JS_NAME = 255
 _FLOAT_MAX = sys.float_info.max  # an upper bound that refuses infinity
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -576,8 +579,29 @@ def validate(cfg: Config) -> None:
             cfg.postgres.statement_timeout,
             f"must be at most {_PG_MAX_TIMEOUT_MS}ms (PostgreSQL's limit, about 24.8 days)",
         )
+    _validate_js_names(cfg)
     _validate_tenants(cfg)
     _validate_nats_auth(n)
+
+
+def _validate_js_names(cfg: Config) -> None:
+    """Every stream and durable name dlqproc will use, as JetStream will see it."""
+    n = cfg.nats
+    names = [
+        ("nats.dlqStream", n.dlq_stream),
+        ("nats.dlqConsumer" if n.dlq_consumer else "nats.dlqSubject", cfg.dlq_durable),
+        ("nats.realtime.stream", n.realtime.stream),
+        ("nats.realtime.durable", cfg.durable(n.realtime)),
+        ("nats.historical.stream", n.historical.stream),
+        ("nats.historical.durable", cfg.durable(n.historical)),
+    ]
+    for key, name in names:
+        if len(name) > _MAX_JS_NAME:
+            raise ConfigError(
+                key,
+                f"{name[:40]}... ({len(name)} characters)",
+                f"gives a JetStream name over {_MAX_JS_NAME} characters (nats-server's limit)",
+            )
 
 
 def _validate_nats_auth(n: NatsConfig) -> None:

@@ -906,3 +906,35 @@ def test_the_worker_pool_is_bounded(value: int) -> None:
         assert "must be at most 1024" in err.reason
     else:
         assert load(None, environ=env).nats.dlq_workers == value
+
+
+# (env variable, its length on top of the name, the key an error names)
+JS_NAMES = [
+    ("NATS_DLQSTREAM", 0, "nats.dlqStream"),
+    ("NATS_DLQCONSUMER", 0, "nats.dlqConsumer"),
+    ("NATS_REALTIME_STREAM", 0, "nats.realtime.stream"),
+    # The tenant's "_acme" is appended to a main durable.
+    ("NATS_HISTORICAL_DURABLE", len("_acme"), "nats.historical.durable"),
+    ("NATS_REALTIME_DURABLE", len("_acme"), "nats.realtime.durable"),
+]
+
+
+@pytest.mark.parametrize(("var", "suffix", "key"), JS_NAMES)
+@pytest.mark.parametrize("length", [1, 255, 256, 10_000])
+def test_jetstream_names_fit_nats_server(var: str, suffix: str, key: str, length: int) -> None:
+    """nats-server refuses a stream or consumer name over 255 characters; start-up
+    then failed as if NATS were down (exit 1). The name JetStream would get,
+    a tenant's suffix included, is checked at load (exit 2 naming the key)."""
+    env = {var: "n" * length, "COMPANY_ID": "acme"}
+    if length + suffix <= 255:
+        cfg = load(None, environ=env)
+        assert max(len(cfg.dlq_durable), len(cfg.durable(cfg.nats.realtime))) <= 255
+    else:
+        err = _error(**env)
+        assert err.key == key and "255" in err.reason
+        assert len(str(err)) < 300  # the name itself is not echoed whole
+
+
+def test_a_derived_dlq_durable_over_the_limit_names_the_subject() -> None:
+    err = _error(NATS_DLQSUBJECT="s" * 250)  # + "_worker_consumer"
+    assert err.key == "nats.dlqSubject"
