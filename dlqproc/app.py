@@ -154,6 +154,7 @@ async def _health_server(
         alive=lambda: True,
         problems=lambda: ["starting"],
         render=lambda: metrics_dir.render(metrics.registry),
+        on_refused=metrics.health_refused.inc,
     )
     try:
         try:

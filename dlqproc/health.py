@@ -92,8 +92,10 @@ class HealthServer:
         max_connections: int = MAX_CONNECTIONS,
         probe_reserve: int = PROBE_RESERVE,
         probe_lifetime: float = PROBE_LIFETIME,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self.host, self.port = host, port
+        self._on_refused = on_refused
         self._alive = alive
         self._problems = problems
         self._render = render
@@ -128,7 +130,7 @@ class HealthServer:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=2.0)
         await self._runner.setup()
-        self.listener = Listener(server, self._limits, log, "health port")
+        self.listener = Listener(server, self._limits, log, "health port", self._on_refused)
         try:
             await self.listener.start(self.host, self.port)
         except OSError:

@@ -62,9 +62,15 @@ class Limits(msgspec.Struct, frozen=True):
 
 class Listener:
     def __init__(
-        self, factory: ProtocolFactory, limits: Limits, log: logging.Logger, name: str
+        self,
+        factory: ProtocolFactory,
+        limits: Limits,
+        log: logging.Logger,
+        name: str,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self._factory = factory
+        self._on_refused = on_refused  # counts each refusal (a metric); the log summarises
         self.limits = limits
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,6 +162,7 @@ class Listener:
         place = self._place(host)
         if place is None:
             self.refused.add(host)
+            self._on_refused()
             with contextlib.suppress(OSError):
                 conn.send(_BUSY)  # best effort: the socket is new, its buffer empty
             conn.close()

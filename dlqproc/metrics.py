@@ -257,6 +257,11 @@ class Metrics:
         self.fetch_errors = Counter(
             "dlq_fetch_errors", "DLQ fetches that failed (not empty fetches).", registry=r
         )
+        self.health_refused = Counter(
+            "dlq_health_connections_refused",
+            "Connections to the health port closed unread: over its connection limit.",
+            registry=r,
+        )
         self.queue_length = Gauge(
             "dlq_queue_length",
             "DLQ messages fetched and waiting for a worker.",

@@ -28,6 +28,7 @@ import pytest
 import uvloop
 
 from dlqproc.health import REQUEST_TIMEOUT, HealthServer
+from dlqproc.metrics import Metrics
 from support.service import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -475,9 +476,10 @@ def test_connections_over_the_cap_are_closed_and_probes_keep_a_reserve(
     serve: Callable[..., Running],
 ) -> None:
     render, release, _ = blocking_render()
+    metrics = Metrics(10)
     srv = serve(
         render, max_connections=16, probe_reserve=8, probe_lifetime=60.0, render_timeout=60.0,
-        scrape_slots=16,
+        scrape_slots=16, on_refused=metrics.health_refused.inc,
     )  # fmt: skip
     listener = srv.server.listener
     assert listener is not None
@@ -508,6 +510,9 @@ def test_connections_over_the_cap_are_closed_and_probes_keep_a_reserve(
             status, headers, _ = read_response(sock.makefile("rb"))
             assert (status, headers.get("retry-after")) == (503, "1")
         assert listener.refused.lines == 1  # six refusals, one log line so far
+        exposed: list[str] = []
+        metrics.health_refused.expose(exposed)
+        assert "dlq_health_connections_refused_total 6.0" in exposed  # each one counted
     finally:
         release.set()
         for sock in held:
