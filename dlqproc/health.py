@@ -134,8 +134,7 @@ class HealthServer:
         try:
             await self.listener.start(self.host, self.port)
         except OSError:
-            await self.listener.close()
-            await self._runner.cleanup()
+            await self.close()
             raise
         self.port = self.listener.port  # the one bound when port 0 was asked
         log.info("health server listening", extra={"host": self.host, "port": self.port})

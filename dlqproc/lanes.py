@@ -52,12 +52,13 @@ class FlowLane:
         self.name = spec.lane.value
         self.broker = broker
         self.observe = observe
-        # "<base>.*" for each base of dlqproc's topology (events_stream).
-        self._patterns = frozenset(spec.stream.subjects)
+        # The bases of the lane's stream subjects ("<base>.*", events_stream's),
+        # looked up per message without building a pattern for it.
+        self._bases = frozenset(s[:-2] for s in spec.stream.subjects if s.endswith(".*"))
 
     def hold(self, msg: Inbound) -> Held:
         event_type, _, tenant = msg.subject.rpartition(".")
-        if f"{event_type}.*" not in self._patterns:
+        if event_type not in self._bases:
             event_type = OTHER_EVENT_TYPE
         return Held(msg, self, tenant_or_invalid(tenant), event_type)
 

@@ -318,10 +318,12 @@ class Supervisor:
                 outcomes = [internal_failure(d, exc, self._limits) for d in deliveries]
             finally:
                 self.metrics.workers_active.dec()
-                self.ledger.returned(taken)
-                self._returned.set()
             self.committer.submit(tokens, outcomes)
         finally:
+            # Whatever ended the batch (a bug, cancellation before it ran), its
+            # bytes leave `working`, or the dispatcher would wait on them for ever.
+            self.ledger.returned(taken)
+            self._returned.set()
             self._slots.release()
             self._batches.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 

@@ -71,11 +71,13 @@ def test_no_bar_without_a_terminal_but_plain_lines(dsn: str, own_nats: NatsServe
 
 @given(
     total=st.integers(min_value=0, max_value=100_000),
-    steps=st.lists(st.integers(min_value=0, max_value=5_000), max_size=200),
-    gaps=st.lists(st.floats(min_value=0, max_value=5), max_size=200),
+    steps=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=5_000), st.floats(min_value=0, max_value=5)),
+        max_size=200,
+    ),
 )
 def test_progress_output_is_bounded_whatever_the_counts(
-    total: int, steps: list[int], gaps: list[float]
+    total: int, steps: list[tuple[int, float]]
 ) -> None:
     """Plain lines: ordered, one per tenth of the job (or LINE_EVERY) at most, no
     carriage return. The bar: redraws only, one newline, at its end."""
@@ -83,7 +85,7 @@ def test_progress_output_is_bounded_whatever_the_counts(
         out = io.StringIO()
         p = kind(out, 7, total)
         done, now = 0, p.start
-        for step, gap in zip(steps, gaps, strict=False):
+        for step, gap in steps:
             done, now = min(total, done + step), now + gap
             p.counts = Counts(published=done)
             p.update(p.counts, now)

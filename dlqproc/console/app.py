@@ -181,14 +181,10 @@ class Console:
             return self._refuse(request, 403, "cross-origin request refused")
         given = auth.bearer(request.headers.get("Authorization"))
         if given is not None:
-            if (wait := self.throttle.wait(request.remote)) > 0:
-                self.throttled.add(request.remote or "")
+            if (wait := self._check_token(request.remote, given)) > 0:
                 return self._too_many(request, wait)
-            if not auth.token_ok(self.token, given):
-                self.throttle.failed(request.remote)
-                self.failures.add(request.remote or "")
+            if wait < 0:
                 return self._refuse(request, 401, "wrong or no console token")
-            self.throttle.succeeded(request.remote)
             operator = request.headers.get("X-Operator", "api")
             if not auth.valid_operator(operator):
                 return self._refuse(request, 400, "X-Operator is not a valid operator name")
@@ -212,6 +208,21 @@ class Console:
             if not auth.csrf_ok(session, _str(form.get("csrf"))):
                 return self._refuse(request, 403, "missing or wrong CSRF token")
         return await handler(request)
+
+    def _check_token(self, remote: str | None, given: str | None) -> float:
+        """0 when `given` is the token; -1 when it is wrong; else seconds `remote` must wait.
+
+        Synchronous, so concurrent guesses cannot all pass the wait.
+        """
+        if (wait := self.throttle.wait(remote)) > 0:
+            self.throttled.add(remote or "")
+            return wait
+        if not auth.token_ok(self.token, given):
+            self.throttle.failed(remote)
+            self.failures.add(remote or "")
+            return -1.0
+        self.throttle.succeeded(remote)
+        return 0.0
 
     @staticmethod
     def _same_origin(request: web.Request) -> bool:
@@ -269,20 +280,15 @@ class Console:
         if not auth.valid_operator(operator):
             return self._login_form(request, 400, "Enter your name (letters, digits, . _ @ + -).")
         if self.token:
-            # No await from here to the check: concurrent guesses cannot all pass the wait.
-            if (wait := self.throttle.wait(request.remote)) > 0:
-                self.throttled.add(request.remote or "")
+            if (wait := self._check_token(request.remote, _str(form.get("token")))) > 0:
                 seconds = retry_after(wait)
                 response = self._login_form(
                     request, 429, f"Too many wrong tokens: try again in {seconds} s."
                 )
                 response.headers["Retry-After"] = seconds
                 return response
-            if not auth.token_ok(self.token, _str(form.get("token"))):
-                self.throttle.failed(request.remote)
-                self.failures.add(request.remote or "")
+            if wait < 0:
                 return self._login_form(request, 401, "Wrong token.")
-            self.throttle.succeeded(request.remote)
         self.pending.drop(session)
         new = self.sessions.sign_in(session, operator)
         log.info("console: %s signed in from %s", operator, request.remote)

@@ -86,7 +86,7 @@ class Lines(Progress):
         super().__init__(stream, job_id, total)
         self.step = -1
         self.last = self.start
-        self.written: tuple[int, str] | None = None
+        self.written: int | None = None  # the done count of the last line written
 
     def update(self, c: Counts, now: float) -> None:
         step = LINE_STEP * c.done // self.total if self.total else LINE_STEP
@@ -97,10 +97,10 @@ class Lines(Progress):
     def _write(self, c: Counts, now: float) -> None:
         text = self.line(c, now)
         # The same counts twice in a row say nothing new.
-        if self.written is None or self.written[0] != c.done or c.paused:
+        if self.written != c.done or c.paused:
             self.stream.write(text + "\n")
             self.stream.flush()
-        self.written = (c.done, text)
+        self.written = c.done
 
     def end(self) -> None:
         self._write(self.counts, time.monotonic())

@@ -265,11 +265,11 @@ _CLAIM_TAIL = (
 
 
 def _settled_json(results: Sequence[Settled]) -> str:
+    # Only a refusal's or failure's detail may carry text from outside (an
+    # error message); subjects come from PostgreSQL's own rows, and a published
+    # row has no detail, so most results are encoded as they are.
     return msgspec.json.encode(
-        [
-            msgspec.structs.replace(r, detail=text(r.detail), subject=text(r.subject))
-            for r in results
-        ]
+        [r if not r.detail else msgspec.structs.replace(r, detail=text(r.detail)) for r in results]
     ).decode()
 
 
